@@ -1,0 +1,104 @@
+"""The Tornado application, and `serve()`: run until SIGTERM/SIGINT, then shut down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import suppress
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from tornado import httpserver, web
+
+from . import __version__
+from .bridge import connection
+from .config import Config
+from .handlers import base, kernels, kernelspecs, sessions
+from .kernels.registry import KernelRegistry
+from .sessions import SessionStore
+
+log = logging.getLogger("gateway")
+
+
+class ApiHandler(base.APIHandler):
+    """GET /api: the version, without a token (it is the health check)."""
+
+    def prepare(self) -> None:
+        pass
+
+    def get(self) -> None:
+        self.write_json({"version": __version__, "gateway": "remote-kernel-gateway"})
+
+
+def make_app(config: Config, registry: KernelRegistry, store: SessionStore) -> web.Application:
+    collaborators: dict[str, Any] = {"config": config, "registry": registry,
+                                     "sessions": store, "specs": registry.specs}
+    table = [(r"api/?", ApiHandler), *kernels.routes, *kernelspecs.routes, *sessions.routes,
+             *connection.routes]
+    handlers = [(config.base_url + pattern, cls, collaborators) for pattern, cls in table]
+    return web.Application(
+        handlers,  # type: ignore[arg-type]
+        default_handler_class=base.NotFoundHandler,
+        default_handler_args=collaborators,
+        websocket_ping_interval=30,
+        websocket_ping_timeout=30,
+        websocket_max_message_size=256 * 1024 * 1024,
+        log_function=_log_request,
+    )
+
+
+def _log_request(handler: web.RequestHandler) -> None:
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.INFO
+    log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
+            1000 * handler.request.request_time())
+
+
+def kernel_spec_manager(config: Config) -> KernelSpecManager:
+    ksm = KernelSpecManager()
+    ksm.kernel_dirs = [*config.kernelspec_dirs, *ksm.kernel_dirs]
+    return ksm
+
+
+def announce(config: Config, server_url: str) -> None:
+    if config.no_auth:
+        log.warning("serving WITHOUT authentication (--no-auth) at %s", server_url)
+    elif config.token_generated:
+        log.info("gateway at %s?token=%s", server_url, config.token)
+        log.info("use it with: jupyter lab --gateway-url=%s --GatewayClient.auth_token=%s",
+                 server_url.rstrip("/"), config.token)
+    else:
+        log.info("gateway at %s (token as configured)", server_url)
+
+
+async def serve(config: Config) -> None:
+    registry = KernelRegistry(config, kernel_spec_manager(config))
+    store = SessionStore()
+    app = make_app(config, registry, store)
+    server = httpserver.HTTPServer(app, xheaders=True)
+    server.listen(config.port, config.ip)
+    host = f"[{config.ip}]" if ":" in config.ip else config.ip
+    announce(config, f"http://{host}:{config.port}{config.base_url}")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    culler = (asyncio.create_task(registry.cull_forever())
+              if config.cull_idle_timeout > 0 else None)
+    await stop.wait()
+
+    # 1. stop accepting; 2. stop culling; 3. stop kernels (their sockets get `dead` and a
+    # close 1000); 4. close what connections remain, bounded; 5. release ZMQ.
+    log.info("shutting down: stopping %d kernel(s)", len(registry.kernels))
+    server.stop()
+    if culler:
+        culler.cancel()
+        with suppress(asyncio.CancelledError):
+            await culler
+    await registry.shutdown_all(config.shutdown_timeout)
+    with suppress(TimeoutError):
+        await asyncio.wait_for(server.close_all_connections(), 5)
+    registry.close()
+    log.info("gateway stopped")

@@ -1,0 +1,177 @@
+"""Frame codecs between the kernel's ZMQ wire format and the two websocket protocols.
+
+A message travels as *parts*: [header, parent_header, metadata, content, *buffers], each the
+kernel's own JSON bytes (buffers raw). Kernel -> client frames are assembled from those bytes
+without decoding them; only client -> kernel legacy JSON needs a parse (and a re-serialisation).
+
+- ZMQ:    [*idents, b"<IDS|MSG>", signature, header, parent, metadata, content, *buffers]
+- v1:     uint64 LE n, n uint64 LE offsets, then channel, header, parent, metadata, content,
+          *buffers (subprotocol v1.kernel.websocket.jupyter.org)
+- legacy: one JSON object per text frame; a message with buffers as a binary frame:
+          uint32 BE count, count uint32 BE offsets, the JSON, then the raw buffers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import struct
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+DELIMITER = b"<IDS|MSG>"
+V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
+CLIENT_CHANNELS = frozenset({"shell", "control", "stdin"})
+_MSG_KEYS = ("header", "parent_header", "metadata", "content")
+
+
+class BadFrame(ValueError):
+    """A websocket frame from a client that is not a valid kernel message."""
+
+
+def parts_from_zmq(frames: list[bytes]) -> list[bytes]:
+    """The message parts of a ZMQ multipart message (idents and signature dropped)."""
+    try:
+        i = frames.index(DELIMITER)
+    except ValueError:
+        raise BadFrame("ZMQ message without delimiter") from None
+    parts = frames[i + 2 :]
+    if len(parts) < 4:
+        raise BadFrame("ZMQ message with fewer than four parts")
+    return parts
+
+
+def sign(key: bytes, parts: list[bytes]) -> bytes:
+    """HMAC-SHA256 hex digest over header, parent, metadata and content, as the kernel checks."""
+    if not key:
+        return b""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts[:4]:
+        mac.update(part)
+    return mac.hexdigest().encode()
+
+
+def zmq_from_parts(key: bytes, parts: list[bytes]) -> list[bytes]:
+    return [DELIMITER, sign(key, parts), *parts]
+
+
+# -- v1 ------------------------------------------------------------------------------------
+
+
+def v1_from_parts(channel: bytes, parts: list[bytes]) -> bytes:
+    pieces = [channel, *parts]
+    n = len(pieces) + 1
+    offsets = [8 * (n + 1)]
+    for piece in pieces:
+        offsets.append(offsets[-1] + len(piece))
+    return struct.pack(f"<{n + 1}Q", n, *offsets) + b"".join(pieces)
+
+
+def parts_from_v1(frame: bytes) -> tuple[str, list[bytes]]:
+    try:
+        (n,) = struct.unpack_from("<Q", frame)
+        if not 3 <= n <= 4096 or 8 * (n + 1) > len(frame):
+            raise BadFrame("v1 frame with an impossible offset count")
+        offsets = struct.unpack_from(f"<{n}Q", frame, 8)
+    except struct.error:
+        raise BadFrame("v1 frame too short") from None
+    if list(offsets) != sorted(offsets) or offsets[-1] > len(frame) or offsets[0] != 8 * (n + 1):
+        raise BadFrame("v1 frame offsets out of order or out of range")
+    pieces = [frame[offsets[i] : offsets[i + 1]] for i in range(n - 1)]
+    try:
+        channel = pieces[0].decode()
+    except UnicodeDecodeError:
+        raise BadFrame("v1 frame channel is not text") from None
+    parts = pieces[1:]
+    if len(parts) < 4:
+        raise BadFrame("v1 frame with fewer than four message parts")
+    return channel, parts
+
+
+# -- legacy --------------------------------------------------------------------------------
+
+
+def _legacy_json(channel: bytes, parts: list[bytes], buffers: list[str] | None) -> bytes:
+    h, p, m, c = parts[:4]
+    tail = b"" if buffers is None else b',"buffers":' + json.dumps(buffers).encode()
+    return (b'{"header":' + h + b',"parent_header":' + p + b',"metadata":' + m
+            + b',"content":' + c + b',"channel":"' + channel + b'"' + tail + b"}")
+
+
+def legacy_from_parts(channel: bytes, parts: list[bytes], *, binary_ok: bool = True
+                      ) -> tuple[bytes, bool]:
+    """(frame, is_binary). Messages with buffers become binary frames, or, for a client that
+    cannot take binary frames (`binary_ok=False`), text with base64 buffers."""
+    buffers = parts[4:]
+    if not buffers:
+        return _legacy_json(channel, parts, []), False
+    if not binary_ok:
+        return _legacy_json(channel, parts, [base64.b64encode(b).decode() for b in buffers]), False
+    chunks = [_legacy_json(channel, parts, None), *buffers]
+    offsets = [4 * (len(chunks) + 1)]
+    for chunk in chunks[:-1]:
+        offsets.append(offsets[-1] + len(chunk))
+    return struct.pack(f">{len(chunks) + 1}I", len(chunks), *offsets) + b"".join(chunks), True
+
+
+def _parts_from_message(msg: Any, buffers: list[bytes]) -> tuple[str, list[bytes]]:
+    if not isinstance(msg, dict):
+        raise BadFrame("message is not a JSON object")
+    channel = msg.get("channel")
+    if not isinstance(channel, str):
+        raise BadFrame("message has no channel")
+    header = msg.get("header")
+    if not isinstance(header, dict) or not isinstance(header.get("msg_type"), str):
+        raise BadFrame("message header has no msg_type")
+    parts = []
+    for key in _MSG_KEYS:
+        value = msg.get(key) or {}
+        if not isinstance(value, dict):
+            raise BadFrame(f"message {key} is not an object")
+        parts.append(json.dumps(value, ensure_ascii=False, default=str).encode())
+    return channel, parts + buffers
+
+
+def parts_from_legacy_text(frame: str | bytes) -> tuple[str, list[bytes]]:
+    try:
+        msg = json.loads(frame)
+    except (ValueError, UnicodeDecodeError):
+        raise BadFrame("text frame is not JSON") from None
+    buffers = msg.get("buffers") if isinstance(msg, dict) else None
+    raw = []
+    if isinstance(buffers, list):  # clients that cannot send binary may send base64
+        try:
+            raw = [base64.b64decode(b) for b in buffers if isinstance(b, str)]
+        except ValueError:
+            raise BadFrame("buffers are not base64") from None
+    return _parts_from_message(msg, raw)
+
+
+def parts_from_legacy_binary(frame: bytes) -> tuple[str, list[bytes]]:
+    try:
+        (n,) = struct.unpack_from(">I", frame)
+        if not 1 <= n <= 4096:
+            raise BadFrame("binary frame with an impossible buffer count")
+        offsets = [*struct.unpack_from(f">{n}I", frame, 4), len(frame)]
+    except struct.error:
+        raise BadFrame("binary frame too short") from None
+    if offsets != sorted(offsets) or offsets[0] < 4 * (n + 1):
+        raise BadFrame("binary frame offsets out of order")
+    chunks = [frame[offsets[i] : offsets[i + 1]] for i in range(n)]
+    try:
+        msg = json.loads(chunks[0])
+    except (ValueError, UnicodeDecodeError):
+        raise BadFrame("binary frame does not start with JSON") from None
+    return _parts_from_message(msg, chunks[1:])
+
+
+def status_parts(state: str, session: str = "") -> list[bytes]:
+    """An iopub status message made by the gateway itself (kernel restarting or dead)."""
+    header = {"msg_id": uuid4().hex, "msg_type": "status", "username": "gateway",
+              "session": session, "date": datetime.now(UTC).isoformat(),
+              "version": "5.3"}
+    return [json.dumps(header).encode(), b"{}", b"{}",
+            json.dumps({"execution_state": state}).encode()]

@@ -1,0 +1,138 @@
+"""One client's view of one kernel: its shell, control and stdin sockets, and where the
+kernel's replies and iopub go.
+
+A session outlives its websocket. While no socket is attached, everything the kernel sends it
+is kept (bounded by bytes and time) and handed to the next socket that attaches with the same
+session_id, so a client that reconnects loses no output and still gets its replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+import zmq
+import zmq.asyncio
+
+from . import codec
+
+if TYPE_CHECKING:
+    from ..kernels.kernel import ManagedKernel
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("shell", "control", "stdin")
+
+
+class Sink(Protocol):
+    """Where a session delivers messages: a websocket connection."""
+
+    def send(self, channel: bytes, parts: list[bytes]) -> None: ...
+
+    def close_with(self, code: int, reason: str) -> None: ...
+
+
+class ClientSession:
+    def __init__(self, kernel: ManagedKernel, session_id: str, *, max_bytes: int) -> None:
+        self.kernel = kernel
+        self.session_id = session_id
+        self.identity = (session_id or uuid.uuid4().hex).encode()
+        self.sink: Sink | None = None
+        self.detached_at: float | None = time.monotonic()
+        self._max_bytes = max_bytes
+        self._backlog: deque[tuple[bytes, list[bytes]]] = deque()
+        self._backlog_bytes = 0
+        self._overflowed = False
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._readers: list[asyncio.Task[None]] = []
+
+    # -- kernel side -------------------------------------------------------------------
+
+    def open_channels(self) -> None:
+        """Connect shell/control/stdin. Shell and stdin share one identity: the kernel sends
+        input_request to the identity that sent the execute_request."""
+        for channel in CHANNELS:
+            sock = self.kernel.connect_channel(channel, self.identity)
+            self._sockets[channel] = sock
+            self._readers.append(asyncio.create_task(self._read(channel.encode(), sock)))
+
+    def close_channels(self) -> None:
+        for task in self._readers:
+            task.cancel()
+        self._readers.clear()
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+
+    def reopen_channels(self) -> None:
+        """After a restart that moved the kernel's ports."""
+        self.close_channels()
+        self.open_channels()
+
+    async def _read(self, channel: bytes, sock: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                try:
+                    parts = codec.parts_from_zmq(frames)
+                except codec.BadFrame as e:
+                    log.warning("kernel %s sent a bad %s message: %s", self.kernel.id, channel, e)
+                    continue
+                self.kernel.touch()
+                self.deliver(channel, parts)
+        except (asyncio.CancelledError, zmq.ContextTerminated):
+            pass
+        except zmq.ZMQError as e:  # socket closed under us during shutdown
+            log.debug("%s reader of %s stopped: %s", channel, self.kernel.id, e)
+
+    async def send_to_kernel(self, channel: str, parts: list[bytes]) -> None:
+        sock = self._sockets.get(channel)
+        if sock is None:
+            return
+        self.kernel.touch()
+        await sock.send_multipart(codec.zmq_from_parts(self.kernel.key, parts))
+
+    # -- client side -------------------------------------------------------------------
+
+    def deliver(self, channel: bytes, parts: list[bytes]) -> None:
+        if self.sink is not None:
+            self.sink.send(channel, parts)
+            return
+        if self._overflowed:
+            return
+        size = sum(len(p) for p in parts)
+        if self._backlog_bytes + size > self._max_bytes:
+            # Replaying a gapped stream would be worse than saying it is gone.
+            log.warning("replay buffer of session %s on kernel %s exceeded %d bytes; "
+                        "it will not be replayed", self.session_id, self.kernel.id, self._max_bytes)
+            self._overflowed = True
+            self._backlog.clear()
+            self._backlog_bytes = 0
+            return
+        self._backlog.append((channel, parts))
+        self._backlog_bytes += size
+
+    def attach(self, sink: Sink) -> None:
+        """Make `sink` the session's socket; an older one is closed. Backlog goes first."""
+        old, self.sink = self.sink, None
+        if old is not None and old is not sink:
+            old.close_with(4000, "replaced by a newer connection with the same session_id")
+        while self._backlog:
+            sink.send(*self._backlog.popleft())
+        self._backlog_bytes = 0
+        self._overflowed = False
+        self.sink = sink
+        self.detached_at = None
+
+    def detach(self, sink: Sink) -> None:
+        if self.sink is sink:
+            self.sink = None
+            self.detached_at = time.monotonic()
+
+    @property
+    def attached(self) -> bool:
+        return self.sink is not None

@@ -1,0 +1,42 @@
+"""`rkg`: the command line. Errors reach the user as `Type: message` and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import add_serve_arguments, config_from_args
+from .errors import GatewayError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rkg", description="remote-kernel-gateway")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    add_serve_arguments(serve, os.environ)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from .app import serve
+
+            config = config_from_args(args, os.environ)
+            logging.basicConfig(level=config.log_level,
+                                format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
+            asyncio.run(serve(config))
+    except GatewayError as e:
+        print(f"{type(e).__name__}: {e.message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the port is taken, the address does not exist, ...
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""The web face: thin handlers, each module ending with its route table."""

@@ -1,0 +1,327 @@
+"""One kernel: its jupyter_client manager (and so its provisioner, the backend), one iopub
+subscription shared by all its clients, the client sessions, and the lifecycle operations,
+serialised by a lock so a delete during a restart waits instead of failing.
+
+States: starting -> running <-> restarting -> running | dead; any -> stopping -> (removed)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.manager import AsyncKernelManager
+
+from ..bridge import codec
+from ..bridge.session import ClientSession
+from ..errors import KernelError, KernelStartError, KernelTimeout
+
+log = logging.getLogger(__name__)
+
+_ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime(_ISO)
+
+
+class ManagedKernel:
+    def __init__(self, km: AsyncKernelManager, *, name: str, replay_seconds: float,
+                 replay_max_bytes: int, autorestart: bool, restart_limit: int,
+                 on_gone: Callable[[ManagedKernel], None]) -> None:
+        self.km = km
+        self.id: str = km.kernel_id
+        self.name = name
+        self.state = "starting"
+        self.execution_state = "starting"
+        self.last_activity = time.time()
+        self.sessions: dict[str, ClientSession] = {}
+        self._replay_seconds = replay_seconds
+        self._replay_max_bytes = replay_max_bytes
+        self._autorestart = autorestart
+        self._restart_limit = restart_limit
+        self._restarts: list[float] = []
+        self._on_gone = on_gone
+        self._lock = asyncio.Lock()
+        self._iopub: zmq.asyncio.Socket | None = None
+        self._iopub_task: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._shutdown: asyncio.Task[None] | None = None
+        self._handshakes: dict[str, asyncio.Future[None]] = {}
+        self._conn_info: dict[str, Any] = {}
+
+    # -- model -------------------------------------------------------------------------
+
+    @property
+    def key(self) -> bytes:
+        return self.km.session.key
+
+    @property
+    def connections(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.attached)
+
+    def model(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "last_activity": iso(self.last_activity),
+                "execution_state": self.execution_state, "connections": self.connections}
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+    # -- sockets -----------------------------------------------------------------------
+
+    def connect_channel(self, channel: str, identity: bytes) -> zmq.asyncio.Socket:
+        connect = getattr(self.km, f"connect_{channel}")
+        sock: zmq.asyncio.Socket = connect(identity=identity)
+        return sock
+
+    def _open_iopub(self) -> None:
+        self._iopub = self.km.connect_iopub()
+        self._iopub.setsockopt(zmq.RCVHWM, 0)  # never drop output on our side
+        self._iopub_task = asyncio.create_task(self._pump_iopub(self._iopub))
+
+    def _close_iopub(self) -> None:
+        if self._iopub_task:
+            self._iopub_task.cancel()
+            self._iopub_task = None
+        if self._iopub is not None:
+            self._iopub.close(linger=0)
+            self._iopub = None
+
+    async def _pump_iopub(self, sock: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                try:
+                    parts = codec.parts_from_zmq(frames)
+                except codec.BadFrame as e:
+                    log.warning("kernel %s sent a bad iopub message: %s", self.id, e)
+                    continue
+                self.last_activity = time.time()
+                self._observe(parts)
+                for session in list(self.sessions.values()):
+                    session.deliver(b"iopub", parts)
+        except (asyncio.CancelledError, zmq.ContextTerminated):
+            pass
+        except zmq.ZMQError as e:
+            log.debug("iopub pump of %s stopped: %s", self.id, e)
+
+    def _observe(self, parts: list[bytes]) -> None:
+        """Track execution_state, and complete readiness handshakes (only status messages,
+        which are small, are decoded)."""
+        if b'"status"' not in parts[0]:
+            return
+        try:
+            if json.loads(parts[0]).get("msg_type") != "status":
+                return
+            state = json.loads(parts[3]).get("execution_state")
+            if isinstance(state, str) and self.state == "running":
+                self.execution_state = state
+            if self._handshakes:
+                parent = json.loads(parts[1]).get("msg_id")
+                fut = self._handshakes.get(parent)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+        except (ValueError, AttributeError):
+            log.warning("kernel %s sent an undecodable status message", self.id)
+
+    def broadcast_status(self, state: str) -> None:
+        parts = codec.status_parts(state)
+        for session in list(self.sessions.values()):
+            session.deliver(b"iopub", parts)
+
+    # -- client sessions -----------------------------------------------------------------
+
+    def session_for(self, session_id: str) -> ClientSession:
+        """The session with this id (reused across reconnects), created when new. Sessions
+        without an id are not kept after their socket closes."""
+        self.expire_sessions()
+        session = self.sessions.get(session_id) if session_id else None
+        if session is None:
+            session = ClientSession(self, session_id, max_bytes=self._replay_max_bytes)
+            session.open_channels()
+            self.sessions[session_id or uuid.uuid4().hex] = session
+        return session
+
+    def release(self, session: ClientSession) -> None:
+        """Called when a session's socket closed."""
+        if not session.session_id and not session.attached:
+            self._drop_session(session)
+        self.expire_sessions()
+
+    def expire_sessions(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if session.detached_at is not None and now - session.detached_at > self._replay_seconds:
+                self._drop_session(session)
+
+    def _drop_session(self, session: ClientSession) -> None:
+        session.close_channels()
+        for key, value in list(self.sessions.items()):
+            if value is session:
+                del self.sessions[key]
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, *, timeout: float, **kwargs: Any) -> None:
+        """Launch through the provisioner and wait until the kernel answers and its iopub
+        reaches us. On any failure nothing is left running."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.km.start_kernel(**kwargs)
+                self._conn_info = self.km.get_connection_info()
+                self._open_iopub()
+                await self._wait_ready()
+        except TimeoutError:
+            await self._abandon()
+            raise KernelTimeout(f"kernel {self.name!r} did not become ready within "
+                                f"{timeout:g} s (KERNEL_LAUNCH_TIMEOUT)") from None
+        except KernelError:
+            await self._abandon()
+            raise
+        except Exception as e:
+            await self._abandon()
+            raise KernelStartError(f"kernel {self.name!r} failed to start: "
+                                   f"{type(e).__name__}: {e}") from e
+        self.state = "running"
+        self.execution_state = "idle"
+        self._monitor_task = asyncio.create_task(self._monitor())
+
+    async def _abandon(self) -> None:
+        self._close_iopub()
+        try:
+            if self.km.has_kernel:
+                await self.km.shutdown_kernel(now=True)
+        except Exception:
+            log.exception("cleaning up kernel %s after a failed start", self.id)
+        self.state = "dead"
+
+    async def _wait_ready(self) -> None:
+        """Send kernel_info_request until an iopub status answering it arrives: proves the
+        kernel runs and that our iopub subscription is live, so no early output is lost."""
+        shell = self.km.connect_shell(identity=uuid.uuid4().hex.encode())
+        try:
+            delay = 0.2
+            while True:
+                msg_id = uuid.uuid4().hex
+                fut = asyncio.get_running_loop().create_future()
+                self._handshakes[msg_id] = fut
+                header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "session": msg_id,
+                          "username": "gateway", "date": iso(time.time()), "version": "5.3"}
+                parts = [json.dumps(header).encode(), b"{}", b"{}", b"{}"]
+                await shell.send_multipart(codec.zmq_from_parts(self.key, parts))
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), delay)
+                    return
+                except TimeoutError:
+                    pass
+                finally:
+                    self._handshakes.pop(msg_id, None)
+                if not await self.km.is_alive():
+                    raise KernelStartError(f"kernel {self.name!r} exited during start-up "
+                                           f"(exit code {self._exit_code()})")
+                delay = min(delay * 2, 2.0)
+        finally:
+            shell.close(linger=0)
+
+    def _exit_code(self) -> Any:
+        prov = self.km.provisioner
+        proc = getattr(prov, "process", None)
+        return getattr(proc, "returncode", "unknown")
+
+    async def interrupt(self) -> None:
+        if self.state not in ("running",):
+            return
+        await self.km.interrupt_kernel()
+
+    async def restart(self) -> None:
+        """REST restart: answered once the new kernel is reachable."""
+        async with self._lock:
+            if self.state in ("stopping", "dead"):
+                raise KernelError(f"kernel {self.id} is {self.state}; it cannot be restarted")
+            await self._restart(now=False)
+
+    async def _restart(self, *, now: bool) -> None:
+        self.state = "restarting"
+        self.execution_state = "restarting"
+        try:
+            await self.km.restart_kernel(now=now)
+            info = self.km.get_connection_info()
+            if info != self._conn_info:  # a backend that moved the ports
+                self._conn_info = info
+                self._close_iopub()
+                self._open_iopub()
+                for session in self.sessions.values():
+                    session.reopen_channels()
+            await asyncio.wait_for(self._wait_ready(), self.km.shutdown_wait_time + 60)
+        except Exception:
+            self.state = "dead"
+            self.execution_state = "dead"
+            raise
+        self.state = "running"
+        self.execution_state = "idle"
+
+    async def _monitor(self) -> None:
+        """Notice a kernel that died on its own; restart it or declare it dead."""
+        while True:
+            await asyncio.sleep(0.5)
+            if self.state != "running" or self._lock.locked():
+                continue
+            if await self.km.is_alive():
+                continue
+            async with self._lock:
+                if self.state != "running":
+                    continue
+                await self._on_died()
+
+    async def _on_died(self) -> None:
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < 60] + [now]
+        if not self._autorestart or len(self._restarts) > self._restart_limit:
+            log.warning("kernel %s died; not restarting it", self.id)
+            self.state = self.execution_state = "dead"
+            self.broadcast_status("dead")
+            return
+        log.warning("kernel %s died; restarting it", self.id)
+        self.broadcast_status("restarting")
+        try:
+            await self._restart(now=True)
+        except Exception as e:
+            log.error("kernel %s could not be restarted: %s", self.id, e)
+            self.broadcast_status("dead")
+
+    def shutdown(self) -> asyncio.Task[None]:
+        """Stop the kernel for good; concurrent callers share the one shutdown."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.create_task(self._do_shutdown())
+        return self._shutdown
+
+    async def _do_shutdown(self) -> None:
+        async with self._lock:
+            self.state = "stopping"
+            if self._monitor_task:
+                self._monitor_task.cancel()
+            try:
+                if self.km.has_kernel:
+                    await self.km.shutdown_kernel(now=False)
+            except Exception:
+                log.exception("shutting down kernel %s", self.id)
+                await self.km.shutdown_kernel(now=True)
+            finally:
+                self.execution_state = "dead"
+                self.broadcast_status("dead")
+                for session in list(self.sessions.values()):
+                    if session.sink is not None:
+                        session.sink.close_with(1000, "kernel deleted")
+                    session.close_channels()
+                self.sessions.clear()
+                self._close_iopub()
+                self.state = "dead"
+                self._on_gone(self)

@@ -1,0 +1,206 @@
+"""Fixtures shared by every test: a real gateway process on a free port, and helpers to find
+leftover kernel processes.
+
+The gateway runs as a subprocess (`python -m gateway serve`), exactly as an operator starts it,
+so the tests exercise the CLI, the config and the signal handling too.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELSPECS = Path(__file__).resolve().parent / "kernelspecs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_infra(reason: str) -> None:
+    """Skip for missing infrastructure; in CI (RKG_REQUIRE_INFRA=1) that is a failure."""
+    if os.environ.get("RKG_REQUIRE_INFRA") == "1":
+        pytest.fail(f"infrastructure missing: {reason}")
+    pytest.skip(reason)
+
+
+def kernel_pids_under(pid: int) -> list[int]:
+    """ipykernel processes that descend from `pid` (read from /proc, no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    cmdlines: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdlines[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            stack.append(child)
+            if "ipykernel" in cmdlines.get(child, ""):
+                found.append(child)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class GatewayProcess:
+    """A running `rkg serve` subprocess."""
+
+    port: int
+    token: str
+    base_url: str = "/"
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: Path | None = None
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    seen_kernel_pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:PORT/base/ (always ends with a slash)."""
+        return f"http://127.0.0.1:{self.port}{self.base_url.rstrip('/')}/"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1)
+
+    def start(self, timeout: float = 30) -> None:
+        assert self.workdir is not None
+        self.log_path = self.workdir / f"gateway-{self.port}.log"
+        args = [
+            sys.executable, "-m", "gateway", "serve",
+            "--ip", "127.0.0.1", "--port", str(self.port),
+            "--base-url", self.base_url,
+            "--kernelspec-dir", str(KERNELSPECS),
+            *(["--token", self.token] if self.token else ["--no-auth"]),
+            *self.extra_args,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=self.workdir, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "api", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.05)
+        raise RuntimeError(f"gateway did not answer within {timeout}s:\n{self.log()}")
+
+    def kernel_pids(self) -> list[int]:
+        pids = kernel_pids_under(self.proc.pid) if self.proc else []
+        self.seen_kernel_pids.update(pids)
+        return pids
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Stop the gateway; returns its exit code. Kills it if it does not exit in time."""
+        assert self.proc is not None
+        self.kernel_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise RuntimeError(f"gateway ignored signal {sig}:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+def _cleanup(gw: GatewayProcess) -> list[int]:
+    """Stop the gateway and report kernel processes it left behind (killing them)."""
+    try:
+        if gw.proc and gw.proc.poll() is None:
+            gw.stop()
+    finally:
+        leftovers = [p for p in gw.seen_kernel_pids if pid_alive(p)]
+        for p in leftovers:
+            os.kill(p, signal.SIGKILL)
+        if gw.proc:
+            try:  # anything else in its process group (sessions are new per gateway)
+                os.killpg(gw.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return leftovers
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator:
+    """Start gateways with custom arguments: `gw = gateway_factory(extra_args=[...])`.
+    Every gateway started is stopped at teardown and must leave no kernel process behind."""
+    started: list[GatewayProcess] = []
+
+    def make(*, token: str | None = None, base_url: str = "/", extra_args: list[str] | None = None,
+             env: dict[str, str] | None = None, start: bool = True) -> GatewayProcess:
+        gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16) if token is None else token,
+                            base_url=base_url, extra_args=extra_args or [], env=env or {},
+                            workdir=tmp_path)
+        started.append(gw)
+        if start:
+            gw.start()
+        return gw
+
+    yield make
+    leftovers = [p for gw in started for p in _cleanup(gw)]
+    assert not leftovers, f"kernel processes left behind: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway shared by a test module (token auth on, base URL /)."""
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
+                        workdir=tmp_path_factory.mktemp("gateway"))
+    gw.start()
+    yield gw
+    leftovers = _cleanup(gw)
+    assert not leftovers, f"kernel processes left behind: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """Path to node with tests/js/node_modules installed, or skip (fail in CI)."""
+    exe = shutil.which("node")
+    if not exe:
+        require_infra("node is not installed")
+    if not (ROOT / "tests" / "js" / "node_modules").is_dir():
+        require_infra("tests/js/node_modules missing: run `npm ci --prefix tests/js`")
+    return exe
