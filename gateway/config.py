@@ -68,9 +68,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
     parser.add_argument("--kernelspec-dir", action="append",
                         default=list(_csv(e("RKG_KERNELSPEC_DIRS", ""))),
                         help="extra directory of kernelspecs (repeatable)")
-    parser.add_argument("--default-kernel", default=e("RKG_DEFAULT_KERNEL", Config.default_kernel_name))
-    parser.add_argument("--env-allow", action="append", default=list(_csv(e("RKG_ENV_ALLOW", ""))),
-                        help="environment variable a client may pass to its kernel besides KERNEL_*")
+    parser.add_argument("--default-kernel",
+                        default=e("RKG_DEFAULT_KERNEL", Config.default_kernel_name))
+    parser.add_argument("--env-allow", action="append",
+                        default=list(_csv(e("RKG_ENV_ALLOW", ""))),
+                        help="variable a client may pass to its kernel besides KERNEL_*")
     parser.add_argument("--kernel-launch-timeout", type=float,
                         default=float(e("RKG_KERNEL_LAUNCH_TIMEOUT", Config.kernel_launch_timeout)))
     parser.add_argument("--cull-idle-timeout", type=float,
@@ -80,7 +82,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
                         default=float(e("RKG_CULL_INTERVAL", Config.cull_interval)))
     parser.add_argument("--cull-connected", action="store_true",
                         default=_env_flag(environ, "RKG_CULL_CONNECTED"))
-    parser.add_argument("--cull-busy", action="store_true", default=_env_flag(environ, "RKG_CULL_BUSY"))
+    parser.add_argument("--cull-busy", action="store_true",
+                        default=_env_flag(environ, "RKG_CULL_BUSY"))
     parser.add_argument("--no-autorestart", action="store_true",
                         default=_env_flag(environ, "RKG_NO_AUTORESTART"))
     parser.add_argument("--allow-origin", default=e("RKG_ALLOW_ORIGIN", ""),

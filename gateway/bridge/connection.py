@@ -106,8 +106,8 @@ class KernelWebSocket(websocket.WebSocketHandler):
             fut = self.write_message(frame, binary=binary)
         except websocket.WebSocketClosedError:
             return
-        self._pending += len(frame)
         size = len(frame)
+        self._pending += size
         fut.add_done_callback(lambda f: self._written(f, size))
         if self._pending > MAX_PENDING_BYTES:
             log.warning("kernel %s: a client is not reading; closing its socket",

@@ -26,6 +26,12 @@ def _kernel_field(body: dict[str, Any]) -> dict[str, Any]:
     return kernel
 
 
+def _notebook(body: dict[str, Any]) -> dict[str, Any]:
+    """The pre-2017 shape {"notebook": {"path", "name"}}, still sent by old clients."""
+    notebook = body.get("notebook")
+    return notebook if isinstance(notebook, dict) else {}
+
+
 class SessionBase(APIHandler):
     registry: KernelRegistry
     sessions: SessionStore
@@ -71,7 +77,7 @@ class SessionsHandler(SessionBase):
 
     async def post(self) -> None:
         body = self.json_body()
-        notebook = body.get("notebook") if isinstance(body.get("notebook"), dict) else {}
+        notebook = _notebook(body)
         path = _text(body, "path") or _text(notebook, "path")
         if not path:
             raise BadRequest("a session needs a 'path'")
@@ -82,8 +88,9 @@ class SessionsHandler(SessionBase):
         if existing is not None:
             self.sessions.remove(existing.id)
         kernel_id = await self.kernel_for(_kernel_field(body), body.get("env"))
-        session = self.sessions.create(path=path, name=_text(body, "name") or _text(notebook, "name"),
-                                       type=_text(body, "type"), kernel_id=kernel_id)
+        name = _text(body, "name") or _text(notebook, "name")
+        session = self.sessions.create(path=path, name=name, type=_text(body, "type"),
+                                       kernel_id=kernel_id)
         self.set_header("Location", f"{self.config.base_url}api/sessions/{session.id}")
         self.write_json(self.model(session), 201)
 
@@ -99,7 +106,7 @@ class SessionHandler(SessionBase):
     async def patch(self, session_id: str) -> None:
         session = self.sessions.get(session_id)
         body = self.json_body()
-        notebook = body.get("notebook") if isinstance(body.get("notebook"), dict) else {}
+        notebook = _notebook(body)
         path = _text(body, "path") or _text(notebook, "path")
         if path:
             session.path = path

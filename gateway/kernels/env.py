@@ -38,7 +38,7 @@ def launch_timeout(env: Mapping[str, str], default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise BadRequest(f"KERNEL_LAUNCH_TIMEOUT must be a number of seconds, not {raw!r}") from None
+        raise BadRequest(f"KERNEL_LAUNCH_TIMEOUT must be seconds, not {raw!r}") from None
     if not 0 < value <= 24 * 3600:
         raise BadRequest("KERNEL_LAUNCH_TIMEOUT must be between 0 and 86400 seconds")
     return value

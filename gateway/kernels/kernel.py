@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -79,13 +79,13 @@ class ManagedKernel:
 
     def connect_channel(self, channel: str, identity: bytes) -> zmq.asyncio.Socket:
         connect = getattr(self.km, f"connect_{channel}")
-        sock: zmq.asyncio.Socket = connect(identity=identity)
-        return sock
+        return cast(zmq.asyncio.Socket, connect(identity=identity))
 
     def _open_iopub(self) -> None:
-        self._iopub = self.km.connect_iopub()
-        self._iopub.setsockopt(zmq.RCVHWM, 0)  # never drop output on our side
-        self._iopub_task = asyncio.create_task(self._pump_iopub(self._iopub))
+        sock = cast(zmq.asyncio.Socket, self.km.connect_iopub())
+        sock.setsockopt(zmq.RCVHWM, 0)  # never drop output on our side
+        self._iopub = sock
+        self._iopub_task = asyncio.create_task(self._pump_iopub(sock))
 
     def _close_iopub(self) -> None:
         if self._iopub_task:
@@ -170,19 +170,19 @@ class ManagedKernel:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self, *, timeout: float, **kwargs: Any) -> None:
+    async def start(self, *, launch_timeout: float, **kwargs: Any) -> None:
         """Launch through the provisioner and wait until the kernel answers and its iopub
         reaches us. On any failure nothing is left running."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(launch_timeout):
                 await self.km.start_kernel(**kwargs)
-                self._conn_info = self.km.get_connection_info()
+                self._conn_info = dict(self.km.get_connection_info())
                 self._open_iopub()
                 await self._wait_ready()
         except TimeoutError:
             await self._abandon()
             raise KernelTimeout(f"kernel {self.name!r} did not become ready within "
-                                f"{timeout:g} s (KERNEL_LAUNCH_TIMEOUT)") from None
+                                f"{launch_timeout:g} s (KERNEL_LAUNCH_TIMEOUT)") from None
         except KernelError:
             await self._abandon()
             raise
@@ -206,7 +206,7 @@ class ManagedKernel:
     async def _wait_ready(self) -> None:
         """Send kernel_info_request until an iopub status answering it arrives: proves the
         kernel runs and that our iopub subscription is live, so no early output is lost."""
-        shell = self.km.connect_shell(identity=uuid.uuid4().hex.encode())
+        shell = self.connect_channel("shell", uuid.uuid4().hex.encode())
         try:
             delay = 0.2
             while True:
@@ -253,7 +253,7 @@ class ManagedKernel:
         self.execution_state = "restarting"
         try:
             await self.km.restart_kernel(now=now)
-            info = self.km.get_connection_info()
+            info = dict(self.km.get_connection_info())
             if info != self._conn_info:  # a backend that moved the ports
                 self._conn_info = info
                 self._close_iopub()

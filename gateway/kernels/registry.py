@@ -69,7 +69,7 @@ class KernelRegistry:
         if cwd:
             kwargs["cwd"] = cwd
         try:
-            await kernel.start(timeout=timeout, **kwargs)
+            await kernel.start(launch_timeout=timeout, **kwargs)
         except BaseException:
             self.kernels.pop(kernel_id, None)
             raise
@@ -83,13 +83,13 @@ class KernelRegistry:
     async def shutdown(self, kernel_id: str) -> None:
         await self.get(kernel_id).shutdown()
 
-    async def shutdown_all(self, timeout: float) -> None:
+    async def shutdown_all(self, grace: float) -> None:
         tasks = [k.shutdown() for k in list(self.kernels.values())]
         if not tasks:
             return
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=grace)
         for kernel in list(self.kernels.values()):  # still there: kill outright
-            log.warning("kernel %s did not stop in %gs; killing it", kernel.id, timeout)
+            log.warning("kernel %s did not stop in %gs; killing it", kernel.id, grace)
             try:
                 await kernel.km.shutdown_kernel(now=True)
             except Exception:
