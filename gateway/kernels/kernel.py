@@ -33,6 +33,14 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime(_ISO)
 
 
+def _quick_reconnect(sock: Any) -> zmq.asyncio.Socket:
+    """ZMQ retries a lost peer every 100 ms by default; after a kernel restart on the same
+    ports that is a 100 ms gap in which output has nowhere to go."""
+    sock.setsockopt(zmq.RECONNECT_IVL, 10)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    return cast(zmq.asyncio.Socket, sock)
+
+
 class ManagedKernel:
     def __init__(self, km: AsyncKernelManager, *, name: str, replay_seconds: float,
                  replay_max_bytes: int, autorestart: bool, restart_limit: int,
@@ -79,10 +87,10 @@ class ManagedKernel:
 
     def connect_channel(self, channel: str, identity: bytes) -> zmq.asyncio.Socket:
         connect = getattr(self.km, f"connect_{channel}")
-        return cast(zmq.asyncio.Socket, connect(identity=identity))
+        return _quick_reconnect(connect(identity=identity))
 
     def _open_iopub(self) -> None:
-        sock = cast(zmq.asyncio.Socket, self.km.connect_iopub())
+        sock = _quick_reconnect(self.km.connect_iopub())
         sock.setsockopt(zmq.RCVHWM, 0)  # never drop output on our side
         self._iopub = sock
         self._iopub_task = asyncio.create_task(self._pump_iopub(sock))
@@ -122,7 +130,7 @@ class ManagedKernel:
             if json.loads(parts[0]).get("msg_type") != "status":
                 return
             state = json.loads(parts[3]).get("execution_state")
-            if isinstance(state, str) and self.state == "running":
+            if isinstance(state, str) and self.state in ("running", "restarting"):
                 self.execution_state = state
             if self._handshakes:
                 parent = json.loads(parts[1]).get("msg_id")
@@ -208,7 +216,7 @@ class ManagedKernel:
         kernel runs and that our iopub subscription is live, so no early output is lost."""
         shell = self.connect_channel("shell", uuid.uuid4().hex.encode())
         try:
-            delay = 0.2
+            delay = 0.05
             while True:
                 msg_id = uuid.uuid4().hex
                 fut = asyncio.get_running_loop().create_future()
@@ -227,7 +235,7 @@ class ManagedKernel:
                 if not await self.km.is_alive():
                     raise KernelStartError(f"kernel {self.name!r} exited during start-up "
                                            f"(exit code {self._exit_code()})")
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 0.5)
         finally:
             shell.close(linger=0)
 
@@ -266,7 +274,6 @@ class ManagedKernel:
             self.execution_state = "dead"
             raise
         self.state = "running"
-        self.execution_state = "idle"
 
     async def _monitor(self) -> None:
         """Notice a kernel that died on its own; restart it or declare it dead."""

@@ -1,0 +1,155 @@
+"""A minimal client for the gateway's REST API and kernel websocket, for the API tests.
+
+It speaks both websocket protocols with plain `websockets` so that tests see the raw frames.
+Real-client behaviour is covered separately (jupyter_server, @jupyterlab/services in Node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import uuid
+from typing import Any
+
+import websockets
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+V1 = "v1.kernel.websocket.jupyter.org"
+
+
+async def api(gw: Any, method: str, path: str, body: Any = None, *, token: str | None = None,
+              raw: bytes | None = None, headers: dict[str, str] | None = None
+              ) -> tuple[int, Any]:
+    """(status, decoded JSON or None). `token=""` sends no token."""
+    tok = gw.token if token is None else token
+    hdrs = {"Authorization": f"token {tok}"} if tok else {}
+    hdrs.update(headers or {})
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if data is None and method in ("POST", "PATCH", "PUT"):
+        data = b""
+    req = HTTPRequest(gw.url + path.lstrip("/"), method=method, body=data, headers=hdrs,
+                      request_timeout=60, allow_nonstandard_methods=True)
+    resp = await AsyncHTTPClient().fetch(req, raise_error=False)
+    text = resp.body or b""
+    try:
+        payload = json.loads(text) if text else None
+    except ValueError:
+        payload = text
+    return resp.code, payload
+
+
+def v1_encode(channel: str, parts: list[bytes]) -> bytes:
+    pieces = [channel.encode(), *parts]
+    n = len(pieces) + 1
+    offsets = [8 * (n + 1)]
+    for p in pieces:
+        offsets.append(offsets[-1] + len(p))
+    return struct.pack(f"<{n + 1}Q", n, *offsets) + b"".join(pieces)
+
+
+def v1_decode(frame: bytes) -> dict[str, Any]:
+    (n,) = struct.unpack_from("<Q", frame)
+    offs = struct.unpack_from(f"<{n}Q", frame, 8)
+    pieces = [frame[offs[i]:offs[i + 1]] for i in range(n - 1)]
+    msg = {k: json.loads(p) for k, p in zip(
+        ("header", "parent_header", "metadata", "content"), pieces[1:5], strict=False)}
+    msg["channel"] = pieces[0].decode()
+    msg["buffers"] = pieces[5:]
+    return msg
+
+
+def legacy_decode(frame: str | bytes) -> dict[str, Any]:
+    if isinstance(frame, str):
+        return json.loads(frame)
+    (n,) = struct.unpack_from(">I", frame)
+    offs = [*struct.unpack_from(f">{n}I", frame, 4), len(frame)]
+    msg = json.loads(frame[offs[0]:offs[1]])
+    msg["buffers"] = [frame[offs[i]:offs[i + 1]] for i in range(1, n)]
+    return msg
+
+
+class KernelSocket:
+    """One websocket to /api/kernels/ID/channels."""
+
+    def __init__(self, ws: Any, v1: bool, session: str) -> None:
+        self.ws, self.v1, self.session = ws, v1, session
+
+    @classmethod
+    async def open(cls, gw: Any, kernel_id: str, *, v1: bool = False, session: str | None = None,
+                   token: str | None = None, query_token: bool = False) -> KernelSocket:
+        session = session or uuid.uuid4().hex
+        tok = gw.token if token is None else token
+        url = f"{gw.ws_url}api/kernels/{kernel_id}/channels?session_id={session}"
+        headers = {}
+        if query_token:
+            url += f"&token={tok}"
+        elif tok:
+            headers["Authorization"] = f"token {tok}"
+        ws = await websockets.connect(url, additional_headers=headers, max_size=None,
+                                      subprotocols=[V1] if v1 else None, open_timeout=20)
+        return cls(ws, v1, session)
+
+    def message(self, msg_type: str, content: dict[str, Any], channel: str = "shell"
+                ) -> dict[str, Any]:
+        return {"header": {"msg_id": uuid.uuid4().hex, "msg_type": msg_type,
+                           "session": self.session, "username": "test", "version": "5.3",
+                           "date": "2026-01-01T00:00:00.000000Z"},
+                "parent_header": {}, "metadata": {}, "content": content, "channel": channel}
+
+    async def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell") -> str:
+        msg = self.message(msg_type, content, channel)
+        if self.v1:
+            parts = [json.dumps(msg[k]).encode()
+                     for k in ("header", "parent_header", "metadata", "content")]
+            await self.ws.send(v1_encode(channel, parts))
+        else:
+            await self.ws.send(json.dumps(msg))
+        return msg["header"]["msg_id"]
+
+    async def recv(self, timeout: float = 30) -> dict[str, Any]:
+        frame = await asyncio.wait_for(self.ws.recv(), timeout)
+        return v1_decode(frame) if self.v1 else legacy_decode(frame)
+
+    async def until(self, pred: Any, timeout: float = 30) -> list[dict[str, Any]]:
+        """Messages received up to and including the first one matching `pred`."""
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.recv(timeout)
+                seen.append(msg)
+                if pred(msg):
+                    return seen
+
+    async def reply_and_idle(self, msg_id: str, timeout: float = 30) -> list[dict[str, Any]]:
+        """Everything with parent msg_id until both the reply and iopub idle arrived."""
+        got: list[dict[str, Any]] = []
+        reply = idle = False
+        async with asyncio.timeout(timeout):
+            while not (reply and idle):
+                msg = await self.recv(timeout)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                got.append(msg)
+                reply = reply or msg["header"]["msg_type"].endswith("_reply")
+                idle = idle or (msg["header"]["msg_type"] == "status"
+                                and msg["content"]["execution_state"] == "idle")
+        return got
+
+    async def execute(self, code: str, timeout: float = 30) -> tuple[str, dict[str, Any]]:
+        """(stdout text, execute_reply content)."""
+        msgs = await self.reply_and_idle(
+            await self.send("execute_request", {"code": code, "silent": False,
+                                                "allow_stdin": False}), timeout)
+        out = "".join(m["content"]["text"] for m in msgs if m["header"]["msg_type"] == "stream")
+        reply = next(m["content"] for m in msgs if m["header"]["msg_type"] == "execute_reply")
+        return out, reply
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def start_kernel(gw: Any, name: str = "python3", **body: Any) -> dict[str, Any]:
+    status, model = await api(gw, "POST", "api/kernels", {"name": name, **body})
+    assert status == 201, model
+    return model

@@ -1,0 +1,192 @@
+"""REST API: shapes the real clients check, every error path, authentication."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gwclient import api, start_kernel
+
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def assert_error(status: int, body: object, expected: int) -> None:
+    assert status == expected, body
+    assert isinstance(body, dict) and set(body) == {"reason", "message"}, body
+    assert body["reason"] and body["message"]
+    assert "Traceback" not in body["message"]
+
+
+async def test_api_root_needs_no_token(gateway):
+    status, body = await api(gateway, "GET", "api", token="")
+    assert status == 200 and body["version"]
+
+
+@pytest.mark.parametrize("path", ["api/kernels", "api/sessions", "api/kernelspecs",
+                                  "kernelspecs/python3/logo-64x64.png", "api/nope"])
+async def test_missing_and_wrong_token(gateway, path):
+    assert_error(*await api(gateway, "GET", path, token=""), 401)
+    assert_error(*await api(gateway, "GET", path, token="wrong"), 403)
+
+
+async def test_token_in_query_and_bearer(gateway):
+    status, _ = await api(gateway, "GET", f"api/kernels?token={gateway.token}", token="")
+    assert status == 200
+    status, _ = await api(gateway, "GET", "api/kernels", token="",
+                          headers={"Authorization": f"Bearer {gateway.token}"})
+    assert status == 200
+
+
+async def test_kernelspecs_shape_and_resources(gateway):
+    status, body = await api(gateway, "GET", "api/kernelspecs?user=alice&123456")
+    assert status == 200
+    assert body["default"] in body["kernelspecs"]
+    spec = body["kernelspecs"]["python3"]
+    assert spec["name"] == "python3"
+    assert {"argv", "display_name", "language"} <= set(spec["spec"])
+    logo = spec["resources"]["logo-64x64"]
+    assert logo == "/kernelspecs/python3/logo-64x64.png"
+    status, png = await api(gateway, "GET", logo.lstrip("/"))
+    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    status, one = await api(gateway, "GET", "api/kernelspecs/python3")
+    assert status == 200 and one["name"] == "python3"
+    # jupyter_server with KERNEL_USERNAME asks for one spec this way
+    status, one = await api(gateway, "GET", "api/kernelspecs?user=alice/python3")
+    assert status == 200 and one["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", ["kernelspecs/python3/../../../../etc/passwd",
+                                  "kernelspecs/python3/..%2F..%2F..%2Fetc%2Fpasswd",
+                                  "kernelspecs/python3/%2Fetc%2Fpasswd",
+                                  "kernelspecs/python3/nope.png", "kernelspecs/nope/logo-64x64.png",
+                                  "api/kernelspecs/nope"])
+async def test_kernelspec_resource_errors(gateway, path):
+    status, body = await api(gateway, "GET", path)
+    assert status == 404, body
+    assert b"root:" not in (body if isinstance(body, bytes) else str(body).encode())
+
+
+async def test_kernel_lifecycle_shapes(gateway):
+    model = await start_kernel(gateway)
+    assert set(model) == {"id", "name", "last_activity", "execution_state", "connections"}
+    assert ISO.match(model["last_activity"])
+    kid = model["id"]
+    status, listed = await api(gateway, "GET", "api/kernels")
+    assert status == 200 and kid in [k["id"] for k in listed]
+    status, got = await api(gateway, "GET", f"api/kernels/{kid}")
+    assert status == 200 and got["id"] == kid
+    assert (await api(gateway, "POST", f"api/kernels/{kid}/interrupt", {}))[0] == 204
+    status, restarted = await api(gateway, "POST", f"api/kernels/{kid}/restart", {})
+    assert status == 200 and restarted["id"] == kid
+    assert (await api(gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    assert_error(*await api(gateway, "DELETE", f"api/kernels/{kid}"), 404)
+    assert_error(*await api(gateway, "GET", f"api/kernels/{kid}"), 404)
+    assert gateway.kernel_pids() == []
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b'{"name": "no-such-kernel"}', 404),
+    (b"{not json", 400),
+    (b"[1, 2]", 400),
+    (b'{"name": "python3", "env": "x"}', 400),
+    (b'{"name": "python3", "env": {"KERNEL_X": 1}}', 400),
+    (b'{"name": "python3", "env": {"KERNEL_LAUNCH_TIMEOUT": "soon"}}', 400),
+    (b"\xff\xfe", 400),
+])
+async def test_start_kernel_client_errors(gateway, raw, expected):
+    assert_error(*await api(gateway, "POST", "api/kernels", raw=raw), expected)
+
+
+@pytest.mark.parametrize("path", ["api/kernels/nope", "api/kernels/nope/interrupt",
+                                  "api/kernels/nope/restart", "api/sessions/nope"])
+async def test_unknown_ids(gateway, path):
+    method = "POST" if path.endswith(("interrupt", "restart")) else "GET"
+    assert_error(*await api(gateway, method, path, {}), 404)
+
+
+async def test_unknown_path_and_method(gateway):
+    assert_error(*await api(gateway, "GET", "api/what"), 404)
+    status, body = await api(gateway, "PUT", "api/kernels", {})
+    assert_error(status, body, 405)
+
+
+async def test_kernel_that_exits_at_start_is_a_clear_error(gateway):
+    status, body = await api(gateway, "POST", "api/kernels", {"name": "broken"})
+    assert status == 500 and "exited during start-up" in body["message"], body
+    assert "exit code 3" in body["message"]
+    assert (await api(gateway, "GET", "api/kernels"))[1] == []
+
+
+async def test_launch_timeout_is_honoured(gateway):
+    status, body = await api(gateway, "POST", "api/kernels",
+                             {"name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "2"}})
+    assert status == 504, body
+    assert "KERNEL_LAUNCH_TIMEOUT" in body["message"]
+    assert (await api(gateway, "GET", "api/kernels"))[1] == []
+    assert gateway.kernel_pids() == []
+
+
+async def test_sessions_both_shapes_patch_delete(gateway):
+    status, s = await api(gateway, "POST", "api/sessions",
+                          {"path": "a.ipynb", "name": "a", "type": "notebook",
+                           "kernel": {"name": "python3"}})
+    assert status == 201, s
+    assert {"id", "path", "name", "type", "kernel"} <= set(s)
+    assert s["kernel"]["name"] == "python3"
+    # the same path again: the same session
+    status, again = await api(gateway, "POST", "api/sessions", {"path": "a.ipynb",
+                                                                "kernel": {"name": "python3"}})
+    assert status == 201 and again["id"] == s["id"]
+    # old shape, attached to the existing kernel
+    status, old = await api(gateway, "POST", "api/sessions",
+                            {"notebook": {"path": "b.ipynb"}, "kernel": {"id": s["kernel"]["id"]}})
+    assert status == 201 and old["path"] == "b.ipynb"
+    assert old["kernel"]["id"] == s["kernel"]["id"]
+    # partial PATCH
+    status, renamed = await api(gateway, "PATCH", f"api/sessions/{s['id']}", {"path": "c.ipynb"})
+    assert status == 200 and renamed["path"] == "c.ipynb" and renamed["name"] == "a"
+    status, listed = await api(gateway, "GET", "api/sessions")
+    assert status == 200 and {x["path"] for x in listed} == {"c.ipynb", "b.ipynb"}
+    # deleting one session keeps the kernel the other still uses
+    assert (await api(gateway, "DELETE", f"api/sessions/{old['id']}"))[0] == 204
+    assert (await api(gateway, "GET", f"api/kernels/{s['kernel']['id']}"))[0] == 200
+    assert (await api(gateway, "DELETE", f"api/sessions/{s['id']}"))[0] == 204
+    assert_error(*await api(gateway, "GET", f"api/kernels/{s['kernel']['id']}"), 404)
+    assert gateway.kernel_pids() == []
+
+
+@pytest.mark.parametrize("body", [{}, {"path": 5}, {"path": "x", "kernel": "python3"},
+                                  {"path": "x", "kernel": {"name": "nope"}},
+                                  {"path": "x", "kernel": {"id": "nope"}}])
+async def test_session_client_errors(gateway, body):
+    status, resp = await api(gateway, "POST", "api/sessions", body)
+    assert 400 <= status < 500
+    assert_error(status, resp, status)
+
+
+async def test_session_text_plain_body(gateway):
+    """@jupyterlab/services 7 posts JSON as text/plain."""
+    status, s = await api(gateway, "POST", "api/sessions",
+                          raw=b'{"path": "t.py", "type": "file", "name": "", '
+                              b'"kernel": {"name": "python3"}}',
+                          headers={"Content-Type": "text/plain;charset=UTF-8"})
+    assert status == 201, s
+    assert (await api(gateway, "DELETE", f"api/sessions/{s['id']}"))[0] == 204
+
+
+async def test_cors_preflight(gateway_factory):
+    gw = gateway_factory(extra_args=["--allow-origin", "http://lab.example"])
+    status, _ = await api(gw, "OPTIONS", "api/kernels", token="",
+                          headers={"Origin": "http://lab.example",
+                                   "Access-Control-Request-Method": "POST"})
+    assert status == 204
+
+
+async def test_base_url(gateway_factory):
+    gw = gateway_factory(base_url="/gw/")
+    status, body = await api(gw, "GET", "api/kernelspecs")
+    assert status == 200
+    assert body["kernelspecs"]["python3"]["resources"]["logo-64x64"].startswith("/gw/kernelspecs/")
+    model = await start_kernel(gw)
+    assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
