@@ -75,7 +75,7 @@ async def test_iopub_reaches_every_socket(gateway, kernel):
     seen = await b.until(lambda m: m["header"]["msg_type"] == "stream")
     assert seen[-1]["content"]["text"] == "to all\n"
     status, model = await api(gateway, "GET", f"api/kernels/{kernel}")
-    assert model["connections"] == 2
+    assert status == 200 and model["connections"] == 2
     await a.close()
     await b.close()
 
@@ -179,7 +179,7 @@ SEND_BUFFERS = ("from ipykernel.comm import Comm\n"
 
 
 def comm_with_buffers(msgs):
-    return [m for m in msgs if m["header"]["msg_type"] == "comm_msg"][0]
+    return next(m for m in msgs if m["header"]["msg_type"] == "comm_msg")
 
 
 @pytest.mark.parametrize("v1", PROTOCOLS)
