@@ -171,9 +171,9 @@ def gateway_factory(tmp_path: Path) -> Iterator:
 
     def make(*, token: str | None = None, base_url: str = "/", extra_args: list[str] | None = None,
              env: dict[str, str] | None = None, start: bool = True) -> GatewayProcess:
-        gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16) if token is None else token,
-                            base_url=base_url, extra_args=extra_args or [], env=env or {},
-                            workdir=tmp_path)
+        token = secrets.token_hex(16) if token is None else token
+        gw = GatewayProcess(port=free_port(), token=token, base_url=base_url,
+                            extra_args=extra_args or [], env=env or {}, workdir=tmp_path)
         started.append(gw)
         if start:
             gw.start()
