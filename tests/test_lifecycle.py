@@ -1,0 +1,169 @@
+"""Kernel and gateway lifecycle: signals, kernel environment, culling, tokens, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import websockets
+from conftest import GatewayProcess, free_port, pid_alive
+
+from gwclient import KernelSocket, api, start_kernel
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_stops_kernels_and_closes_sockets(gateway_factory, sig):
+    gw = gateway_factory()
+    ids = [(await start_kernel(gw))["id"] for _ in range(3)]
+    ks = await KernelSocket.open(gw, ids[0])
+    await ks.send("execute_request", {"code": "import time; time.sleep(60)", "silent": False})
+    pids = gw.kernel_pids()
+    assert len(pids) == 3
+    stopping = asyncio.get_running_loop().run_in_executor(None, gw.stop, sig)
+    seen = []
+    with pytest.raises(websockets.ConnectionClosed):
+        while True:
+            seen.append(await ks.recv(timeout=30))
+    assert await stopping == 0
+    assert [m["content"]["execution_state"] for m in seen
+            if m["header"]["msg_type"] == "status"][-1] == "dead"
+    assert not [p for p in pids if pid_alive(p)]
+    assert "gateway stopped" in gw.log()
+
+
+async def test_kernel_env_is_filtered(gateway_factory, tmp_path):
+    gw = gateway_factory(extra_args=["--env-allow", "ALLOWED_VAR", "--env-allow", "PATH"])
+    env = {"KERNEL_USERNAME": "ada", "ALLOWED_VAR": "yes", "LD_PRELOAD": "/tmp/evil.so",
+           "PATH": "/nowhere", "OTHER_SECRET": "no", "KERNEL_WORKING_DIR": str(tmp_path)}
+    model = await start_kernel(gw, "envdump", env=env)
+    ks = await KernelSocket.open(gw, model["id"])
+    out, _ = await ks.execute(
+        "import os, json\nprint(json.dumps({k: os.environ.get(k) for k in "
+        "['KERNEL_USERNAME', 'ALLOWED_VAR', 'LD_PRELOAD', 'OTHER_SECRET', 'KERNEL_ID', "
+        "'SPEC_VAR']} | {'cwd': os.getcwd(), 'path_ok': '/nowhere' not in os.environ['PATH']}))")
+    seen = json.loads(out)
+    assert seen == {"KERNEL_USERNAME": "ada", "ALLOWED_VAR": "yes", "LD_PRELOAD": None,
+                    "OTHER_SECRET": None, "KERNEL_ID": model["id"], "SPEC_VAR": "from-spec",
+                    "cwd": str(tmp_path), "path_ok": True}
+    await ks.close()
+
+
+async def test_missing_working_dir_falls_back(gateway):
+    model = await start_kernel(gateway, env={"KERNEL_WORKING_DIR": "/does/not/exist"})
+    ks = await KernelSocket.open(gateway, model["id"])
+    out, reply = await ks.execute("import os; print(os.path.isdir(os.getcwd()))")
+    assert out == "True\n" and reply["status"] == "ok"
+    await ks.close()
+    await api(gateway, "DELETE", f"api/kernels/{model['id']}")
+
+
+async def test_kernel_outlives_client_disconnect(gateway):
+    kid = (await start_kernel(gateway))["id"]
+    ks = await KernelSocket.open(gateway, kid)
+    await ks.execute("state = 'kept'")
+    await ks.close()
+    await asyncio.sleep(0.5)
+    ks = await KernelSocket.open(gateway, kid)  # a new client session
+    assert (await ks.execute("print(state)"))[0] == "kept\n"
+    await ks.close()
+    await api(gateway, "DELETE", f"api/kernels/{kid}")
+
+
+async def test_idle_kernels_are_culled_connected_and_busy_spared(gateway_factory):
+    gw = gateway_factory(extra_args=["--cull-idle-timeout", "2", "--cull-interval", "0.5"])
+    idle = (await start_kernel(gw))["id"]
+    connected = (await start_kernel(gw))["id"]
+    busy = (await start_kernel(gw))["id"]
+    kc = await KernelSocket.open(gw, connected)
+    kb = await KernelSocket.open(gw, busy)
+    await kb.send("execute_request", {"code": "import time; time.sleep(8)", "silent": False})
+    await kb.close()
+    for _ in range(60):
+        if (await api(gw, "GET", f"api/kernels/{idle}"))[0] == 404:
+            break
+        await asyncio.sleep(0.25)
+    assert (await api(gw, "GET", f"api/kernels/{idle}"))[0] == 404
+    await asyncio.sleep(2)
+    assert (await api(gw, "GET", f"api/kernels/{connected}"))[0] == 200
+    assert (await api(gw, "GET", f"api/kernels/{busy}"))[0] == 200
+    await kc.close()
+
+
+async def test_generated_token_is_printed_and_works(tmp_path):
+    """Without --token (and without --no-auth) the gateway makes one up and prints it."""
+    gw = GatewayProcess(port=free_port(), token="", workdir=tmp_path)
+    with subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(gw.port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            line = ""
+            for _ in range(50):
+                line = proc.stdout.readline()
+                if "token=" in line:
+                    break
+            match = re.search(r"\?token=(\w+)", line)
+            assert match, line
+            gw.token = match.group(1)
+            assert len(gw.token) >= 32
+            assert (await api(gw, "GET", "api/kernels"))[0] == 200
+            assert (await api(gw, "GET", "api/kernels", token="x"))[0] == 403
+        finally:
+            proc.terminate()
+            assert proc.wait(20) == 0
+
+
+def test_port_in_use_is_a_clear_error(gateway):
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", str(gateway.port),
+                           "--token", "t"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "Address already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+async def test_concurrent_starts_all_succeed(gateway):
+    models = await asyncio.gather(*[start_kernel(gateway) for _ in range(8)])
+    assert len({m["id"] for m in models}) == 8
+    status, listed = await api(gateway, "GET", "api/kernels")
+    assert status == 200
+    assert {m["id"] for m in models} <= {k["id"] for k in listed}
+    await asyncio.gather(*[api(gateway, "DELETE", f"api/kernels/{m['id']}") for m in models])
+    assert gateway.kernel_pids() == []
+
+
+async def test_delete_during_restart(gateway):
+    kid = (await start_kernel(gateway))["id"]
+    restart = asyncio.create_task(api(gateway, "POST", f"api/kernels/{kid}/restart", {}))
+    await asyncio.sleep(0.05)
+    deleted = await api(gateway, "DELETE", f"api/kernels/{kid}")
+    restarted = await restart
+    assert deleted[0] == 204
+    assert restarted[0] == 200, restarted
+    assert (await api(gateway, "GET", f"api/kernels/{kid}"))[0] == 404
+    assert gateway.kernel_pids() == []
+
+
+async def test_delete_during_auto_restart(gateway):
+    kid = (await start_kernel(gateway))["id"]
+    ks = await KernelSocket.open(gateway, kid)
+    await ks.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
+    await ks.until(lambda m: m["header"]["msg_type"] == "status"
+                   and m["content"]["execution_state"] == "restarting", timeout=20)
+    status, body = await api(gateway, "DELETE", f"api/kernels/{kid}")
+    assert status == 204, body
+    assert gateway.kernel_pids() == []
+
+
+async def test_kernel_that_keeps_dying_is_declared_dead(gateway_factory):
+    gw = gateway_factory(extra_args=["--no-autorestart"])
+    kid = (await start_kernel(gw))["id"]
+    ks = await KernelSocket.open(gw, kid)
+    await ks.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
+    await ks.until(lambda m: m["header"]["msg_type"] == "status"
+                   and m["content"]["execution_state"] == "dead", timeout=20)
+    status, model = await api(gw, "GET", f"api/kernels/{kid}")
+    assert status == 200 and model["execution_state"] == "dead"
+    assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
