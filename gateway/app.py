@@ -72,6 +72,16 @@ def announce(config: Config, server_url: str) -> None:
         log.info("gateway at %s (token as configured)", server_url)
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: log where every task is waiting (for a gateway that seems stuck)."""
+    import io
+
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(file=out)
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+
+
 async def serve(config: Config) -> None:
     registry = KernelRegistry(config, kernel_spec_manager(config))
     store = SessionStore()
@@ -85,6 +95,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     culler = (asyncio.create_task(registry.cull_forever())
               if config.cull_idle_timeout > 0 else None)
     await stop.wait()

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["backends"]
+
 ROOT = Path(__file__).resolve().parent.parent
 KERNELSPECS = Path(__file__).resolve().parent / "kernelspecs"
 

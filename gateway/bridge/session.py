@@ -49,6 +49,9 @@ class ClientSession:
         self._overflowed = False
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._readers: list[asyncio.Task[None]] = []
+        # Client messages that arrive while the kernel restarts wait here until its iopub is
+        # live again; sent earlier, their output would be published before we subscribe.
+        self._held: list[tuple[str, list[bytes]]] = []
 
     # -- kernel side -------------------------------------------------------------------
 
@@ -90,11 +93,25 @@ class ClientSession:
             log.debug("%s reader of %s stopped: %s", channel, self.kernel.id, e)
 
     async def send_to_kernel(self, channel: str, parts: list[bytes]) -> None:
-        sock = self._sockets.get(channel)
-        if sock is None:
-            return
         self.kernel.touch()
-        await sock.send_multipart(codec.zmq_from_parts(self.kernel.key, parts))
+        if self.kernel.state == "restarting":
+            self._held.append((channel, parts))
+            return
+        sock = self._sockets.get(channel)
+        if sock is not None:
+            await sock.send_multipart(codec.zmq_from_parts(self.kernel.key, parts))
+
+    def release_held(self) -> None:
+        """Send what was held during a restart, in order. Synchronous on purpose: nothing a
+        client sends after the restart can overtake these."""
+        held, self._held = self._held, []
+        for channel, parts in held:
+            sock = self._sockets.get(channel)
+            if sock is not None:
+                sock.send_multipart(codec.zmq_from_parts(self.kernel.key, parts))
+
+    def discard_held(self) -> None:
+        self._held.clear()
 
     # -- client side -------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ def _quick_reconnect(sock: Any) -> zmq.asyncio.Socket:
     """ZMQ retries a lost peer every 100 ms by default; after a kernel restart on the same
     ports that is a 100 ms gap in which output has nowhere to go."""
     sock.setsockopt(zmq.RECONNECT_IVL, 10)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
     return cast(zmq.asyncio.Socket, sock)
 
 
@@ -232,6 +232,7 @@ class ManagedKernel:
                     pass
                 finally:
                     self._handshakes.pop(msg_id, None)
+                log.debug("kernel %s: no answer to kernel_info within %.2fs", self.id, delay)
                 if not await self.km.is_alive():
                     raise KernelStartError(f"kernel {self.name!r} exited during start-up "
                                            f"(exit code {self._exit_code()})")
@@ -257,12 +258,16 @@ class ManagedKernel:
             await self._restart(now=False)
 
     async def _restart(self, *, now: bool) -> None:
+        """Relaunch, then let client messages through only once iopub is live again.
+        `now`: the kernel died, so what is queued in its sockets was meant for a dead
+        process; those sockets are replaced rather than replayed into the new kernel."""
         self.state = "restarting"
         self.execution_state = "restarting"
         try:
             await self.km.restart_kernel(now=now)
+            log.debug("kernel %s relaunched; waiting for it to answer", self.id)
             info = dict(self.km.get_connection_info())
-            if info != self._conn_info:  # a backend that moved the ports
+            if info != self._conn_info or now:
                 self._conn_info = info
                 self._close_iopub()
                 self._open_iopub()
@@ -272,7 +277,11 @@ class ManagedKernel:
         except Exception:
             self.state = "dead"
             self.execution_state = "dead"
+            for session in self.sessions.values():
+                session.discard_held()
             raise
+        for session in self.sessions.values():
+            session.release_held()
         self.state = "running"
 
     async def _monitor(self) -> None:

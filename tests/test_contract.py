@@ -1,0 +1,52 @@
+"""The contract every backend keeps, run through the gateway with the same client for each:
+execute where the backend says, interrupt, restart, crash and auto-restart, delete with
+nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gwclient import KernelSocket, api, start_kernel
+
+
+async def _open(backend):
+    model = await start_kernel(backend.gateway, backend.kernel_name)
+    return model["id"], await KernelSocket.open(backend.gateway, model["id"], v1=True)
+
+
+async def test_runs_where_the_backend_says(backend):
+    kid, ks = await _open(backend)
+    out, reply = await ks.execute("import socket; print(socket.gethostname())")
+    assert reply["status"] == "ok" and out.strip() == backend.hostname
+    await ks.close()
+    assert (await api(backend.gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204
+
+
+async def test_interrupt_restart_crash_delete(backend):
+    gw = backend.gateway
+    kid, ks = await _open(backend)
+    await ks.execute("x = 1")
+    msg_id = await ks.send("execute_request", {"code": "import time; time.sleep(30)"})
+    await asyncio.sleep(0.5)
+    assert (await api(gw, "POST", f"api/kernels/{kid}/interrupt", {}))[0] == 204
+    reply = next(m for m in await ks.reply_and_idle(msg_id, timeout=15)
+             if m["header"]["msg_type"] == "execute_reply")["content"]
+    assert reply["ename"] == "KeyboardInterrupt"
+    assert (await ks.execute("print(x)"))[0] == "1\n"
+
+    assert (await api(gw, "POST", f"api/kernels/{kid}/restart", {}))[0] == 200
+    assert (await ks.execute("print('x' in globals())", timeout=30))[0] == "False\n"
+
+    await ks.execute("y = 2")
+    await ks.send("execute_request", {"code": "import os; os._exit(1)"})
+    await ks.until(lambda m: m["header"]["msg_type"] == "status"
+                   and m["content"]["execution_state"] == "restarting", timeout=30)
+    assert (await ks.execute("print('y' in globals())", timeout=60))[0] == "False\n"
+
+    await ks.close()
+    assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    for _ in range(20):
+        if not backend.leftovers():
+            break
+        await asyncio.sleep(0.25)
+    assert backend.leftovers() == []
