@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import websockets
-from conftest import GatewayProcess, free_port, pid_alive
 
+from conftest import GatewayProcess, free_port, pid_alive
 from gwclient import KernelSocket, api, start_kernel
 
 
