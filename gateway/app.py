@@ -17,6 +17,7 @@ from .config import Config
 from .handlers import base, kernels, kernelspecs, sessions
 from .kernels.registry import KernelRegistry
 from .sessions import SessionStore
+from .state import StateStore
 
 log = logging.getLogger("gateway")
 
@@ -83,8 +84,10 @@ def dump_tasks() -> None:
 
 
 async def serve(config: Config) -> None:
-    registry = KernelRegistry(config, kernel_spec_manager(config))
-    store = SessionStore()
+    state = StateStore(config.state_db)
+    registry = KernelRegistry(config, kernel_spec_manager(config), state)
+    await registry.restore()
+    store = SessionStore(state, registry.kernels)
     app = make_app(config, registry, store)
     server = httpserver.HTTPServer(app, xheaders=True)
     server.listen(config.port, config.ip)
@@ -101,15 +104,22 @@ async def serve(config: Config) -> None:
     await stop.wait()
 
     # 1. stop accepting; 2. stop culling; 3. stop kernels (their sockets get `dead` and a
-    # close 1000); 4. close what connections remain, bounded; 5. release ZMQ.
-    log.info("shutting down: stopping %d kernel(s)", len(registry.kernels))
+    # close 1000), or with --keep-kernels leave them running and recorded (their sockets get
+    # 1001, so clients reconnect to the next gateway); 4. close what connections remain,
+    # bounded; 5. release ZMQ and the state store.
     server.stop()
     if culler:
         culler.cancel()
         with suppress(asyncio.CancelledError):
             await culler
-    await registry.shutdown_all(config.shutdown_timeout)
+    if config.keep_kernels:
+        log.info("shutting down: leaving %d kernel(s) running", len(registry.kernels))
+        registry.leave_all()
+    else:
+        log.info("shutting down: stopping %d kernel(s)", len(registry.kernels))
+        await registry.shutdown_all(config.shutdown_timeout)
     with suppress(TimeoutError):
         await asyncio.wait_for(server.close_all_connections(), 5)
     registry.close()
+    state.close()
     log.info("gateway stopped")

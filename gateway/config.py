@@ -36,6 +36,10 @@ class Config:
     replay_max_bytes: int = 256 * 1024 * 1024
     allow_origin: str = ""
     shutdown_timeout: float = 10.0
+    state_db: str = ""
+    keep_kernels: bool = False
+    max_kernels: int = 0  # 0: no limit
+    max_kernels_per_user: int = 0
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -44,6 +48,12 @@ def normalize_base_url(value: str) -> str:
     """'/', 'gw', '/gw/' -> '/', '/gw/', '/gw/'."""
     stripped = value.strip("/")
     return f"/{stripped}/" if stripped else "/"
+
+
+def default_state_db() -> str:
+    from jupyter_core.paths import jupyter_data_dir
+
+    return os.path.join(jupyter_data_dir(), "remote-kernel-gateway", "state.sqlite")
 
 
 def _env_flag(environ: Mapping[str, str], name: str) -> bool:
@@ -88,6 +98,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
                         default=_env_flag(environ, "RKG_NO_AUTORESTART"))
     parser.add_argument("--allow-origin", default=e("RKG_ALLOW_ORIGIN", ""),
                         help="CORS origin allowed to call the API ('*' for any)")
+    parser.add_argument("--state-db", default=e("RKG_STATE_DB", default_state_db()),
+                        help="SQLite file recording kernels and sessions (':memory:' for none)")
+    parser.add_argument("--keep-kernels", action="store_true",
+                        default=_env_flag(environ, "RKG_KEEP_KERNELS"),
+                        help="on shutdown leave kernels running, for the next gateway to re-attach")
+    parser.add_argument("--max-kernels", type=int, default=int(e("RKG_MAX_KERNELS", "0")))
+    parser.add_argument("--max-kernels-per-user", type=int,
+                        default=int(e("RKG_MAX_KERNELS_PER_USER", "0")),
+                        help="per KERNEL_USERNAME")
     parser.add_argument("--log-level", default=e("RKG_LOG_LEVEL", Config.log_level))
 
 
@@ -120,6 +139,10 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         autorestart=not args.no_autorestart,
         allow_origin=args.allow_origin,
         log_level=args.log_level.upper(),
+        state_db=args.state_db,
+        keep_kernels=args.keep_kernels,
+        max_kernels=args.max_kernels,
+        max_kernels_per_user=args.max_kernels_per_user,
     )
 
 

@@ -6,7 +6,8 @@
     │   ├── Unauthorized              401 no token given
     │   ├── Forbidden                 403 wrong token
     │   ├── NotFound                  404 unknown kernel, session, kernelspec or file
-    │   └── Conflict                  409 the kernel is in a state that forbids the action
+    │   ├── Conflict                  409 the kernel is in a state that forbids the action
+    │   └── LimitReached              429 a kernel limit (global or per user) is reached
     └── KernelError                   a kernel could not be started or reached: a 5xx
         ├── KernelStartError          500 the backend failed to launch it
         └── KernelTimeout             504 it did not answer within its launch timeout
@@ -55,6 +56,11 @@ class NotFound(ClientError):
 class Conflict(ClientError):
     status = 409
     reason = "Conflict"
+
+
+class LimitReached(ClientError):
+    status = 429
+    reason = "Too Many Kernels"
 
 
 class KernelError(GatewayError):

@@ -42,28 +42,19 @@ def require_infra(reason: str) -> None:
     pytest.skip(reason)
 
 
-def kernel_pids_under(pid: int) -> list[int]:
-    """ipykernel processes that descend from `pid` (read from /proc, no psutil needed)."""
-    children: dict[int, list[int]] = {}
-    cmdlines: dict[int, str] = {}
+def processes_matching(needle: str) -> list[int]:
+    """Live processes whose command line contains `needle` (read from /proc)."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdlines[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            stack.append(child)
-            if "ipykernel" in cmdlines.get(child, ""):
-                found.append(child)
+        if needle in cmdline and pid_alive(int(entry)):
+            found.append(int(entry))
     return found
 
 
@@ -106,10 +97,12 @@ class GatewayProcess:
             "--ip", "127.0.0.1", "--port", str(self.port),
             "--base-url", self.base_url,
             "--kernelspec-dir", str(KERNELSPECS),
+            "--state-db", str(self.workdir / f"state-{self.port}.sqlite"),
             *(["--token", self.token] if self.token else ["--no-auth"]),
             *self.extra_args,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "JUPYTER_RUNTIME_DIR": str(self.runtime_dir),
+               **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=self.workdir, start_new_session=True)
@@ -125,8 +118,15 @@ class GatewayProcess:
                 time.sleep(0.05)
         raise RuntimeError(f"gateway did not answer within {timeout}s:\n{self.log()}")
 
+    @property
+    def runtime_dir(self) -> Path:
+        """Each gateway gets its own: its kernels are the processes whose connection file is
+        there, whether the gateway started them or re-attached to them after a restart."""
+        assert self.workdir is not None
+        return self.workdir / f"runtime-{self.port}"
+
     def kernel_pids(self) -> list[int]:
-        pids = kernel_pids_under(self.proc.pid) if self.proc else []
+        pids = processes_matching(f"{self.runtime_dir}/kernel-")
         self.seen_kernel_pids.update(pids)
         return pids
 

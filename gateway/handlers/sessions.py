@@ -50,7 +50,7 @@ class SessionBase(APIHandler):
             if session.kernel_id in self.registry.kernels:
                 out.append(session)
             else:
-                self.sessions.remove(session.id)
+                self.sessions.forget(session.id)
         return out
 
     async def kernel_for(self, kernel: dict[str, Any], env: Any = None) -> str:
@@ -86,10 +86,10 @@ class SessionsHandler(SessionBase):
             self.write_json(self.model(existing), 201)
             return
         if existing is not None:
-            self.sessions.remove(existing.id)
+            self.sessions.forget(existing.id)
         kernel_id = await self.kernel_for(_kernel_field(body), body.get("env"))
         name = _text(body, "name") or _text(notebook, "name")
-        session = self.sessions.create(path=path, name=name, type=_text(body, "type"),
+        session = await self.sessions.create(path=path, name=name, type=_text(body, "type"),
                                        kernel_id=kernel_id)
         self.set_header("Location", f"{self.config.base_url}api/sessions/{session.id}")
         self.write_json(self.model(session), 201)
@@ -99,7 +99,7 @@ class SessionHandler(SessionBase):
     def get(self, session_id: str) -> None:
         session = self.sessions.get(session_id)
         if session.kernel_id not in self.registry.kernels:
-            self.sessions.remove(session_id)
+            self.sessions.forget(session_id)
             raise NotFound(f"session {session_id} ended: its kernel is gone")
         self.write_json(self.model(session))
 
@@ -119,10 +119,11 @@ class SessionHandler(SessionBase):
             session.kernel_id = await self.kernel_for(_kernel_field(body))
             if old != session.kernel_id:
                 await self.release_kernel(old)
+        await self.sessions.save(session)
         self.write_json(self.model(session))
 
     async def delete(self, session_id: str) -> None:
-        session = self.sessions.remove(session_id)
+        session = await self.sessions.remove(session_id)
         await self.release_kernel(session.kernel_id)
         self.set_status(204)
         self.finish()

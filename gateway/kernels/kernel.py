@@ -8,11 +8,13 @@ States: starting -> running <-> restarting -> running | dead; any -> stopping ->
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -44,7 +46,8 @@ def _quick_reconnect(sock: Any) -> zmq.asyncio.Socket:
 class ManagedKernel:
     def __init__(self, km: AsyncKernelManager, *, name: str, replay_seconds: float,
                  replay_max_bytes: int, autorestart: bool, restart_limit: int,
-                 on_gone: Callable[[ManagedKernel], None]) -> None:
+                 on_gone: Callable[[ManagedKernel], None],
+                 on_launched: Callable[[ManagedKernel], Awaitable[None]]) -> None:
         self.km = km
         self.id: str = km.kernel_id
         self.name = name
@@ -58,6 +61,9 @@ class ManagedKernel:
         self._restart_limit = restart_limit
         self._restarts: list[float] = []
         self._on_gone = on_gone
+        self._on_launched = on_launched
+        self.created = time.time()
+        self.launch: dict[str, Any] = {"env": {}, "cwd": None}  # what the registry relaunches
         self._lock = asyncio.Lock()
         self._iopub: zmq.asyncio.Socket | None = None
         self._iopub_task: asyncio.Task[None] | None = None
@@ -187,6 +193,7 @@ class ManagedKernel:
                 self._conn_info = dict(self.km.get_connection_info())
                 self._open_iopub()
                 await self._wait_ready()
+                await self._on_launched(self)  # recorded before the start is acknowledged
         except TimeoutError:
             await self._abandon()
             raise KernelTimeout(f"kernel {self.name!r} did not become ready within "
@@ -201,6 +208,46 @@ class ManagedKernel:
         self.state = "running"
         self.execution_state = "idle"
         self._monitor_task = asyncio.create_task(self._monitor())
+
+    async def reattach(self, *, launch_timeout: float) -> None:
+        """Take over a kernel a previous gateway process started (its manager and provisioner
+        already loaded from the state store): reconnect and prove it answers."""
+        self._conn_info = dict(self.km.get_connection_info())
+        self._open_iopub()
+        # jupyter_client opens its control socket in start_kernel(), which was not called
+        # here; shutdown and restart requests need it.
+        self.km._connect_control_socket()
+        try:
+            await asyncio.wait_for(self._wait_ready(), launch_timeout)
+        except (TimeoutError, KernelError):
+            await self._abandon()
+            raise
+        self.state = "running"
+        self.execution_state = "idle"
+        self._monitor_task = asyncio.create_task(self._monitor())
+
+    async def discard(self) -> None:
+        """A recorded kernel that is gone: remove what it left (connection file)."""
+        self.state = "dead"
+        try:
+            await self.km.cleanup_resources()
+        except Exception as e:
+            log.debug("cleaning up after kernel %s: %s", self.id, e)
+        # jupyter_client removes only connection files it wrote in this process
+        with contextlib.suppress(OSError):
+            os.remove(self.km.connection_file)
+
+    def detach(self) -> None:
+        """Leave the kernel running (--keep-kernels): close our sockets and stop watching."""
+        self.state = "stopping"
+        if self._monitor_task:
+            self._monitor_task.cancel()
+        for session in list(self.sessions.values()):
+            if session.sink is not None:
+                session.sink.close_with(1001, "gateway restarting; the kernel keeps running")
+            session.close_channels()
+        self.sessions.clear()
+        self._close_iopub()
 
     async def _abandon(self) -> None:
         self._close_iopub()
@@ -234,8 +281,10 @@ class ManagedKernel:
                     self._handshakes.pop(msg_id, None)
                 log.debug("kernel %s: no answer to kernel_info within %.2fs", self.id, delay)
                 if not await self.km.is_alive():
-                    raise KernelStartError(f"kernel {self.name!r} exited during start-up "
-                                           f"(exit code {self._exit_code()})")
+                    tail = getattr(self.km.provisioner, "log_tail", lambda: "")()
+                    raise KernelStartError(
+                        f"kernel {self.name!r} exited during start-up (exit code "
+                        f"{self._exit_code()})" + (f"; its last output:\n{tail}" if tail else ""))
                 delay = min(delay * 2, 0.5)
         finally:
             shell.close(linger=0)
@@ -283,6 +332,7 @@ class ManagedKernel:
         for session in self.sessions.values():
             session.release_held()
         self.state = "running"
+        await self._on_launched(self)
 
     async def _monitor(self) -> None:
         """Notice a kernel that died on its own; restart it or declare it dead."""

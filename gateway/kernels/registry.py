@@ -1,5 +1,6 @@
-"""All kernels of this gateway: start (through the kernelspec's provisioner), find, list,
-cull, and stop them all at shutdown."""
+"""All kernels of this gateway: start them (through the kernelspec's provisioner), record them
+in the state store before the start is acknowledged, find, list, cull, re-attach to the ones
+a previous gateway process left running, and stop or leave them at shutdown."""
 
 from __future__ import annotations
 
@@ -8,29 +9,38 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import zmq.asyncio
+from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 
 from ..config import Config
-from ..errors import NotFound
+from ..errors import LimitReached, NotFound
+from ..state import KernelRecord, StateStore
 from . import env as kenv
 from .kernel import ManagedKernel
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PROVISIONER = "rkg-local-provisioner"
+
 
 class KernelRegistry:
-    def __init__(self, config: Config, specs: KernelSpecManager) -> None:
+    def __init__(self, config: Config, specs: KernelSpecManager, store: StateStore) -> None:
         self.config = config
         self.specs = specs
+        self.store = store
         self.kernels: dict[str, ManagedKernel] = {}
+        self._users: dict[str, str] = {}  # kernel id -> KERNEL_USERNAME, for the per-user limit
         self._context = zmq.asyncio.Context()
         self._runtime_dir = jupyter_runtime_dir()
         os.makedirs(self._runtime_dir, exist_ok=True)
+        # kernelspecs that name no provisioner get the one that survives gateway restarts
+        KernelProvisionerFactory.instance().default_provisioner_name = DEFAULT_PROVISIONER
 
     def get(self, kernel_id: str) -> ManagedKernel:
         kernel = self.kernels.get(kernel_id)
@@ -47,41 +57,120 @@ class KernelRegistry:
         except NoSuchKernel:
             raise NotFound(f"no kernelspec named {name!r}") from None
 
-    async def start(self, name: str | None, env: Any = None) -> ManagedKernel:
-        name = name or self.config.default_kernel_name
-        self.spec_exists(name)
-        extra = kenv.client_env(env, self.config.env_allowlist)
-        timeout = kenv.launch_timeout(extra, self.config.kernel_launch_timeout)
-        kernel_id = str(uuid.uuid4())
+    def _check_limits(self, user: str) -> None:
+        """Synchronous, and the new kernel is registered before the next await: two
+        concurrent starts can never both take the last place."""
+        cfg = self.config
+        if cfg.max_kernels and len(self.kernels) >= cfg.max_kernels:
+            raise LimitReached(f"this gateway runs at most {cfg.max_kernels} kernels; "
+                               "shut one down first")
+        if cfg.max_kernels_per_user:
+            mine = sum(1 for u in self._users.values() if u == user)
+            if mine >= cfg.max_kernels_per_user:
+                raise LimitReached(f"user {user or 'anonymous'!r} may run at most "
+                                   f"{cfg.max_kernels_per_user} kernels; shut one down first")
+
+    def _manager(self, kernel_id: str, name: str) -> AsyncKernelManager:
         km = AsyncKernelManager(
             kernel_name=name, kernel_spec_manager=self.specs, context=self._context,
             connection_file=os.path.join(self._runtime_dir, f"kernel-{kernel_id}.json"),
         )
         km.kernel_id = kernel_id
-        kernel = ManagedKernel(km, name=name, replay_seconds=self.config.replay_seconds,
-                               replay_max_bytes=self.config.replay_max_bytes,
-                               autorestart=self.config.autorestart,
-                               restart_limit=self.config.restart_limit, on_gone=self._forget)
-        self.kernels[kernel_id] = kernel
-        launch_env = {**os.environ, **extra, "KERNEL_ID": kernel_id}
-        kwargs: dict[str, Any] = {"env": launch_env}
-        cwd = kenv.working_dir(extra)
-        if cwd:
-            kwargs["cwd"] = cwd
+        return km
+
+    def _managed(self, km: AsyncKernelManager, name: str, user: str) -> ManagedKernel:
+        cfg = self.config
+        kernel = ManagedKernel(km, name=name, replay_seconds=cfg.replay_seconds,
+                               replay_max_bytes=cfg.replay_max_bytes, autorestart=cfg.autorestart,
+                               restart_limit=cfg.restart_limit, on_gone=self._forget,
+                               on_launched=self._record)
+        self.kernels[km.kernel_id] = kernel
+        self._users[km.kernel_id] = user
+        return kernel
+
+    async def start(self, name: str | None, env: Any = None) -> ManagedKernel:
+        name = name or self.config.default_kernel_name
+        self.spec_exists(name)
+        extra = kenv.client_env(env, self.config.env_allowlist)
+        timeout = kenv.launch_timeout(extra, self.config.kernel_launch_timeout)
+        user = extra.get("KERNEL_USERNAME", "")
+        self._check_limits(user)
+        kernel_id = str(uuid.uuid4())
+        kernel = self._managed(self._manager(kernel_id, name), name, user)
+        kernel.launch = {"env": extra, "cwd": kenv.working_dir(extra)}
         try:
-            await kernel.start(launch_timeout=timeout, **kwargs)
+            await kernel.start(launch_timeout=timeout, **self._launch_kwargs(kernel))
         except BaseException:
             self.kernels.pop(kernel_id, None)
+            self._users.pop(kernel_id, None)
             raise
         log.info("kernel %s (%s) started", kernel_id, name)
         return kernel
 
+    @staticmethod
+    def _launch_kwargs(kernel: ManagedKernel) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"env": {**os.environ, **kernel.launch["env"],
+                                          "KERNEL_ID": kernel.id}}
+        if kernel.launch.get("cwd"):
+            kwargs["cwd"] = kernel.launch["cwd"]
+        return kwargs
+
+    async def _record(self, kernel: ManagedKernel) -> None:
+        """After every launch (start and restart): what a later gateway needs to re-attach."""
+        prov = kernel.km.provisioner
+        info = await prov.get_provisioner_info() if prov is not None else {}
+        await self.store.put_kernel(KernelRecord(
+            kernel.id, kernel.name, self._users.get(kernel.id, ""),
+            dict(kernel.km.get_connection_info()), info, kernel.launch, kernel.created))
+
     def _forget(self, kernel: ManagedKernel) -> None:
         self.kernels.pop(kernel.id, None)
+        self._users.pop(kernel.id, None)
         log.info("kernel %s (%s) stopped", kernel.id, kernel.name)
 
     async def shutdown(self, kernel_id: str) -> None:
         await self.get(kernel_id).shutdown()
+        await self.store.delete_kernel(kernel_id)
+
+    # -- across gateway restarts -------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Re-attach to every recorded kernel that still runs; forget and clean up the rest."""
+        records = self.store.kernels()
+        results = await asyncio.gather(*[self._restore_one(r) for r in records],
+                                       return_exceptions=True)
+        for rec, result in zip(records, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("kernel %s (%s) could not be re-attached: %s", rec.id, rec.name,
+                            result)
+                self.kernels.pop(rec.id, None)
+                self._users.pop(rec.id, None)
+                await self.store.delete_kernel(rec.id)
+        if records:
+            log.info("re-attached %d of %d recorded kernel(s)", len(self.kernels), len(records))
+
+    async def _restore_one(self, rec: KernelRecord) -> None:
+        km = self._manager(rec.id, rec.name)
+        info = cast(KernelConnectionInfo, rec.connection_info)
+        km.load_connection_info(info)
+        prov = KernelProvisionerFactory.instance(parent=km).create_provisioner_instance(
+            rec.id, km.kernel_spec, parent=km)
+        prov.connection_info = info
+        await prov.load_provisioner_info(rec.provisioner_info)
+        km.provisioner = prov
+        kernel = self._managed(km, rec.name, rec.username)
+        kernel.launch, kernel.created = rec.launch, rec.created
+        # jupyter_client sets these in start_kernel(), which a previous gateway process called:
+        # what restart_kernel() relaunches with, and that a start was made (without it, a
+        # restart reuses a settled `ready` future and fails with InvalidStateError).
+        km._launch_args = self._launch_kwargs(kernel)
+        km._attempted_start = True
+        if not await km.is_alive():
+            await kernel.discard()
+            raise RuntimeError("its process is gone")
+        await kernel.reattach(launch_timeout=min(self.config.kernel_launch_timeout, 30))
+
+    # -- shutdown ----------------------------------------------------------------------
 
     async def shutdown_all(self, grace: float) -> None:
         tasks = [k.shutdown() for k in list(self.kernels.values())]
@@ -96,6 +185,14 @@ class KernelRegistry:
                 log.exception("killing kernel %s", kernel.id)
         for task in pending:
             task.cancel()
+        for kernel_id in [r.id for r in self.store.kernels()]:
+            await self.store.delete_kernel(kernel_id)
+
+    def leave_all(self) -> None:
+        """--keep-kernels: disconnect from every kernel and leave it running and recorded."""
+        for kernel in list(self.kernels.values()):
+            kernel.detach()
+        self.kernels.clear()
 
     async def cull_forever(self) -> None:
         cfg = self.config
@@ -111,7 +208,12 @@ class KernelRegistry:
                 if kernel.execution_state == "busy" and not cfg.cull_busy:
                     continue
                 log.info("culling kernel %s, idle for %.0f s", kernel.id, idle)
-                kernel.shutdown()
+                try:
+                    await self.shutdown(kernel.id)
+                except NotFound:  # deleted meanwhile
+                    pass
 
     def close(self) -> None:
-        self._context.term()
+        # destroy, not term: term() waits forever for sockets jupyter_client still holds
+        # (the control socket of a kernel left running by --keep-kernels)
+        self._context.destroy(linger=0)

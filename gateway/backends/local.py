@@ -1,0 +1,140 @@
+"""Local kernels that outlive the gateway process.
+
+jupyter_client's LocalProvisioner launches kernels with JPY_PARENT_PID, so ipykernel exits when
+the gateway does, and it can only poll or signal a process it spawned itself. This one launches
+kernels independent of the gateway (their output goes to a log file beside the connection file)
+and re-attaches to a running kernel by pid after a gateway restart, checking the process start
+time so that a recycled pid is never mistaken for the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.launcher import launch_kernel
+from jupyter_client.provisioning import LocalProvisioner
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of a live, non-zombie process in clock ticks since boot (from /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class DurableLocalProvisioner(LocalProvisioner):  # type: ignore[misc]
+    """Registered as `rkg-local-provisioner`; the gateway's default for local kernels."""
+
+    attached_pid: int | None = None
+    start_time: int | None = None
+    log_path: str | None = None
+
+    @property
+    def has_process(self) -> bool:
+        return self.process is not None or self.attached_pid is not None
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Called by the kernel manager to start the process. As jupyter_client's, but
+        independent of this process and with stdout/stderr in a log file."""
+        scrubbed = LocalProvisioner._scrub_kwargs(kwargs)
+        conn_file = getattr(self.parent, "connection_file", "")
+        self.log_path = str(Path(conn_file).with_suffix(".log")) if conn_file else os.devnull
+        # Local file open and fork, as jupyter_client's own launch does: fast, not network.
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230
+            scrubbed.setdefault("stdout", log)
+            scrubbed.setdefault("stderr", log)
+            self.process = launch_kernel(cmd, independent=True, **scrubbed)
+        self.pid = self.process.pid
+        self.pgid = os.getpgid(self.pid)
+        self.start_time = process_start_time(self.pid)
+        self.attached_pid = None
+        self.cwd = kwargs.get("cwd", Path.cwd())
+        return self.connection_info
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines the kernel wrote, for error messages."""
+        if not self.log_path or self.log_path == os.devnull:
+            return ""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 8192))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    async def poll(self) -> int | None:
+        """None while the kernel runs; called by the kernel manager's is_alive()."""
+        if self.process is not None:
+            return await super().poll()  # type: ignore[no-any-return]
+        if self.attached_pid is not None:
+            if process_start_time(self.attached_pid) == self.start_time:
+                return None
+            return -1  # exit code unknown: it was not our child
+        return 0
+
+    async def wait(self) -> int | None:
+        if self.process is not None:
+            return await super().wait()  # type: ignore[no-any-return]
+        # Not our child: nothing to wait() on, so poll as jupyter_client does for its own.
+        while await self.poll() is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        self.attached_pid = None
+        return -1
+
+    async def send_signal(self, signum: int) -> None:
+        if self.process is not None:
+            await super().send_signal(signum)
+            return
+        if self.attached_pid is None or await self.poll() is not None:
+            return
+        try:
+            if self.pgid:
+                os.killpg(self.pgid, signum)
+            else:
+                os.kill(self.attached_pid, signum)
+        except ProcessLookupError:
+            pass
+
+    async def kill(self, restart: bool = False) -> None:
+        if self.process is not None:
+            await super().kill(restart)
+        else:
+            await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self.process is not None:
+            await super().terminate(restart)
+        else:
+            await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Called by the kernel manager after the kernel stopped; a restart keeps the log."""
+        await super().cleanup(restart)
+        if not restart and self.log_path and self.log_path != os.devnull:
+            with contextlib.suppress(OSError):
+                os.remove(self.log_path)
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """Called when the gateway records the kernel: what re-attaching needs."""
+        info: dict[str, Any] = await super().get_provisioner_info()
+        info.update(start_time=self.start_time, log_path=self.log_path)
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Called when a restarted gateway re-attaches to a kernel it recorded."""
+        await super().load_provisioner_info(provisioner_info)
+        self.attached_pid = self.pid
+        self.start_time = provisioner_info.get("start_time")
+        self.log_path = provisioner_info.get("log_path")

@@ -1,0 +1,113 @@
+"""The gateway's durable registry: kernels (with what re-attaching to them needs) and sessions,
+in an embedded SQLite database. Writes happen on one worker thread, so the event loop never
+waits on the disk, and in order, so a kernel is recorded before its start is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import GatewayError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kernels (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    username TEXT NOT NULL DEFAULT '',
+    connection_info TEXT NOT NULL,
+    provisioner_info TEXT NOT NULL,
+    launch TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    kernel_id TEXT NOT NULL
+);
+"""
+
+
+class StateError(GatewayError):
+    reason = "State Store Error"
+
+
+@dataclass
+class KernelRecord:
+    id: str
+    name: str
+    username: str
+    connection_info: dict[str, Any]
+    provisioner_info: dict[str, Any]
+    launch: dict[str, Any]  # the client's env extras and cwd, to relaunch on restart
+    created: float
+
+
+class StateStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rkg-state")
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise StateError(f"cannot open the state database {path}: {e}") from e
+
+    async def _run(self, sql: str, args: tuple[Any, ...]) -> None:
+        def run() -> None:
+            self._db.execute(sql, args)
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        except sqlite3.Error as e:
+            raise StateError(f"cannot write the state database {self.path}: {e}") from e
+
+    # -- kernels -----------------------------------------------------------------------
+
+    async def put_kernel(self, rec: KernelRecord) -> None:
+        info = dict(rec.connection_info)
+        if isinstance(info.get("key"), bytes):
+            info["key"] = info["key"].decode()
+        await self._run(
+            "INSERT OR REPLACE INTO kernels VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rec.id, rec.name, rec.username, json.dumps(info),
+             json.dumps(rec.provisioner_info, default=str), json.dumps(rec.launch), rec.created))
+
+    async def delete_kernel(self, kernel_id: str) -> None:
+        await self._run("DELETE FROM kernels WHERE id = ?", (kernel_id,))
+        await self._run("DELETE FROM sessions WHERE kernel_id = ?", (kernel_id,))
+
+    def kernels(self) -> list[KernelRecord]:
+        """Read once at start-up, before serving."""
+        rows = self._db.execute("SELECT id, name, username, connection_info, provisioner_info, "
+                                "launch, created FROM kernels ORDER BY created").fetchall()
+        return [KernelRecord(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]),
+                             json.loads(r[5]), r[6]) for r in rows]
+
+    # -- sessions ----------------------------------------------------------------------
+
+    async def put_session(self, sid: str, path: str, name: str, type_: str,
+                          kernel_id: str) -> None:
+        await self._run("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
+                        (sid, path, name, type_, kernel_id))
+
+    async def delete_session(self, sid: str) -> None:
+        await self._run("DELETE FROM sessions WHERE id = ?", (sid,))
+
+    def sessions(self) -> list[tuple[str, str, str, str, str]]:
+        return self._db.execute("SELECT id, path, name, type, kernel_id FROM sessions").fetchall()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._db.close()
