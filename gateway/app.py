@@ -114,7 +114,7 @@ async def serve(config: Config) -> None:
             await culler
     if config.keep_kernels:
         log.info("shutting down: leaving %d kernel(s) running", len(registry.kernels))
-        registry.leave_all()
+        await registry.leave_all()
     else:
         log.info("shutting down: stopping %d kernel(s)", len(registry.kernels))
         await registry.shutdown_all(config.shutdown_timeout)

@@ -186,14 +186,19 @@ class ManagedKernel:
 
     async def start(self, *, launch_timeout: float, **kwargs: Any) -> None:
         """Launch through the provisioner and wait until the kernel answers and its iopub
-        reaches us. On any failure nothing is left running."""
+        reaches us. On any failure, cancellation included, nothing is left running.
+        The kernel is recorded as soon as its process exists, so a gateway that dies
+        during the wait leaves a record for the next one rather than an orphan."""
         try:
             async with asyncio.timeout(launch_timeout):
                 await self.km.start_kernel(**kwargs)
+                await self._on_launched(self)
                 self._conn_info = dict(self.km.get_connection_info())
                 self._open_iopub()
                 await self._wait_ready()
-                await self._on_launched(self)  # recorded before the start is acknowledged
+        except asyncio.CancelledError:
+            await self._abandon()
+            raise
         except TimeoutError:
             await self._abandon()
             raise KernelTimeout(f"kernel {self.name!r} did not become ready within "

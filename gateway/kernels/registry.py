@@ -19,7 +19,7 @@ from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 
 from ..config import Config
-from ..errors import LimitReached, NotFound
+from ..errors import KernelStartError, LimitReached, NotFound
 from ..state import KernelRecord, StateStore
 from . import env as kenv
 from .kernel import ManagedKernel
@@ -36,6 +36,7 @@ class KernelRegistry:
         self.store = store
         self.kernels: dict[str, ManagedKernel] = {}
         self._users: dict[str, str] = {}  # kernel id -> KERNEL_USERNAME, for the per-user limit
+        self._starting: set[asyncio.Task[None]] = set()
         self._context = zmq.asyncio.Context()
         self._runtime_dir = jupyter_runtime_dir()
         os.makedirs(self._runtime_dir, exist_ok=True)
@@ -98,14 +99,34 @@ class KernelRegistry:
         kernel_id = str(uuid.uuid4())
         kernel = self._managed(self._manager(kernel_id, name), name, user)
         kernel.launch = {"env": extra, "cwd": kenv.working_dir(extra)}
+        task = asyncio.ensure_future(self._start_with_retry(kernel, timeout))
+        self._starting.add(task)
         try:
-            await kernel.start(launch_timeout=timeout, **self._launch_kwargs(kernel))
+            await task
         except BaseException:
             self.kernels.pop(kernel_id, None)
             self._users.pop(kernel_id, None)
+            await self.store.delete_kernel(kernel_id)
             raise
+        finally:
+            self._starting.discard(task)
         log.info("kernel %s (%s) started", kernel_id, name)
         return kernel
+
+    async def _start_with_retry(self, kernel: ManagedKernel, launch_timeout: float) -> None:
+        """jupyter_client picks the ports here and the kernel binds them later; under churn
+        another socket can take one in between. A kernel that died of exactly that is
+        launched again on fresh ports (jupyter_client picks new ones after a cleanup)."""
+        for attempt in range(3):
+            try:
+                await kernel.start(launch_timeout=launch_timeout,
+                                   **self._launch_kwargs(kernel))
+                return
+            except KernelStartError as e:
+                if "Address already in use" not in e.message or attempt == 2:
+                    raise
+                log.warning("kernel %s lost a port race; launching it again", kernel.id)
+                kernel.state = "starting"
 
     @staticmethod
     def _launch_kwargs(kernel: ManagedKernel) -> dict[str, Any]:
@@ -172,7 +193,14 @@ class KernelRegistry:
 
     # -- shutdown ----------------------------------------------------------------------
 
+    async def cancel_starts(self) -> None:
+        """Shutdown, first step: a start no client will hear about is undone."""
+        for task in self._starting:
+            task.cancel()
+        await asyncio.gather(*self._starting, return_exceptions=True)
+
     async def shutdown_all(self, grace: float) -> None:
+        await self.cancel_starts()
         tasks = [k.shutdown() for k in list(self.kernels.values())]
         if not tasks:
             return
@@ -188,8 +216,9 @@ class KernelRegistry:
         for kernel_id in [r.id for r in self.store.kernels()]:
             await self.store.delete_kernel(kernel_id)
 
-    def leave_all(self) -> None:
+    async def leave_all(self) -> None:
         """--keep-kernels: disconnect from every kernel and leave it running and recorded."""
+        await self.cancel_starts()
         for kernel in list(self.kernels.values()):
             kernel.detach()
         self.kernels.clear()
