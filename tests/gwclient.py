@@ -88,7 +88,7 @@ class KernelSocket:
             headers["Authorization"] = f"token {tok}"
         ws = await websockets.connect(url, additional_headers=headers, max_size=None,
                                       subprotocols=[V1] if v1 else None, open_timeout=20)
-        return cls(ws, v1, session)
+        return cls(ws, ws.subprotocol == V1, session)  # speak what the server chose
 
     def message(self, msg_type: str, content: dict[str, Any], channel: str = "shell"
                 ) -> dict[str, Any]:
