@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import websockets
@@ -114,3 +115,19 @@ async def test_per_user_limit(gateway_factory):
 
     assert [(await start("alice"))[0] for _ in range(3)] == [201, 201, 429]
     assert (await start("bob"))[0] == 201
+
+
+async def test_kernel_killed_from_outside_is_restarted(gateway):
+    kid = (await start_kernel(gateway))["id"]
+    ks = await KernelSocket.open(gateway, kid)
+    await ks.execute("z = 1")
+    (pid,) = [p for p in gateway.kernel_pids()
+              if kid in Path(f"/proc/{p}/cmdline").read_text()]
+    os.kill(pid, signal.SIGKILL)
+    await ks.until(lambda m: m["header"]["msg_type"] == "status"
+                   and m["content"]["execution_state"] == "restarting", timeout=20)
+    out, reply = await ks.execute("print('z' in globals())", timeout=30)
+    assert out == "False\n" and reply["status"] == "ok"
+    assert not pid_alive(pid)
+    await ks.close()
+    assert (await api(gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204

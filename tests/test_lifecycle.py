@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -167,3 +168,24 @@ async def test_kernel_that_keeps_dying_is_declared_dead(gateway_factory):
     status, model = await api(gw, "GET", f"api/kernels/{kid}")
     assert status == 200 and model["execution_state"] == "dead"
     assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+
+
+async def test_configured_by_environment(tmp_path):
+    """docker-compose passes RKG_* variables, not flags."""
+    gw = GatewayProcess(port=free_port(), token="from-env", base_url="/env/", workdir=tmp_path)
+    env = {**os.environ, "RKG_PORT": str(gw.port), "RKG_TOKEN": "from-env",
+           "RKG_BASE_URL": "/env/", "RKG_STATE_DB": ":memory:"}
+    with subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        try:
+            for _ in range(100):
+                try:
+                    if (await api(gw, "GET", "api/kernels"))[0] == 200:
+                        break
+                except OSError:
+                    await asyncio.sleep(0.1)
+            assert (await api(gw, "GET", "api/kernels"))[0] == 200
+            assert (await api(gw, "GET", "api/kernels", token="other"))[0] == 403
+        finally:
+            proc.terminate()
+            assert proc.wait(20) == 0
