@@ -1,314 +1,793 @@
-"""Speed, side by side in one run on the same workload: a direct jupyter_client connection (no
-gateway: the baseline), remote-kernel-gateway, and Jupyter Kernel Gateway 3 (its defaults, and
-with its IOPub rate limit off). Local python3 kernels; everything on 127.0.0.1.
+"""Speed of remote-kernel-gateway next to a direct connection and Jupyter Kernel Gateway.
 
-    .venv/bin/python bench/bench.py            # full run, ~5 minutes on 2 cores
-    .venv/bin/python bench/bench.py --quick    # smoke run, ~1 minute
+One invocation runs the same workloads, on this machine with local python3 ipykernel kernels,
+against up to four targets side by side and prints medians and ratios:
+
+  direct       jupyter_client's AsyncKernelManager and client over ZMQ, no gateway: the baseline
+  ours         `python -m gateway serve`  (this repository)
+  jkg          `jupyter kernelgateway` 3 with its defaults (IOPub rate limit of jupyter_server on)
+  jkg-nolimit  the same with `--ZMQChannelsWebsocketConnection.limit_rate=False`; run for the
+               throughput workload only, where the rate limit matters
+
+Gateway targets are driven by a plain `websockets` client (library defaults, no socket options;
+only max_size is lifted so that a 20 MB message can arrive), over both websocket protocols:
+legacy JSON text frames and `v1.kernel.websocket.jupyter.org` binary frames.
+
+Workloads (--only, comma-separated):
+  start       POST /api/kernels -> websocket -> kernel_info_reply; median of N
+  roundtrip   N sequential `pass` executes: execute_request -> execute_reply and iopub idle
+  throughput  50 MB printed to stdout, then one 20 MB display_data: MB/s, share delivered
+  concurrent  20 kernels started at once: first POST to the last kernel_info_reply
+  rss         the gateway process's RSS: idle, and with the 20 kernels of `concurrent` running
+
+    .venv/bin/python bench/bench.py                   # everything, ~6 minutes on 2 cores
+    .venv/bin/python bench/bench.py --quick           # smoke run, < 2 minutes
     .venv/bin/python bench/bench.py --targets direct,ours --only roundtrip
 
-Prints a table of medians and ratios (target / direct, ours / JKG) and writes the figures to
-bench/results/<time>.json. JKG needs `pip install -e .[bench]`.
+Traffic goes to 127.0.0.1 only, on free ports chosen at run time. Every kernel and server the
+run starts is stopped at the end, whatever happens (see `Reaper`). Results: a table on stdout
+and bench/results/<time>.json. See bench/README.md for how to read them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import platform
+import queue
 import secrets
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.manager import AsyncKernelManager
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port  # noqa: E402
-from gwclient import KernelSocket, api  # noqa: E402
-
-PRINT_50MB = ("import sys\nfor _ in range(50):\n"
-              "    sys.stdout.write('x' * 999_999 + '\\n'); sys.stdout.flush()")
-DISPLAY_20MB = ("from IPython.display import display\n"
-                "display({'text/plain': 'y' * 20_000_000}, raw=True)")
+V1 = "v1.kernel.websocket.jupyter.org"
 MB = 1_000_000
+STALL_MS = 35.0  # a round trip this slow on loopback is a delayed-ACK stall (Linux: 40 ms)
+TINY = "pass"
+MARK = "RKG_BENCH_RUN"  # in the environment of every process this run starts, kernels included
+
+
+def print_code(mb: int) -> str:
+    return f"import sys\nfor _ in range({mb}):\n    sys.stdout.write('x' * 999_999 + '\\n')\n"
+
+
+def display_code(mb: int) -> str:
+    return ("from IPython.display import display\n"
+            f"display({{'text/plain': 'y' * {mb * MB}}}, raw=True)\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- cleaning up -----------------------------------------------------------------------------
+
+
+class Reaper:
+    """Finds every process this run started, by a mark in its environment.
+
+    Kernels run in sessions of their own (jupyter_client starts them with start_new_session),
+    so killing a gateway's process group would not reach them; but they inherit the gateway's
+    environment, and the gateway inherits ours."""
+
+    def __init__(self) -> None:
+        self.tag = f"{MARK}={uuid.uuid4().hex}".encode()
+        os.environ[MARK] = self.tag.decode().split("=", 1)[1]
+
+    def pids(self, exclude: set[int] | None = None) -> list[int]:
+        exclude = (exclude or set()) | {os.getpid()}
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in exclude:
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if self.tag in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:  # gone, or a zombie
+                pass
+        return found
+
+    async def settle(self, exclude: set[int], seconds: float) -> list[int]:
+        """The marked processes still alive after waiting up to `seconds` for them to go."""
+        deadline = time.monotonic() + seconds
+        while (left := self.pids(exclude)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return left
+
+    def kill_all(self) -> list[int]:
+        left = self.pids()
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return left
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+async def http(server: Server, method: str, path: str, body: Any = None,
+               timeout: float = 120) -> tuple[int, Any]:
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    req = HTTPRequest(server.url + path, method=method, body=data,
+                      headers={"Authorization": f"token {server.token}"},
+                      request_timeout=timeout, connect_timeout=10)
+    resp = await AsyncHTTPClient().fetch(req, raise_error=False)
+    if resp.code == 599 and resp.error:
+        raise OSError(str(resp.error))
+    try:
+        payload = json.loads(resp.body) if resp.body else None
+    except ValueError:
+        payload = resp.body[:300]
+    return resp.code, payload
 
 
 # -- targets ---------------------------------------------------------------------------------
 
 
 class Server:
-    """A gateway process: ours or JKG. Has what gwclient needs (.url, .ws_url, .token)."""
+    """A gateway process: ours or JKG."""
 
-    def __init__(self, name: str, args: list[str], port: int, token: str, tmp: Path) -> None:
-        self.name, self.port, self.token = name, port, token
-        self.url = f"http://127.0.0.1:{port}/"
-        self.ws_url = f"ws://127.0.0.1:{port}/"
-        env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / f"runtime-{port}")}
-        self.log = open(tmp / f"{name}.log", "wb")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+    def __init__(self, name: str, tmp: Path) -> None:
+        self.name = name
+        self.port, self.token = free_port(), secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/"
+        if name == "ours":
+            args = [sys.executable, "-m", "gateway", "serve", "--ip", "127.0.0.1",
+                    "--port", str(self.port), "--token", self.token,
+                    "--state-db", str(tmp / f"state-{self.port}.sqlite"), "--log-level", "WARNING"]
+        else:
+            jkg = shutil.which("jupyter-kernelgateway", path=str(Path(sys.executable).parent))
+            if not jkg:
+                raise RuntimeError("jupyter-kernelgateway not found beside this python: "
+                                   "pip install jupyter_kernel_gateway (or -e .[bench])")
+            # list_kernels lives on the websocket personality: KernelGatewayApp.list_kernels is
+            # not a trait of JKG 3.0.1 (GET /api/kernels stays 403 with it).
+            args = [jkg, "--KernelGatewayApp.ip=127.0.0.1",
+                    f"--KernelGatewayApp.port={self.port}",
+                    f"--KernelGatewayApp.auth_token={self.token}",
+                    "--JupyterWebsocketPersonality.list_kernels=True",
+                    "--KernelGatewayApp.log_level=WARN"]
+            if name == "jkg-nolimit":
+                # jupyter_server 2.x: the limit is a trait of the websocket connection class
+                # (ServerApp.iopub_data_rate_limit of jupyter_server 1 no longer exists).
+                # limit_rate=False turns off both the data and the message rate limit.
+                args.append("--ZMQChannelsWebsocketConnection.limit_rate=False")
+        self.args = args
+        self.extensions = "?"  # what the server negotiated with the client's default offer
+        self.log_path = tmp / f"{name}-{self.port}.log"
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=tmp,
+            env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / f"runtime-{self.port}")},
+            start_new_session=True)
 
-    async def wait(self) -> None:
-        for _ in range(300):
+    async def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
             try:
-                if (await api(self, "GET", "api/kernels"))[0] == 200:
+                code, _ = await http(self, "GET", "api/kernels", timeout=5)
+                if code == 200:
                     return
+                raise RuntimeError(f"{self.name}: GET /api/kernels answered {code}")
             except OSError:
-                pass
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not start")
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not come up; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 20) -> str:
+        with contextlib.suppress(ValueError):
+            self.log_file.flush()
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
         return kb / 1024
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
+    async def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self.log_file.close()
 
 
-def make_server(name: str, tmp: Path) -> Server:
-    port, token = free_port(), secrets.token_hex(16)
-    if name == "ours":
-        args = [sys.executable, "-m", "gateway", "serve", "--ip", "127.0.0.1", "--port",
-                str(port), "--token", token, "--state-db", str(tmp / "state.sqlite"),
-                "--log-level", "WARNING"]
-    else:
-        jkg = shutil.which("jupyter-kernelgateway", path=str(Path(sys.executable).parent))
-        if not jkg:
-            raise RuntimeError("Jupyter Kernel Gateway is not installed: pip install -e .[bench]")
-        args = [jkg, "--KernelGatewayApp.ip=127.0.0.1", f"--KernelGatewayApp.port={port}",
-                f"--KernelGatewayApp.auth_token={token}", "--KernelGatewayApp.log_level=WARN",
-                "--JupyterWebsocketPersonality.list_kernels=True"]
-        if name == "jkg-nolimit":
-            args.append("--ZMQChannelsWebsocketConnection.limit_rate=False")
-    return Server(name, args, port, token, tmp)
+class Result:
+    __slots__ = ("display", "reply_status", "stdout")
+
+    def __init__(self) -> None:
+        self.stdout = self.display = 0
+        self.reply_status = ""
 
 
-class Direct:
-    """The baseline: jupyter_client talking ZMQ to the kernel, no gateway in between."""
+class DirectKernel:
+    """jupyter_client straight to the kernel's ZMQ sockets."""
 
-    name = "direct"
+    def __init__(self, km: Any, kc: Any) -> None:
+        self.km, self.kc = km, kc
 
-    async def start(self) -> tuple[AsyncKernelManager, Any]:
+    @classmethod
+    async def start(cls) -> tuple[DirectKernel, float]:
+        from jupyter_client.manager import AsyncKernelManager
+
+        t0 = time.perf_counter()
         km = AsyncKernelManager(kernel_name="python3")
-        await km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        return km, kc
+        await km.start_kernel(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self = cls(km, km.client())
+        try:
+            self.kc.start_channels()
+            msg_id = self.kc.kernel_info()
+            while (await self.kc.get_shell_msg(timeout=60))["parent_header"].get(
+                    "msg_id") != msg_id:
+                pass
+            elapsed = time.perf_counter() - t0
+            await self.iopub_ready(msg_id)
+        except BaseException:
+            await self.stop()
+            raise
+        return self, elapsed
 
-    @staticmethod
-    async def stop(handle: tuple[AsyncKernelManager, Any]) -> None:
-        km, kc = handle
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
+    async def iopub_ready(self, msg_id: str) -> None:
+        """Outside the clock: iopub subscribed (its status for our request seen), so that no
+        output of the first execute is lost, as wait_for_ready does."""
+        for _ in range(30):
+            with contextlib.suppress(queue.Empty, TimeoutError, asyncio.TimeoutError):
+                while True:
+                    m = await self.kc.get_iopub_msg(timeout=1)
+                    if m["parent_header"].get("msg_id") == msg_id:
+                        return
+            msg_id = self.kc.kernel_info()
+        raise RuntimeError("direct: no iopub status for kernel_info")
 
-    @staticmethod
-    async def execute(handle: tuple[AsyncKernelManager, Any], code: str) -> dict[str, int]:
-        _, kc = handle
-        msg_id = kc.execute(code)
-        got = {"stream": 0, "display": 0}
-        idle = reply = False
-        while not (idle and reply):
-            if not reply:
-                r = await kc.get_shell_msg(timeout=120)
-                reply = r["parent_header"].get("msg_id") == msg_id
-            while not idle:
-                m = await kc.get_iopub_msg(timeout=120)
-                if m["parent_header"].get("msg_id") != msg_id:
-                    continue
-                t = m["header"]["msg_type"]
-                if t == "stream":
-                    got["stream"] += len(m["content"]["text"])
-                elif t == "display_data":
-                    got["display"] += len(m["content"]["data"].get("text/plain", ""))
-                idle = t == "status" and m["content"]["execution_state"] == "idle"
-        return got
-
-
-class ViaGateway:
-    def __init__(self, server: Server, v1: bool) -> None:
-        self.server, self.v1 = server, v1
-        self.name = server.name
-
-    async def start(self) -> tuple[str, KernelSocket]:
-        status, model = await api(self.server, "POST", "api/kernels", {"name": "python3"})
-        if status != 201:
-            raise RuntimeError(f"{self.name}: start failed {status} {model}")
-        ks = await KernelSocket.open(self.server, model["id"], v1=self.v1)
-        await ks.reply_and_idle(await ks.send("kernel_info_request", {}), timeout=60)
-        return model["id"], ks
-
-    async def stop(self, handle: tuple[str, KernelSocket]) -> None:
-        kid, ks = handle
-        await ks.close()
-        await api(self.server, "DELETE", f"api/kernels/{kid}")
-
-    @staticmethod
-    async def execute(handle: tuple[str, KernelSocket], code: str) -> dict[str, int]:
-        _, ks = handle
-        msg_id = await ks.send("execute_request", {"code": code, "silent": False})
-        got = {"stream": 0, "display": 0}
-        reply = idle = False
-        while not (reply and idle):
-            m = await ks.recv(timeout=120)
+    async def execute(self, code: str) -> Result:
+        res = Result()
+        msg_id = self.kc.execute(code, allow_stdin=False)
+        while True:  # iopub until idle, then the reply (already queued by ZMQ)
+            m = await self.kc.get_iopub_msg(timeout=600)
             if m["parent_header"].get("msg_id") != msg_id:
                 continue
             t = m["header"]["msg_type"]
-            if t == "stream":
-                got["stream"] += len(m["content"]["text"])
+            if t == "stream" and m["content"]["name"] == "stdout":
+                res.stdout += len(m["content"]["text"])
             elif t == "display_data":
-                got["display"] += len(m["content"]["data"].get("text/plain", ""))
-            reply = reply or t == "execute_reply"
-            idle = idle or (t == "status" and m["content"]["execution_state"] == "idle")
-        return got
+                res.display += len(m["content"]["data"].get("text/plain", ""))
+            elif t == "status" and m["content"]["execution_state"] == "idle":
+                break
+        while True:
+            m = await self.kc.get_shell_msg(timeout=600)
+            if m["parent_header"].get("msg_id") == msg_id:
+                res.reply_status = m["content"]["status"]
+                return res
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.kc.stop_channels()
+        await self.km.shutdown_kernel(now=True)
+
+
+class WsKernel:
+    """One kernel of a gateway, through one websocket, plain `websockets` client."""
+
+    def __init__(self, server: Server, kernel_id: str, ws: Any, v1: bool) -> None:
+        self.server, self.id, self.ws, self.v1 = server, kernel_id, ws, v1
+        self.session = uuid.uuid4().hex
+        self.quickack = False  # diagnostic only: TCP_QUICKACK after every read
+
+    @classmethod
+    async def start(cls, server: Server, v1: bool, deflate: bool = True
+                    ) -> tuple[WsKernel, float, float]:
+        """(kernel, POST->201 seconds, POST->kernel_info_reply seconds)"""
+        import websockets
+
+        t0 = time.perf_counter()
+        code, model = await http(server, "POST", "api/kernels", {"name": "python3"})
+        t_post = time.perf_counter() - t0
+        if code != 201 or not isinstance(model, dict) or "id" not in model:
+            raise RuntimeError(f"{server.name}: POST /api/kernels -> {code} {model!r}")
+        self = None
+        try:
+            ws = await websockets.connect(
+                f"{server.ws_url}api/kernels/{model['id']}/channels"
+                f"?session_id={uuid.uuid4().hex}",
+                additional_headers={"Authorization": f"token {server.token}"},
+                subprotocols=[V1] if v1 else None, max_size=None, open_timeout=60,
+                **({} if deflate else {"compression": None}))
+            self = cls(server, model["id"], ws, v1)
+            server.extensions = ws.response.headers.get("Sec-WebSocket-Extensions") or "none"
+            if (ws.subprotocol == V1) != v1:
+                raise RuntimeError(f"{server.name}: asked for {'v1' if v1 else 'legacy'}, "
+                                   f"server chose subprotocol {ws.subprotocol!r}")
+            msg_id = await self.send("kernel_info_request", {})
+            status_seen = False
+            async with asyncio.timeout(60):
+                while True:
+                    m = await self.recv()
+                    if m["parent_header"].get("msg_id") != msg_id:
+                        continue
+                    if m["header"]["msg_type"] == "status":
+                        status_seen = True
+                    elif m["header"]["msg_type"] == "kernel_info_reply":
+                        break
+            elapsed = time.perf_counter() - t0
+            if not status_seen:
+                await self.iopub_ready(msg_id)
+        except BaseException:
+            if self is not None:
+                await self.stop()
+            else:
+                with contextlib.suppress(Exception):
+                    await http(server, "DELETE", f"api/kernels/{model['id']}")
+            raise
+        return self, t_post, elapsed
+
+    async def iopub_ready(self, msg_id: str) -> None:
+        """Outside the clock: a client needs iopub status for its kernel_info too."""
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            async with asyncio.timeout(10):
+                while True:
+                    m = await self.recv()
+                    if (m["parent_header"].get("msg_id") == msg_id
+                            and m["header"]["msg_type"] == "status"):
+                        return
+        raise RuntimeError(f"{self.server.name}: kernel_info_reply came, but no iopub status "
+                           "with that parent within 10 s")
+
+    async def send(self, msg_type: str, content: dict[str, Any]) -> str:
+        header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "session": self.session,
+                  "username": "bench", "version": "5.3",
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())}
+        if self.v1:
+            parts = [b"shell", *(json.dumps(p).encode() for p in (header, {}, {}, content))]
+            offsets = [8 * (len(parts) + 2)]
+            for p in parts:
+                offsets.append(offsets[-1] + len(p))
+            await self.ws.send(struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
+                               + b"".join(parts))
+        else:
+            await self.ws.send(json.dumps({"header": header, "parent_header": {}, "metadata": {},
+                                           "content": content, "channel": "shell"}))
+        return str(header["msg_id"])
+
+    async def recv(self) -> dict[str, Any]:
+        frame = await self.ws.recv()
+        if self.quickack:
+            sock = self.ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 12), 1)
+        if self.v1:
+            (n,) = struct.unpack_from("<Q", frame)
+            offs = struct.unpack_from(f"<{n}Q", frame, 8)
+            part = [frame[offs[i]:offs[i + 1]] for i in range(min(n - 1, 5))]
+            return {"channel": part[0].decode(), "header": json.loads(part[1]),
+                    "parent_header": json.loads(part[2]), "content": json.loads(part[4])}
+        if isinstance(frame, str):
+            return json.loads(frame)  # type: ignore[no-any-return]
+        # legacy binary frame (a message with buffers): uint32 BE count, offsets, JSON, buffers
+        (n,) = struct.unpack_from(">I", frame)
+        offs = [*struct.unpack_from(f">{n}I", frame, 4), len(frame)]
+        return json.loads(frame[offs[0]:offs[1]])  # type: ignore[no-any-return]
+
+    async def execute(self, code: str) -> Result:
+        res = Result()
+        msg_id = await self.send("execute_request", {
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": True})
+        idle = False
+        while not (idle and res.reply_status):
+            m = await self.recv()
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            t = m["header"]["msg_type"]
+            if t == "stream" and m["content"]["name"] == "stdout":
+                res.stdout += len(m["content"]["text"])
+            elif t == "display_data":
+                res.display += len(m["content"]["data"].get("text/plain", ""))
+            elif t == "execute_reply":
+                res.reply_status = m["content"]["status"]
+            elif t == "status" and m["content"]["execution_state"] == "idle":
+                idle = True
+        return res
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 10)
+        code, body = await http(self.server, "DELETE", f"api/kernels/{self.id}")
+        if code not in (204, 404):
+            raise RuntimeError(f"{self.server.name}: DELETE kernel -> {code} {body!r}")
+
+
+class Target:
+    """Starts kernels the way one target does; protocol 'zmq' (direct), 'legacy' or 'v1'."""
+
+    def __init__(self, name: str, server: Server | None, deflate: bool) -> None:
+        self.name, self.server, self.deflate = name, server, deflate
+        self.protocols = ["zmq"] if server is None else ["legacy", "v1"]
+
+    async def start(self, protocol: str) -> tuple[Any, float, float]:
+        if self.server is None:
+            k, elapsed = await DirectKernel.start()
+            return k, float("nan"), elapsed
+        return await WsKernel.start(self.server, protocol == "v1", self.deflate)
 
 
 # -- workloads -------------------------------------------------------------------------------
 
 
-async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
+async def w_start(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
+    proto = t.protocols[-1]
+    total, post = [], []
+    for _ in range(a.starts):
+        k, p, e = await t.start(proto)
+        total.append(e)
+        post.append(p)
+        await k.stop()
+    out["start_s"] = statistics.median(total)
+    out["start_runs_s"] = total
+    if t.server:
+        out["start_post_s"] = statistics.median(post)
+
+
+async def w_roundtrip(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
+    for proto in t.protocols:
+        k, _, _ = await t.start(proto)
+        try:
+            for _ in range(20):  # warm up
+                await k.execute(TINY)
+            times = []
+            for _ in range(a.executes):
+                t0 = time.perf_counter()
+                r = await k.execute(TINY)
+                times.append((time.perf_counter() - t0) * 1000)
+                if r.reply_status != "ok":
+                    raise RuntimeError(f"execute_reply status {r.reply_status!r}")
+            add_roundtrip(out, proto, times)
+            if isinstance(k, WsKernel) and proto == "legacy" and a.diag:
+                # Diagnostic (not a plain client): TCP_QUICKACK after every read. If this removes
+                # ~40 ms stalls, they came from the client's delayed ACK meeting the server's
+                # Nagle algorithm (a server socket without TCP_NODELAY).
+                k.quickack = True
+                times = []
+                for _ in range(min(a.executes, 200)):
+                    t0 = time.perf_counter()
+                    await k.execute(TINY)
+                    times.append((time.perf_counter() - t0) * 1000)
+                out["roundtrip_quickack_legacy_ms"] = statistics.median(times)
+        finally:
+            await k.stop()
+
+
+def add_roundtrip(out: dict[str, Any], proto: str, times: list[float]) -> None:
+    s = sorted(times)
+    for p in ([proto] if proto != "zmq" else ["legacy", "v1"]):
+        out[f"roundtrip_{p}_ms"] = statistics.median(s)
+        out[f"roundtrip_{p}_p90_ms"] = s[int(0.9 * len(s))]
+        out[f"roundtrip_{p}_stalled"] = sum(x >= STALL_MS for x in s) / len(s)
+    if proto == "zmq":
+        out["roundtrip_runs"] = len(s)
+
+
+async def w_throughput(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
+    for proto in t.protocols:
+        k, _, _ = await t.start(proto)
+        try:
+            for kind, code, expect in (("print", print_code(a.print_mb), a.print_mb * MB),
+                                       ("display", display_code(a.display_mb), a.display_mb * MB)):
+                t0 = time.perf_counter()
+                r = await k.execute(code)
+                elapsed = time.perf_counter() - t0
+                got = r.stdout if kind == "print" else r.display
+                for p in ([proto] if proto != "zmq" else ["legacy", "v1"]):
+                    out[f"{kind}_{p}_MBps"] = got / MB / elapsed
+                    out[f"{kind}_{p}_delivered"] = got / expect
+                    out[f"{kind}_{p}_s"] = elapsed
+            if t.server:
+                out[f"rss_after_throughput_{proto}_MB"] = t.server.rss_mb()
+        finally:
+            await k.stop()
+
+
+async def w_concurrent(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
+    proto = t.protocols[-1]
     t0 = time.perf_counter()
-    await fn()
-    return time.perf_counter() - t0
-
-
-async def start_latency(target: Any, n: int) -> dict[str, float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        handle = await target.start()
-        times.append(time.perf_counter() - t0)
-        await target.stop(handle)
-    return {"start_s": statistics.median(times)}
-
-
-async def roundtrip(target: Any, n: int) -> dict[str, float]:
-    handle = await target.start()
-    try:
-        for _ in range(20):  # warm up
-            await target.execute(handle, "1")
-        times = [await timed(lambda: target.execute(handle, "1")) for _ in range(n)]
-    finally:
-        await target.stop(handle)
-    return {"roundtrip_ms": statistics.median(times) * 1000,
-            "roundtrip_p95_ms": sorted(times)[int(0.95 * len(times))] * 1000}
-
-
-async def throughput(target: Any) -> dict[str, float]:
-    handle = await target.start()
-    try:
-        t0 = time.perf_counter()
-        got = await target.execute(handle, PRINT_50MB)
-        t_print = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        shown = await target.execute(handle, DISPLAY_20MB)
-        t_display = time.perf_counter() - t0
-    finally:
-        await target.stop(handle)
-    return {"print_MBps": got["stream"] / MB / t_print,
-            "print_delivered": got["stream"] / (50 * 1_000_000),
-            "display_MBps": shown["display"] / MB / t_display,
-            "display_delivered": shown["display"] / 20_000_000}
-
-
-async def concurrent_starts(target: Any, n: int) -> dict[str, float]:
-    t0 = time.perf_counter()
-    handles = await asyncio.gather(*[target.start() for _ in range(n)])
+    results = await asyncio.gather(*(t.start(proto) for _ in range(a.concurrent)),
+                                   return_exceptions=True)
     wall = time.perf_counter() - t0
-    rss = target.server.rss_mb() if hasattr(target, "server") else float("nan")
-    await asyncio.gather(*[target.stop(h) for h in handles])
-    return {f"starts{n}_s": wall, f"rss{n}_MB": rss}
+    kernels = [r[0] for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    try:
+        if t.server:
+            out[f"rss_{a.concurrent}k_MB"] = t.server.rss_mb()
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {a.concurrent} starts failed; first: "
+                               f"{type(errors[0]).__name__}: {errors[0]}")
+        out[f"concurrent{a.concurrent}_s"] = wall
+        out[f"concurrent{a.concurrent}_slowest_start_s"] = max(r[2] for r in results)
+    finally:
+        stops = await asyncio.gather(*(k.stop() for k in kernels), return_exceptions=True)
+        bad = [s for s in stops if isinstance(s, BaseException)]
+        if bad:
+            out.setdefault("problems", []).append(f"concurrent: {len(bad)} stops failed: "
+                                                  f"{bad[0]!r}")
 
 
-# -- the run ---------------------------------------------------------------------------------
+WORKLOADS: dict[str, tuple[Callable[..., Awaitable[None]], Callable[[Any], float]]] = {
+    # name: (function, timeout in seconds given the arguments)
+    "start": (w_start, lambda a: 90 * a.starts),
+    "roundtrip": (w_roundtrip, lambda a: 180 + 0.3 * a.executes),
+    "throughput": (w_throughput, lambda a: 600),
+    "concurrent": (w_concurrent, lambda a: 120 + 10 * a.concurrent),
+}
 
 
-async def bench_target(target: Any, args: argparse.Namespace) -> dict[str, float]:
-    out: dict[str, float] = {}
-    only = set(args.only.split(",")) if args.only else None
-    if hasattr(target, "server"):
-        out["rss_idle_MB"] = target.server.rss_mb()
-    if not only or "start" in only:
-        out |= await start_latency(target, args.starts)
-    if not only or "roundtrip" in only:
-        out |= await roundtrip(target, args.executes)
-    if not only or "throughput" in only:
-        out |= await throughput(target)
-    if not only or "concurrent" in only:
-        out |= await concurrent_starts(target, args.concurrent)
+async def bench_target(name: str, a: argparse.Namespace, tmp: Path, reaper: Reaper
+                       ) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    wanted = a.only
+    if name == "jkg-nolimit" and not a.only_given:
+        wanted = ["throughput"]  # the rate limit changes nothing else
+    if name == "direct":
+        wanted = [w for w in wanted if w != "rss"]
+    server = None
+    try:
+        if name != "direct":
+            server = Server(name, tmp)
+            await server.wait_ready()
+            await asyncio.sleep(1)
+            out["rss_idle_MB"] = server.rss_mb()
+        target = Target(name, server, a.deflate)
+        ran_concurrent = False
+        for w in wanted:
+            if w == "rss":
+                if ran_concurrent:
+                    continue
+                w = "concurrent"
+            if w == "concurrent":
+                ran_concurrent = True
+            fn, limit = WORKLOADS[w]
+            log(f"  {name}: {w} ...")
+            t0 = time.perf_counter()
+            try:
+                await asyncio.wait_for(fn(target, a, out), limit(a))
+            except Exception as e:
+                kind = "timed out" if isinstance(e, TimeoutError | asyncio.TimeoutError) \
+                    else f"{type(e).__name__}: {e}"
+                msg = f"{w} failed after {time.perf_counter() - t0:.1f} s: {kind}"
+                log(f"  {name}: {msg}")
+                if a.verbose:
+                    traceback.print_exc()
+                out.setdefault("problems", []).append(msg)
+            if server and server.proc.poll() is not None:
+                out.setdefault("problems", []).append(
+                    f"server exited with {server.proc.returncode} during {w}")
+                break
+        if server:
+            out["ws_extensions"] = server.extensions
+        if server and server.proc.poll() is None:
+            out["rss_end_MB"] = server.rss_mb()
+            exclude = {server.proc.pid}
+            left = await reaper.settle(exclude, 10)
+            if left:
+                out.setdefault("problems", []).append(
+                    f"{len(left)} kernel process(es) still running after every kernel was "
+                    f"deleted: pids {left}")
+    finally:
+        if server:
+            await server.stop()
+            left = await reaper.settle(set(), 10)
+            if left:
+                out.setdefault("problems", []).append(
+                    f"{len(left)} process(es) left after SIGTERM to the server (killed)")
+            reaper.kill_all()
+            if out.get("problems"):
+                out["server_log_tail"] = server.log_tail(40)
     return out
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
-    rows = sorted({k for r in results.values() for k in r}, key=list(
-        dict.fromkeys(k for r in results.values() for k in r)).index)
-    names = list(results)
-    lines = ["metric".ljust(22) + "".join(n.rjust(16) for n in names)
-             + "  ours/direct  ours/jkg(v1)"]
-    for row in rows:
-        cells = "".join((f"{results[n][row]:16.3f}" if row in results[n] else " " * 16)
-                        for n in names)
-        ratios = []
-        base = results.get("direct", {}).get(row)
-        ours = results.get("ours-v1", {}).get(row)
-        jkg = results.get("jkg-nolimit-v1", {}).get(row) or results.get("jkg-v1", {}).get(row)
-        ratios.append(f"{ours / base:11.2f}" if ours and base else " " * 11)
-        ratios.append(f"{ours / jkg:14.2f}" if ours and jkg else " " * 14)
-        lines.append(row.ljust(22) + cells + "  " + "  ".join(ratios))
+# -- report ----------------------------------------------------------------------------------
+
+ROWS: list[tuple[str, str, str]] = [
+    # (metric key, label, format); {p} is the websocket protocol
+    ("start_s", "start: POST..kernel_info_reply s", ".3f"),
+    ("start_post_s", "  of which POST -> 201 s", ".3f"),
+    ("roundtrip_{p}_ms", "roundtrip {p} median ms", ".2f"),
+    ("roundtrip_{p}_p90_ms", "roundtrip {p} p90 ms", ".2f"),
+    ("roundtrip_{p}_stalled", "roundtrip {p} share >=35ms", ".2f"),
+    ("roundtrip_quickack_legacy_ms", "diag: legacy+TCP_QUICKACK ms", ".2f"),
+    ("print_{p}_MBps", "print {p} MB/s", ".1f"),
+    ("print_{p}_delivered", "print {p} delivered", ".3f"),
+    ("display_{p}_MBps", "display {p} MB/s", ".1f"),
+    ("display_{p}_delivered", "display {p} delivered", ".3f"),
+    ("concurrent{n}_s", "{n} concurrent starts: wall s", ".2f"),
+    ("concurrent{n}_slowest_start_s", "  slowest single start s", ".2f"),
+    ("rss_idle_MB", "gateway RSS idle MB", ".1f"),
+    ("rss_{n}k_MB", "gateway RSS, {n} kernels MB", ".1f"),
+    ("rss_after_throughput_{p}_MB", "gateway RSS after thrpt {p} MB", ".1f"),
+    ("rss_end_MB", "gateway RSS at the end MB", ".1f"),
+]
+HIGHER_IS_BETTER = ("MBps", "delivered")
+
+
+def table(results: dict[str, dict[str, Any]], n: int) -> str:
+    cols = [c for c in ("direct", "ours", "jkg", "jkg-nolimit") if c in results]
+    ratios = [("ours/direct", "ours", "direct"), ("jkg/direct", "jkg", "direct"),
+              ("ours/jkg", "ours", "jkg"), ("ours/jkg-nolim", "ours", "jkg-nolimit")]
+    ratios = [r for r in ratios if r[1] in results and r[2] in results]
+    w = 34
+    head = "metric".ljust(w) + "".join(c.rjust(12) for c in cols) \
+        + "".join(r[0].rjust(15) for r in ratios)
+    lines = [head, "-" * len(head)]
+    for key, label, fmt in ROWS:
+        for p in (["legacy", "v1"] if "{p}" in key else [""]):
+            k = key.format(p=p, n=n)
+            vals = {c: results[c].get(k) for c in cols}
+            if all(v is None for v in vals.values()):
+                continue
+            cells = "".join((format(v, fmt) if isinstance(v, float | int) else "-").rjust(12)
+                            for v in vals.values())
+            rcells = ""
+            for _, num, den in ratios:
+                a, b = vals.get(num), vals.get(den)
+                ok = isinstance(a, float | int) and isinstance(b, float | int) and b
+                rcells += (f"{a / b:.2f}x" if ok and "delivered" not in k
+                           and "stalled" not in k else "").rjust(15)
+            lines.append(label.format(p=p, n=n).ljust(w) + cells + rcells)
     return "\n".join(lines)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
-    parser.add_argument("--targets", default="direct,ours,jkg,jkg-nolimit")
-    parser.add_argument("--only", default="", help="start,roundtrip,throughput,concurrent")
-    args = parser.parse_args()
-    args.starts, args.executes, args.concurrent = (3, 200, 10) if args.quick else (5, 1000, 20)
-    results: dict[str, dict[str, float]] = {}
+def environment(a: argparse.Namespace) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "-"
+
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        commit = "-"
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit,
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(),
+            "versions": {p: v(p) for p in ("jupyter_client", "ipykernel", "jupyter_server",
+                                           "jupyter_kernel_gateway", "tornado", "websockets",
+                                           "pyzmq", "remote-kernel-gateway")},
+            "args": {k: getattr(a, k) for k in ("quick", "targets", "only", "starts",
+                                                "executes", "print_mb", "display_mb",
+                                                "concurrent", "deflate", "diag")}}
+
+
+async def run(a: argparse.Namespace, reaper: Reaper) -> dict[str, Any]:
+    from tornado.httpclient import AsyncHTTPClient
+
+    AsyncHTTPClient.configure(None, max_clients=max(64, 2 * a.concurrent))
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="rkg-bench-") as tmp:
-        for name in args.targets.split(","):
-            if name == "direct":
-                print("direct ...", flush=True)
-                results["direct"] = await bench_target(Direct(), args)
-                continue
-            server = make_server(name, Path(tmp))
-            try:
-                await server.wait()
-                for v1 in (False, True):
-                    label = f"{name}-{'v1' if v1 else 'legacy'}"
-                    print(f"{label} ...", flush=True)
-                    results[label] = await bench_target(ViaGateway(server, v1), args)
-            finally:
-                server.stop()
+        os.environ["JUPYTER_RUNTIME_DIR"] = str(Path(tmp) / "runtime-direct")
+        for name in a.targets:
+            log(f"{name} ...")
+            t0 = time.perf_counter()
+            results[name] = await bench_target(name, a, Path(tmp), reaper)
+            results[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
+    return results
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke run, < 2 min")
+    p.add_argument("--targets", default="direct,ours,jkg",
+                   help="comma-separated: direct, ours, jkg (jkg also runs jkg-nolimit), "
+                        "jkg-nolimit (default: %(default)s)")
+    p.add_argument("--only", default="", help="comma-separated workloads: "
+                   "start,roundtrip,throughput,concurrent,rss (default: all)")
+    p.add_argument("--starts", type=int, help="start workload runs (5; quick 2)")
+    p.add_argument("--executes", type=int, help="roundtrip executes (1000; quick 100)")
+    p.add_argument("--print-mb", type=int, help="MB printed (50; quick 10)")
+    p.add_argument("--display-mb", type=int, help="MB in one display_data (20; quick 5)")
+    p.add_argument("--concurrent", type=int, help="concurrent starts (20; quick 5)")
+    p.add_argument("--no-deflate", dest="deflate", action="store_false",
+                   help="do not offer permessage-deflate (the websockets default offers it)")
+    p.add_argument("--no-diag", dest="diag", action="store_false",
+                   help="skip the TCP_QUICKACK round-trip diagnostic")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failures")
+    a = p.parse_args()
+    q = a.quick
+    for attr, full, quick in (("starts", 5, 2), ("executes", 1000, 100), ("print_mb", 50, 10),
+                              ("display_mb", 20, 5), ("concurrent", 20, 5)):
+        if getattr(a, attr) is None:
+            setattr(a, attr, quick if q else full)
+    targets = []
+    for t in a.targets.split(","):
+        t = t.strip()
+        if t not in ("direct", "ours", "jkg", "jkg-nolimit"):
+            p.error(f"unknown target {t!r}")
+        targets += [t, "jkg-nolimit"] if t == "jkg" else [t]
+    a.targets = list(dict.fromkeys(targets))
+    a.only_given = bool(a.only)
+    a.only = [w.strip() for w in a.only.split(",") if w.strip()] or [*WORKLOADS, "rss"]
+    for w in a.only:
+        if w not in (*WORKLOADS, "rss"):
+            p.error(f"unknown workload {w!r}")
+
+    reaper = Reaper()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        results = asyncio.run(run(a, reaper))
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything")
+        return 130
+    finally:
+        killed = reaper.kill_all()
+        if killed:
+            log(f"killed {len(killed)} leftover process(es): {killed}")
+
     print()
-    print(table(results))
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    path = out / time.strftime("%Y%m%d-%H%M%S.json")
-    path.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    print(f"\nwritten to {path.relative_to(ROOT)}")
+    print(f"remote-kernel-gateway bench: {os.cpu_count()} CPUs, local python3 kernels, "
+          f"{'quick' if q else 'full'} run; plain `websockets` client "
+          f"({'offers' if a.deflate else 'without'} permessage-deflate)")
+    print(f"start: median of {a.starts}; roundtrip: median of {a.executes} `{TINY}` executes; "
+          f"print {a.print_mb} MB, display {a.display_mb} MB; {a.concurrent} concurrent starts")
+    print("direct has no websocket: its one ZMQ figure stands in both legacy and v1 rows. "
+          "Ratios: <1 faster/smaller for times and sizes; >1 faster for MB/s.")
+    print()
+    print(table(results, a.concurrent))
+    problems = [(n, m) for n, r in results.items() for m in r.get("problems", [])]
+    if problems:
+        print("\nproblems:")
+        for n, m in problems:
+            print(f"  {n}: {m}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / time.strftime("%Y%m%d-%H%M%S.json")
+    path.write_text(json.dumps({"environment": environment(a), "results": results},
+                               indent=1, default=str))
+    print(f"\nwritten to {path}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())
