@@ -12,7 +12,8 @@ RUN command -v tini >/dev/null || { apt-get update \
 COPY . /src
 RUN python3 -m venv /opt/rkg \
     && if ls /src/wheels/*.whl >/dev/null 2>&1; then \
-         /opt/rkg/bin/pip install --no-cache-dir --no-index --find-links /src/wheels /src; \
+         /opt/rkg/bin/pip install --no-cache-dir --no-index --find-links /src/wheels \
+           remote-kernel-gateway; \
        else \
          /opt/rkg/bin/pip install --no-cache-dir /src; \
        fi \
