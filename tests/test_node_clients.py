@@ -1,45 +1,101 @@
 """The JavaScript clients, for real, in Node: @jupyterlab/services 7 (JupyterLab 4) and 0.52
-driven the way the Hydrogen editor plugin drives it. The flows are in tests/js/."""
+driven the way the Hydrogen editor plugin drives it. The flows are in tests/js/ (installed with
+`npm ci --prefix tests/js`); each prints one JSON line per step and exits non-zero on a failure,
+after deleting what it started. Every flow must leave no kernel process behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 JS = Path(__file__).resolve().parent / "js"
+V1 = "v1.kernel.websocket.jupyter.org"
 pytestmark = pytest.mark.node
 
 
-def run_flow(node: str, gateway, script: str, *args: str) -> list[dict]:
-    env = {**os.environ, "BASE_URL": gateway.url, "TOKEN": gateway.token}
-    proc = subprocess.run([node, script, *args], cwd=JS, env=env, capture_output=True,
-                          text=True, timeout=180)
-    steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}\n{gateway.log()}"
-    assert all(s["ok"] for s in steps)
+def _tail(text: str, lines: int = 80) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_flow(node: str, gateway, script: str, *args: str, token: str | None = None,
+             timeout: float = 110) -> list[dict]:
+    """Run a flow script against `gateway`; returns its steps, all of which must have passed."""
+    env = {**os.environ, "BASE_URL": gateway.url,
+           "TOKEN": gateway.token if token is None else token}
+    try:
+        proc = subprocess.run([node, script, *args], cwd=JS, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{script} {' '.join(args)} hung for {timeout}s\nstdout:\n{e.stdout}\n"
+                    f"gateway log:\n{_tail(gateway.log())}")
+    report = (f"{script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+              f"stderr:\n{_tail(proc.stderr, 40)}\ngateway log:\n{_tail(gateway.log())}")
+    try:  # stdout is nothing but the flow's JSON lines
+        steps = [json.loads(line) for line in proc.stdout.splitlines()]
+    except json.JSONDecodeError:
+        pytest.fail(f"non-JSON output\n{report}")
+    assert proc.returncode == 0, report
+    assert steps and all(s["ok"] for s in steps), report
     return steps
+
+
+def assert_no_kernel_left(gateway, grace: float = 5) -> None:
+    deadline = time.monotonic() + grace
+    while (pids := gateway.kernel_pids()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids == [], f"kernel processes left after the flow: {pids}\n{_tail(gateway.log())}"
 
 
 def test_services7_flow(node, gateway):
     steps = {s["step"]: s for s in run_flow(node, gateway, "services7_flow.mjs")}
-    assert list(steps) == ["kernelspecs", "startNew", "execute", "complete", "interrupt",
-                           "restart-then-execute", "rename", "shutdown"]
-    assert steps["execute"]["protocol"] == "v1.kernel.websocket.jupyter.org"
-    assert gateway.kernel_pids() == []
+    assert list(steps) == ["kernelspecs", "kernel-manager", "startNew", "execute", "complete",
+                           "interrupt", "restart-then-execute", "rename", "shutdown"]
+    assert steps["kernelspecs"]["logoStatus"] == 200
+    # v1 negotiated on every socket, the one after the restart's reconnection included
+    for name in ("kernel-manager", "startNew", "restart-then-execute"):
+        assert steps[name]["connectionStatus"] == "connected", steps[name]
+        assert steps[name]["protocol"] == V1, steps[name]
+        # browsers and `ws` offer permessage-deflate; the gateway accepts it
+        assert "permessage-deflate" in steps[name]["extensions"], steps[name]
+    assert steps["execute"] == {"step": "execute", "ok": True, "out": "42\n", "protocol": V1}
+    assert steps["interrupt"]["ename"] == "KeyboardInterrupt"
+    assert steps["interrupt"]["ms"] < 5000  # the sleep was 30 s
+    assert steps["restart-then-execute"]["out"] == "False\n"
+    assert steps["rename"]["path"].startswith("renamed-")
+    assert steps["shutdown"]["sockets"] == 2  # the first one and the restart's: no drop
+    assert_no_kernel_left(gateway)
 
 
 def test_hydrogen_services052_flow(node, gateway):
-    steps = [s["step"] for s in run_flow(node, gateway, "hydrogen_flow.js")]
-    assert steps == ["getSpecs", "startNew", "execute", "interrupt", "restart-then-execute",
-                     "setPath", "shutdown"]
-    assert gateway.kernel_pids() == []
+    steps = {s["step"]: s for s in run_flow(node, gateway, "hydrogen_flow.js")}
+    assert list(steps) == ["getSpecs", "listSessions", "startNew", "execute", "interrupt",
+                           "restart-then-execute", "setPath", "shutdown"]
+    assert steps["startNew"]["path"].startswith("file.py-")
+    assert steps["execute"]["out"] == "42\n"
+    assert steps["interrupt"]["ename"] == "KeyboardInterrupt"
+    assert steps["interrupt"]["ms"] < 5000
+    # output of the restarted kernel arrived on the socket opened before the restart
+    assert steps["restart-then-execute"] == {"step": "restart-then-execute", "ok": True,
+                                             "out": "False\n", "sockets": 1}
+    assert steps["setPath"]["path"].startswith("renamed.py-")
+    assert_no_kernel_left(gateway)
 
 
-def test_hydrogen_wrong_token_is_a_clear_403(node, gateway):
-    (step,) = run_flow(node, gateway, "hydrogen_flow.js", "bad-token")
-    assert step["status"] == 403
-    assert json.loads(step["body"])["message"]  # non-empty: Hydrogen then asks for a token
+def test_hydrogen_wrong_token_is_a_clear_auth_error(node, gateway):
+    started = time.monotonic()
+    steps = {s["step"]: s for s in run_flow(node, gateway, "hydrogen_flow.js", "bad-token",
+                                            timeout=90)}
+    assert list(steps) == ["bad-token-rest", "bad-token-websocket"]
+    rest = steps["bad-token-rest"]
+    assert rest["status"] in (401, 403)
+    # a non-empty JSON body with a message: only then does Hydrogen prompt for a token
+    assert json.loads(rest["body"])["message"]
+    assert rest["ms"] < 5000  # an answer, not a hang
+    assert steps["bad-token-websocket"]["status"] in (401, 403)
+    assert time.monotonic() - started < 60
+    assert_no_kernel_left(gateway)
