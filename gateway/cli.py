@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import add_serve_arguments, config_from_args
 from .errors import GatewayError
+from .specs import add_spec_arguments, run_spec_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
     add_serve_arguments(serve, os.environ)
+    add_spec_arguments(sub.add_parser("spec", help="add, list or remove kernelspecs"))
     return parser
 
 
@@ -33,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.basicConfig(level=config.log_level,
                                 format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
             asyncio.run(serve(config))
+        elif args.command == "spec":
+            run_spec_command(args)
     except GatewayError as e:
         print(f"{type(e).__name__}: {e.message}", file=sys.stderr)
         return 2

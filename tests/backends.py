@@ -9,15 +9,16 @@ and its name to BACKENDS.
 
 from __future__ import annotations
 
+import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from conftest import GatewayProcess
+from conftest import GatewayProcess, _cleanup, free_port
 
-BACKENDS = ["local"]
+BACKENDS = ["local", "ssh"]
 
 
 @dataclass
@@ -33,6 +34,22 @@ class Backend:
 def backend_local(gateway: GatewayProcess) -> Backend:
     return Backend("local", gateway, "python3", socket.gethostname(),
                    lambda: [str(p) for p in gateway.kernel_pids()])
+
+
+@pytest.fixture(scope="module")
+def backend_ssh(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """Kernels on rhost1, an OpenSSH host in its own network namespace (tests/sshd.py)."""
+    specs = tmp_path_factory.mktemp("ssh-kernelspecs")
+    ssh_lab.write_spec(specs, "ssh-rhost1", "rhost1")
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
+                        extra_args=["--kernelspec-dir", str(specs)],
+                        workdir=tmp_path_factory.mktemp("gateway-ssh"))
+    gw.start()
+    host = ssh_lab.hosts["rhost1"]
+    yield Backend("ssh", gw, "ssh-rhost1", "rhost1", host.kernels)
+    leftovers = _cleanup(gw)
+    assert not leftovers, f"kernel processes left behind: {leftovers}"
+    assert not host.kernels(), f"remote kernels left behind: {host.kernels()}"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

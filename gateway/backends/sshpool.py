@@ -1,0 +1,365 @@
+"""SSH connections shared by the kernels of the SSH backend: one per (host, port, user, jump
+chain), counted by leases, kept alive by keepalives, and re-established after a drop.
+
+    acquire(target) -> SSHHost        a lease; connects on first use (errors translated here)
+    SSHHost.connection(timeout)       the live connection, waiting out a reconnect
+    SSHHost.watch(kernel)             re-forward it after a reconnect, include it in probes
+    SSHHost.alive(pid, max_age)       one batched `kill -0` per host for all its kernels
+    release(host)                     end a lease; the connection closes after a short linger
+
+A dropped connection is retried for `reconnect_timeout` seconds; after that the host is
+`lost` (with a message) and every kernel on it polls as dead.
+
+asyncssh is imported only here and in ssh.py, when a connection is first needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import KernelError, KernelStartError
+
+if TYPE_CHECKING:
+    import asyncssh
+
+log = logging.getLogger(__name__)
+
+LINGER = 10.0  # seconds an unused connection stays open for the next kernel
+# OpenSSH allows 10 sessions per connection by default (MaxSessions); one is our SFTP client
+SESSIONS = 8
+
+
+def require_asyncssh() -> Any:
+    try:
+        import asyncssh
+    except ImportError as e:
+        raise KernelStartError("the SSH backend needs asyncssh: "
+                               "pip install 'remote-kernel-gateway[ssh]'") from e
+    return asyncssh
+
+
+@dataclass(frozen=True)
+class Hop:
+    host: str
+    port: int = 22
+    username: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str, port: int = 22, username: str | None = None) -> Hop:
+        """`[user@]host[:port]`, as ssh -J takes it."""
+        user, _, hostport = spec.rpartition("@")
+        host, sep, p = hostport.rpartition(":") if hostport.count(":") == 1 else ("", "", "")
+        if not sep:
+            host = hostport
+        return cls(host, int(p) if sep else port, user or username)
+
+    def __str__(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"{user}{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to connect and how; equal targets share one connection."""
+
+    hop: Hop
+    jumps: tuple[Hop, ...] = ()
+    identity_file: str | None = None
+    known_hosts: str = "~/.ssh/known_hosts"
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 5.0
+    keepalive_count_max: int = 3
+    reconnect_timeout: float = 30.0
+
+
+class Watcher(Protocol):
+    pid: int | None
+
+    async def reforward(self, conn: asyncssh.SSHClientConnection) -> None: ...
+
+
+ALIVE_FN = ('alive() { kill -0 "$1" 2>/dev/null || return 1; [ -r "/proc/$1/stat" ] || return 0; '
+            'case "$(sed "s/.*) //" "/proc/$1/stat")" in Z*|X*) return 1;; esac; }')
+
+
+def translate(e: BaseException, hop: Hop, target: Target) -> KernelStartError:
+    """A failed connect, as a message the user can act on."""
+    mod = require_asyncssh()
+    kh = target.known_hosts
+    if isinstance(e, mod.HostKeyNotVerifiable):
+        scan = f"ssh-keyscan -p {hop.port} {hop.host} >> {kh}"
+        return KernelStartError(f"the SSH host key of {hop.host}:{hop.port} is not known "
+                                f"(unknown host keys are refused; checked {kh}). If you trust "
+                                f"this host, accept its key with: {scan}")
+    if isinstance(e, mod.PermissionDenied):
+        ident = target.identity_file or "ssh-agent / ~/.ssh/id_*"
+        return KernelStartError(f"SSH authentication to {hop} was refused ({e.reason}); "
+                                f"check the username and the key ({ident})")
+    if isinstance(e, mod.Error):
+        return KernelStartError(f"SSH connection to {hop} failed: {e.reason}")
+    if isinstance(e, TimeoutError):
+        return KernelStartError(f"SSH host {hop} did not answer within "
+                                f"{target.connect_timeout:g} s (host unreachable?)")
+    if isinstance(e, OSError):
+        return KernelStartError(f"cannot reach SSH host {hop}: {e.strerror or e}")
+    return KernelStartError(f"SSH connection to {hop} failed: {type(e).__name__}: {e}")
+
+
+def _read_credentials(target: Target) -> tuple[Any, Any]:
+    """known_hosts and the identity, read from disk (run in a thread: file I/O)."""
+    mod = require_asyncssh()
+    path = os.path.expanduser(target.known_hosts)
+    try:
+        with open(path) as f:
+            known = mod.import_known_hosts(f.read())
+    except FileNotFoundError:
+        known = mod.import_known_hosts("")  # still refuse every host: never trust blindly
+    keys = None
+    if target.identity_file:
+        keys = [mod.read_private_key(os.path.expanduser(target.identity_file))]
+    return known, keys
+
+
+class SSHHost:
+    """One shared SSH connection (and its jump connections) with a supervisor task that
+    reconnects after a drop and re-forwards every watched kernel."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.refs = 0
+        self.lost: str | None = None
+        self.kernels: set[Watcher] = set()
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._jumps: list[asyncssh.SSHClientConnection] = []
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._connected = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._probe: asyncio.Task[dict[int, bool]] | None = None
+        self._status: dict[int, bool] = {}
+        self._status_at = 0.0
+        self.sessions = asyncio.Semaphore(SESSIONS)  # hold one around every exec channel
+
+    @property
+    def name(self) -> str:
+        return str(self.target.hop)
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        mod = require_asyncssh()
+        t = self.target
+        hop = t.hop
+        opened: list[asyncssh.SSHClientConnection] = []
+        try:
+            known, keys = await asyncio.to_thread(_read_credentials, t)
+        except (OSError, mod.KeyImportError) as e:
+            raise KernelStartError(f"cannot use the SSH key {t.identity_file}: {e}") from e
+        try:
+            tunnel = None
+            for hop in (*t.jumps, t.hop):
+                opts: dict[str, Any] = {"known_hosts": known, "tunnel": tunnel,
+                                        "keepalive_interval": t.keepalive_interval,
+                                        "keepalive_count_max": t.keepalive_count_max,
+                                        "connect_timeout": t.connect_timeout}
+                if hop.username:
+                    opts["username"] = hop.username
+                if keys is not None:
+                    opts["client_keys"] = keys
+                conn = await asyncio.wait_for(mod.connect(hop.host, hop.port, **opts),
+                                              t.connect_timeout)
+                opened.append(conn)
+                tunnel = conn
+        except Exception as e:
+            for c in opened:
+                c.close()
+            raise translate(e, hop, t) from e
+        except BaseException:
+            for c in opened:
+                c.close()
+            raise
+        self._jumps = opened[:-1]
+        return opened[-1]
+
+    async def open(self) -> None:
+        """First connection, for the first lease: errors go to the kernel start."""
+        async with self._lock:
+            if self._conn is not None or self._supervisor is not None:
+                return
+            self._conn = await self._connect()
+            self._connected.set()
+            self._supervisor = asyncio.create_task(self._supervise())
+
+    async def connection(self, wait: float = 30.0) -> asyncssh.SSHClientConnection:
+        """The live connection; waits (bounded) while a dropped one is re-established."""
+        if self.lost:
+            raise KernelError(self.lost)
+        if not self._connected.is_set():
+            try:
+                await asyncio.wait_for(self._connected.wait(), wait)
+            except TimeoutError:
+                raise KernelError(f"the SSH connection to {self.name} is down") from None
+        if self.lost or self._conn is None:
+            raise KernelError(self.lost or f"the SSH connection to {self.name} is closed")
+        return self._conn
+
+    @property
+    def up(self) -> bool:
+        return self._connected.is_set() and self._conn is not None
+
+    async def sftp(self) -> asyncssh.SFTPClient:
+        conn = await self.connection()
+        if self._sftp is None:
+            self._sftp = await conn.start_sftp_client()
+        return self._sftp
+
+    async def _supervise(self) -> None:
+        """Owned by this host (cancelled in close()): wait for a drop, then reconnect."""
+        loop = asyncio.get_running_loop()
+        while True:
+            assert self._conn is not None
+            await self._conn.wait_closed()
+            self._connected.clear()
+            self._drop_connection()
+            log.warning("SSH connection to %s lost; reconnecting", self.name)
+            deadline = loop.time() + self.target.reconnect_timeout
+            delay = 0.1
+            while True:
+                try:
+                    self._conn = await self._connect()
+                    break
+                except KernelStartError as e:
+                    if loop.time() + delay > deadline:
+                        self.lost = (f"lost the SSH connection to {self.name} and could not "
+                                     f"reconnect within {self.target.reconnect_timeout:g} s: "
+                                     f"{e.message}")
+                        log.error("%s", self.lost)
+                        _POOL.pop(self.target, None)
+                        self._connected.set()  # wake waiters: they see `lost`
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            log.info("SSH connection to %s re-established", self.name)
+            self._status.clear()
+            self._connected.set()
+            for kernel in list(self.kernels):
+                try:
+                    await kernel.reforward(self._conn)
+                except Exception:
+                    log.exception("re-forwarding a kernel on %s", self.name)
+
+    def _drop_connection(self) -> None:
+        for c in [self._conn, *self._jumps]:
+            if c is not None:
+                c.close()
+        self._conn, self._jumps, self._sftp = None, [], None
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def watch(self, kernel: Watcher) -> None:
+        self.kernels.add(kernel)
+
+    def unwatch(self, kernel: Watcher) -> None:
+        self.kernels.discard(kernel)
+
+    async def alive(self, pid: int, max_age: float) -> bool | None:
+        """Whether `pid` runs on the host (None: cannot tell now). One probe command answers
+        for every watched kernel, so N kernels polling cost one exec per `max_age`."""
+        loop = asyncio.get_running_loop()
+        if pid in self._status and loop.time() - self._status_at <= max_age:
+            return self._status[pid]
+        if not self.up:
+            return None
+        if self._probe is None or self._probe.done():
+            pids = {k.pid for k in self.kernels if k.pid is not None} | {pid}
+            self._probe = asyncio.create_task(self._run_probe(sorted(pids)))
+        status = await asyncio.shield(self._probe)
+        if pid not in status:  # registered after that probe started
+            status = await self._run_probe([pid])
+        return status.get(pid)
+
+    async def _run_probe(self, pids: list[int]) -> dict[int, bool]:
+        mod = require_asyncssh()
+        started = asyncio.get_running_loop().time()
+        script = f"{ALIVE_FN}; for p in {' '.join(map(str, pids))}; do alive $p && echo $p; done"
+        try:
+            conn = await self.connection(wait=0)
+            async with self.sessions:
+                result = await conn.run(script, check=False, timeout=10)
+        except (KernelError, OSError, TimeoutError, mod.Error):
+            return {}
+        if result.exit_status not in (0, 1):
+            return {}
+        out = str(result.stdout or "")
+        running = {int(w) for w in out.split() if w.isdigit()}
+        status = {p: p in running for p in pids}
+        self._status.update(status)
+        self._status_at = started
+        return status
+
+    async def run(self, command: str, limit: float = 15.0) -> str:
+        """Run a short command, waiting at most `limit` s for the connection and again for
+        the command; its stdout (empty when the host cannot be reached now)."""
+        mod = require_asyncssh()
+        try:
+            conn = await self.connection(wait=limit)
+            async with self.sessions:
+                result = await conn.run(command, check=False, timeout=limit)
+        except (KernelError, OSError, TimeoutError, mod.Error) as e:
+            log.debug("on %s, %r failed: %s", self.name, command, e)
+            return ""
+        return str(result.stdout or "")
+
+    # -- leases --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._linger:
+            self._linger.cancel()
+        if self._supervisor:
+            self._supervisor.cancel()
+        if self._probe:
+            self._probe.cancel()
+        self._drop_connection()
+        self._connected.clear()
+        if _POOL.get(self.target) is self:
+            del _POOL[self.target]
+
+
+_POOL: dict[Target, SSHHost] = {}
+
+
+async def acquire(target: Target) -> SSHHost:
+    """A lease on the shared connection to `target`, connecting when there is none."""
+    host = _POOL.get(target)
+    if host is None or host.lost:
+        host = _POOL[target] = SSHHost(target)
+    host.refs += 1
+    if host._linger:
+        host._linger.cancel()
+        host._linger = None
+    try:
+        await host.open()
+    except BaseException:
+        release(host, linger=0)
+        raise
+    return host
+
+
+def release(host: SSHHost, linger: float = LINGER) -> None:
+    host.refs -= 1
+    if host.refs > 0:
+        return
+    if linger <= 0 or host.lost:
+        host.close()
+    else:
+        host._linger = asyncio.get_running_loop().call_later(linger, _close_idle, host)
+
+
+def _close_idle(host: SSHHost) -> None:
+    if host.refs <= 0:
+        with contextlib.suppress(Exception):
+            host.close()

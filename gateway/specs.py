@@ -1,0 +1,113 @@
+"""`rkg spec`: write, list and remove kernelspecs for the backends (today: SSH), in the user's
+Jupyter kernels directory or a given one. The specs are plain kernelspecs, so a JupyterLab
+without the gateway runs them too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+
+from .errors import BadRequest, NotFound
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def kernels_dir(directory: str | None) -> Path:
+    return Path(directory) if directory else Path(jupyter_data_dir()) / "kernels"
+
+
+def ssh_spec(host: str, *, jump: list[str] | None = None, python: str = "python3",
+             workdir: str = "", identity: str = "", known_hosts: str = "",
+             pre: str = "", display_name: str = "", kernel_cmd: list[str] | None = None,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The kernel.json of a Python kernel on `host` ([user@]host[:port])."""
+    config: dict[str, Any] = {"host": host, "python": python}
+    for key, value in (("jump_hosts", jump), ("workdir", workdir), ("identity_file", identity),
+                       ("known_hosts", known_hosts), ("pre_command", pre),
+                       ("kernel_cmd", kernel_cmd), ("env", env)):
+        if value:
+            config[key] = value
+    argv = kernel_cmd or [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    return {
+        "argv": argv,  # informative: the provisioner runs this on the remote host
+        "display_name": display_name or f"Python ({host.rpartition('@')[2]})",
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "ssh-provisioner",
+                                            "config": config}},
+    }
+
+
+def write_spec(name: str, spec: dict[str, Any], directory: str | None = None) -> Path:
+    if not _NAME.match(name):
+        raise BadRequest(f"kernelspec name {name!r} may only use letters, digits, '.', '_', '-'")
+    path = kernels_dir(directory) / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return path
+
+
+def list_specs(directory: str | None = None) -> list[tuple[str, str, str]]:
+    """(name, backend, display name) of every kernelspec in the directory."""
+    out = []
+    base = kernels_dir(directory)
+    for spec_file in sorted(base.glob("*/kernel.json")) if base.is_dir() else []:
+        try:
+            spec = json.loads(spec_file.read_text())
+        except (OSError, ValueError):
+            continue
+        prov = spec.get("metadata", {}).get("kernel_provisioner", {})
+        backend = prov.get("provisioner_name", "local")
+        where = prov.get("config", {}).get("host", "")
+        out.append((spec_file.parent.name, f"{backend} {where}".strip(),
+                    spec.get("display_name", "")))
+    return out
+
+
+def remove_spec(name: str, directory: str | None = None) -> Path:
+    path = kernels_dir(directory) / name
+    if not _NAME.match(name) or not (path / "kernel.json").is_file():
+        raise NotFound(f"no kernelspec {name!r} in {kernels_dir(directory)}")
+    shutil.rmtree(path)
+    return path
+
+
+# -- command line ------------------------------------------------------------------------
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="spec_command", required=True)
+    add = sub.add_parser("add", help="write a kernelspec")
+    backends = add.add_subparsers(dest="backend", required=True)
+    ssh = backends.add_parser("ssh", help="a kernel on another machine over SSH")
+    ssh.add_argument("name")
+    ssh.add_argument("--host", required=True, help="user@host[:port]")
+    ssh.add_argument("--jump", action="append", default=[], help="jump host (repeatable)")
+    ssh.add_argument("--python", default="python3", help="python on the remote host")
+    ssh.add_argument("--workdir", default="", help="remote working directory")
+    ssh.add_argument("--identity", default="", help="private key file (default: agent, ~/.ssh)")
+    ssh.add_argument("--known-hosts", default="", help="known_hosts file")
+    ssh.add_argument("--pre", default="", help="shell command run first (module load ...)")
+    ssh.add_argument("--display-name", default="")
+    for p in (ssh, sub.add_parser("list", help="list kernelspecs"),
+              sub.add_parser("remove", help="remove a kernelspec")):
+        p.add_argument("--dir", default=None, help="kernels directory (default: Jupyter's)")
+    sub.choices["remove"].add_argument("name")
+
+
+def run_spec_command(args: argparse.Namespace) -> None:
+    if args.spec_command == "add":
+        spec = ssh_spec(args.host, jump=args.jump, python=args.python, workdir=args.workdir,
+                        identity=args.identity, known_hosts=args.known_hosts, pre=args.pre,
+                        display_name=args.display_name)
+        print(f"wrote {write_spec(args.name, spec, args.dir)}")
+    elif args.spec_command == "list":
+        for name, backend, display in list_specs(args.dir):
+            print(f"{name}\t{backend}\t{display}")
+    elif args.spec_command == "remove":
+        print(f"removed {remove_spec(args.name, args.dir)}")
