@@ -20,7 +20,7 @@ Workloads (--only, comma-separated):
   concurrent  20 kernels started at once: first POST to the last kernel_info_reply
   rss         the gateway process's RSS: idle, and with the 20 kernels of `concurrent` running
 
-    .venv/bin/python bench/bench.py                   # everything, ~6 minutes on 2 cores
+    .venv/bin/python bench/bench.py                   # everything, 3-5 minutes on 2 cores
     .venv/bin/python bench/bench.py --quick           # smoke run, < 2 minutes
     .venv/bin/python bench/bench.py --targets direct,ours --only roundtrip
 
