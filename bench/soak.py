@@ -115,10 +115,10 @@ class Soak:
             ids = {m["id"] for m in before if m["execution_state"] != "starting"}
             self.up.clear()
             how = "SIGTERM with --keep-kernels" if k % 2 == 0 else "kill -9"
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                None, self.gw.stop, signal.SIGTERM if k % 2 == 0 else signal.SIGKILL)
-            await loop.run_in_executor(None, self.gw.start)
+            # synchronous on purpose: no thread can still be starting a gateway when the
+            # run ends (an early version of this script orphaned one that way)
+            self.gw.stop(signal.SIGTERM if k % 2 == 0 else signal.SIGKILL)
+            self.gw.start()
             self.up.set()
             _, after = await self.call("GET", "api/kernels")
             # kernels their worker deleted since the first listing are not lost
@@ -143,8 +143,10 @@ async def main() -> int:
         soak = Soak(gw, time.monotonic() + args.seconds)
         t0 = time.monotonic()
         try:
-            await asyncio.gather(*[soak.worker(n) for n in range(args.workers)],
-                                 soak.restarter(args.restarts, args.seconds))
+            async with asyncio.TaskGroup() as tasks:  # one failing cancels and awaits the rest
+                for n in range(args.workers):
+                    tasks.create_task(soak.worker(n))
+                tasks.create_task(soak.restarter(args.restarts, args.seconds))
         finally:  # a final gateway without --keep-kernels stops what is left
             if gw.proc and gw.proc.poll() is None:
                 gw.stop()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["backends", "sshd"]
+pytest_plugins = ["backends", "dockerinfra", "sshd"]
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELSPECS = Path(__file__).resolve().parent / "kernelspecs"

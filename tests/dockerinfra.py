@@ -1,0 +1,116 @@
+"""A real dockerd for the deployment tests, started the way ../shared/INFRA.md says (its own
+socket, no iptables, no IP forwarding, addresses in the test range), plus the offline base
+image and wheels the Dockerfile is built from (no registry can be reached here).
+
+The daemon's data root is kept between runs on one machine (/var/lib/rkg-test-docker), so the
+base image is built once per machine (~1 min with debootstrap), not once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, require_infra
+
+BASE_IMAGE = "rkg-test-base:bookworm"
+DATA_ROOT = Path("/var/lib/rkg-test-docker")
+DAEMON = {"bip": "10.200.99.1/24",
+          "default-address-pools": [{"base": "10.201.0.0/16", "size": 24}],
+          "storage-driver": "overlay2", "iptables": False, "ip-forward": False}
+
+
+class Docker:
+    def __init__(self, sock: Path) -> None:
+        self.env = {**os.environ, "DOCKER_HOST": f"unix://{sock}"}
+
+    def run(self, *args: str, check: bool = True, timeout: float = 600,
+            env: dict[str, str] | None = None, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(args, env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout, cwd=cwd)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def has_image(self, name: str) -> bool:
+        return self.run("docker", "image", "inspect", name, check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
+    for tool in ("dockerd", "docker", "docker-compose"):
+        if not shutil.which(tool):
+            require_infra(f"{tool} is not installed (apt-get install docker.io docker-compose)")
+    if os.geteuid() != 0:
+        require_infra("dockerd needs root")
+    tmp = tmp_path_factory.mktemp("dockerd")
+    sock = tmp / "docker.sock"
+    config = {**DAEMON, "data-root": str(DATA_ROOT), "exec-root": str(tmp / "exec"),
+              "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}
+    (tmp / "daemon.json").write_text(json.dumps(config))
+    with open(tmp / "dockerd.log", "wb") as log:
+        proc = subprocess.Popen(["dockerd", "--config-file", str(tmp / "daemon.json")],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dk = Docker(sock)
+    try:
+        for _ in range(100):
+            if proc.poll() is not None:
+                pytest.fail(f"dockerd exited:\n{(tmp / 'dockerd.log').read_text()}")
+            if sock.exists() and dk.run("docker", "info", check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("dockerd did not answer in 10 s")
+        yield dk
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker: Docker, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Debian bookworm with python3, venv and tini, made locally: no registry is reachable."""
+    if docker.has_image(BASE_IMAGE):
+        return BASE_IMAGE
+    if not shutil.which("debootstrap"):
+        require_infra("debootstrap is not installed (apt-get install debootstrap)")
+    rootfs = tmp_path_factory.mktemp("rootfs")
+    subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,tini",
+                    "bookworm", str(rootfs), "http://deb.debian.org/debian"],
+                   check=True, capture_output=True, timeout=900)
+    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+        subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, env=docker.env,
+                       check=True, capture_output=True, timeout=600)
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return BASE_IMAGE
+
+
+@pytest.fixture(scope="session")
+def build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The working tree as the tests see it (tracked files and untracked ones git does not
+    ignore), plus wheels of the package and its dependencies: `docker build` needs no network."""
+    ctx = tmp_path_factory.mktemp("context")
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (ctx / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, ctx / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"),
+                    str(ctx)], check=True, capture_output=True, timeout=900)
+    return ctx

@@ -1,0 +1,172 @@
+"""Deployment as an operator does it: `docker build` through `docker-compose up -d` with the
+repository's Dockerfile and docker-compose.yml on a real dockerd, wait for the HEALTHCHECK, then
+the real clients (jupyter_server's gateway client, @jupyterlab/services 7 and 0.52) against the
+container; and the same again through nginx with deploy/nginx.conf and a base URL.
+
+The Node flows are tests/js/*, as in test_node_clients, run here against the container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from dockerinfra import Docker
+
+from conftest import ROOT, free_port, require_infra
+from gwclient import api
+
+pytestmark = pytest.mark.deploy
+
+
+@dataclass
+class Deployed:
+    """The compose deployment, with what the shared client tests use of a gateway."""
+
+    docker: Docker
+    ctx: Path
+    env: dict[str, str]
+    url: str
+    token: str
+    container: str = ""
+    extra: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1)
+
+    def compose(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return self.docker.run("docker-compose", *args, env=self.env, cwd=self.ctx,
+                               timeout=timeout)
+
+    def kernel_pids(self) -> list[int]:
+        """ipykernel processes inside the gateway's container."""
+        out = self.docker.run("docker", "top", self.container, "-eo", "pid,args").stdout
+        return [int(line.split()[0]) for line in out.splitlines()[1:] if "ipykernel" in line]
+
+    def log(self) -> str:
+        return self.docker.run("docker", "logs", self.container, check=False).stdout
+
+
+def run_node_flow(node: str, gw: Deployed, script: str) -> list[str]:
+    """One of the real-client flows in tests/js; returns the steps it passed."""
+    proc = subprocess.run([node, script], cwd=ROOT / "tests" / "js", capture_output=True,
+                          text=True, timeout=180,
+                          env={**os.environ, "BASE_URL": gw.url, "TOKEN": gw.token})
+    assert proc.returncode == 0, f"{script}:\n{proc.stdout}\n{proc.stderr}\n{gw.log()}"
+    steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert steps and all(s["ok"] for s in steps)
+    return [s["step"] for s in steps]
+
+
+def compose_up(docker: Docker, ctx: Path, base_image: str, base_url: str = "/") -> Deployed:
+    port, token = free_port(), secrets.token_hex(16)
+    env = {"RKG_TOKEN": token, "RKG_HOST_PORT": str(port), "RKG_BASE_IMAGE": base_image,
+           "RKG_BASE_URL": base_url, "COMPOSE_PROJECT_NAME": f"rkgtest{os.getpid()}"}
+    dep = Deployed(docker, ctx, env, f"http://127.0.0.1:{port}{base_url}", token)
+    dep.compose("up", "-d", "--build")
+    dep.container = dep.compose("ps", "-q", "gateway").stdout.strip()
+    for _ in range(120):
+        health = docker.run("docker", "inspect", "--format", "{{.State.Health.Status}}",
+                            dep.container).stdout.strip()
+        if health == "healthy":
+            return dep
+        time.sleep(0.5)
+    pytest.fail(f"the container never became healthy ({health}):\n{dep.log()}")
+
+
+def compose_down(dep: Deployed) -> None:
+    dep.compose("down", "--volumes", "--remove-orphans", timeout=120)
+    left = dep.docker.run("docker", "ps", "-aq", "--filter",
+                          f"label=com.docker.compose.project={dep.env['COMPOSE_PROJECT_NAME']}"
+                          ).stdout.split()
+    assert left == [], f"containers left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def gateway(docker, base_image, build_context) -> Iterator[Deployed]:
+    dep = compose_up(docker, build_context, base_image)
+    yield dep
+    compose_down(dep)
+
+
+def test_image_runs_as_non_root_with_init_and_state_volume(gateway):
+    uid = gateway.docker.run("docker", "exec", gateway.container, "id", "-u").stdout.strip()
+    assert uid == "1000"
+    top = gateway.docker.run("docker", "top", gateway.container, "-eo", "pid,args").stdout
+    assert "rkg serve" in top
+    first = top.splitlines()[1].split(None, 1)[1]  # the container's PID 1 reaps kernels
+    assert re.match(r"(/sbin/docker-init|/usr/bin/tini|tini)\b", first), top
+    mounts = gateway.docker.run("docker", "inspect", "--format",
+                                "{{range .Mounts}}{{.Destination}} {{end}}",
+                                gateway.container).stdout
+    assert "/data" in mounts.split()
+
+
+async def test_token_is_required(gateway):
+    assert (await api(gateway, "GET", "api/kernels", token=""))[0] == 401
+    assert (await api(gateway, "GET", "api/kernels"))[0] == 200
+
+
+@pytest.mark.parametrize("script", ["services7_flow.mjs", "hydrogen_flow.js"])
+def test_js_clients_against_the_container(node, gateway, script):
+    assert "shutdown" in run_node_flow(node, gateway, script)
+    assert gateway.kernel_pids() == []
+
+
+# -- the same through nginx with the shipped config and a base URL ---------------------------
+
+
+def nginx_conf(upstream_port: int, listen_port: int, prefix: Path) -> str:
+    """deploy/nginx.conf inside a minimal main config, on plain HTTP on loopback (the TLS
+    lines are the one part not exercised here)."""
+    snippet = (ROOT / "deploy" / "nginx.conf").read_text()
+    snippet = snippet.replace("server 127.0.0.1:8888;", f"server 127.0.0.1:{upstream_port};")
+    snippet = snippet.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen_port};")
+    snippet = re.sub(r"\n\s*ssl_certificate\S* [^\n]*", "", snippet)
+    snippet = snippet[:snippet.rindex("server {")]  # the port-80 redirect
+    return (f"worker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
+            f"events {{}}\nhttp {{\n access_log {prefix}/access.log;\n"
+            f" client_body_temp_path {prefix}/body;\n proxy_temp_path {prefix}/proxy;\n"
+            f"{snippet}\n}}\n")
+
+
+@pytest.fixture(scope="module")
+def nginx_gateway(docker, base_image, build_context, tmp_path_factory) -> Iterator[Deployed]:
+    if not Path("/usr/sbin/nginx").exists():
+        require_infra("nginx is not installed (apt-get install nginx-light)")
+    dep = compose_up(docker, build_context, base_image, base_url="/gw/")
+    prefix = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    upstream = int(dep.env["RKG_HOST_PORT"])
+    (prefix / "nginx.conf").write_text(nginx_conf(upstream, port, prefix))
+    proc = subprocess.Popen(["/usr/sbin/nginx", "-c", str(prefix / "nginx.conf"), "-p",
+                             str(prefix), "-g", "daemon off;"])
+    time.sleep(0.5)
+    assert proc.poll() is None, (prefix / "error.log").read_text()
+    dep.url = f"http://127.0.0.1:{port}/gw/"
+    try:
+        yield dep
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        proc.wait(20)
+        compose_down(dep)
+
+
+async def test_through_nginx_with_base_url(nginx_gateway, node):
+    """REST and both JS clients' websockets through the proxy's upgrade handling."""
+    status, specs = await api(nginx_gateway, "GET", "api/kernelspecs")
+    assert status == 200
+    assert specs["kernelspecs"]["python3"]["resources"]["logo-64x64"].startswith("/gw/")
+    for script in ("services7_flow.mjs", "hydrogen_flow.js"):
+        assert "shutdown" in run_node_flow(node, nginx_gateway, script)
+    assert nginx_gateway.kernel_pids() == []
