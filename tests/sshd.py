@@ -194,7 +194,10 @@ def _write_sshd_config(lab: SSHLab, host: RemoteHost) -> None:
         f"AuthorizedKeysFile {lab.workdir}/authorized_keys", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
         "PermitRootLogin prohibit-password", "AllowTcpForwarding yes", "LogLevel ERROR",
-        f"Subsystem sftp {SFTP_SERVER}", ""]))
+        f"Subsystem sftp {SFTP_SERVER}",
+        # bash sources ~/.bashrc for commands run by sshd unless SHLVL says it is nested; this
+        # machine's root .bashrc runs `pyenv init`, which can hang on a stale rehash lock
+        "SetEnv SHLVL=1", ""]))
 
 
 def _teardown(lab: SSHLab, blackhole: str | None) -> None:

@@ -213,9 +213,10 @@ class SSHHost:
 
     async def sftp(self) -> asyncssh.SFTPClient:
         conn = await self.connection()
-        if self._sftp is None:
-            self._sftp = await conn.start_sftp_client()
-        return self._sftp
+        async with self._lock:  # one SFTP session, however many kernels start at once
+            if self._sftp is None:
+                self._sftp = await conn.start_sftp_client()
+            return self._sftp
 
     async def _supervise(self) -> None:
         """Owned by this host (cancelled in close()): wait for a drop, then reconnect."""

@@ -1,0 +1,152 @@
+"""The SSH backend against real OpenSSH hosts (tests/sshd.py), beyond the contract suite: jump
+hosts, one connection per host, surviving a dropped connection, errors a user can act on, and
+`rkg spec`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import GatewayProcess, _cleanup, free_port
+from gwclient import KernelSocket, api, start_kernel
+
+
+@pytest.fixture(scope="module")
+def ssh_gateway(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    specs = tmp_path_factory.mktemp("ssh-specs")
+    empty_known_hosts = ssh_lab.workdir / "known_hosts.empty"
+    empty_known_hosts.write_text("")
+    ssh_lab.write_spec(specs, "ssh-rhost1", "rhost1")
+    ssh_lab.write_spec(specs, "ssh-rhost2", "rhost2")
+    ssh_lab.write_spec(specs, "ssh-rinner", "rinner")
+    ssh_lab.write_spec(specs, "ssh-badkey", "rhost2", known_hosts=str(empty_known_hosts))
+    ssh_lab.write_spec(specs, "ssh-down", "rdown")
+    ssh_lab.write_spec(specs, "ssh-nopython", "rhost1",
+                       kernel_cmd=["/nonexistent/python3", "-m", "ipykernel_launcher", "-f",
+                                   "{connection_file}"])
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
+                        extra_args=["--kernelspec-dir", str(specs)],
+                        workdir=tmp_path_factory.mktemp("gateway-ssh"))
+    gw.start()
+    yield gw
+    leftovers = _cleanup(gw)
+    assert not leftovers, f"kernel processes left behind: {leftovers}"
+    assert not ssh_lab.leftovers(), f"remote kernels left behind: {ssh_lab.leftovers()}"
+
+
+async def _delete_all(gw: GatewayProcess, ids: list[str]) -> None:
+    codes = await asyncio.gather(*[api(gw, "DELETE", f"api/kernels/{k}") for k in ids])
+    assert [c for c, _ in codes] == [204] * len(ids)
+
+
+async def _no_kernels_on(host, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while host.kernels() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert host.kernels() == []
+
+
+async def test_kernel_behind_a_jump_host(ssh_gateway, ssh_lab):
+    model = await start_kernel(ssh_gateway, "ssh-rinner")
+    ks = await KernelSocket.open(ssh_gateway, model["id"], v1=True)
+    out, _ = await ks.execute("import socket; print(socket.gethostname())")
+    assert out.strip() == "rinner"
+    await ks.close()
+    await _delete_all(ssh_gateway, [model["id"]])
+    await _no_kernels_on(ssh_lab.hosts["rinner"])
+
+
+async def test_ten_kernels_share_one_connection(ssh_gateway, ssh_lab):
+    host = ssh_lab.hosts["rhost2"]
+    models = await asyncio.gather(*[start_kernel(ssh_gateway, "ssh-rhost2") for _ in range(10)])
+    assert len(host.kernels()) == 10
+    assert host.established() == 1
+    ks = await KernelSocket.open(ssh_gateway, models[-1]["id"], v1=True)
+    assert (await ks.execute("print(6 * 7)"))[0] == "42\n"
+    await ks.close()
+    await _delete_all(ssh_gateway, [m["id"] for m in models])
+    await _no_kernels_on(host)
+
+
+async def test_kernel_survives_a_dropped_connection(ssh_gateway, ssh_lab):
+    host = ssh_lab.hosts["rhost1"]
+    model = await start_kernel(ssh_gateway, "ssh-rhost1")
+    ks = await KernelSocket.open(ssh_gateway, model["id"], v1=True)
+    await ks.execute("x = 'still here'")
+    children = host.sshd_children()
+    assert children
+    for pid in children:  # the connection's sshd processes: the link drops, the kernel stays
+        os.kill(pid, 9)
+    out = ""
+    deadline = time.monotonic() + 30
+    while out != "still here\n" and time.monotonic() < deadline:
+        try:  # a request sent while the tunnels are down may be lost: ask again
+            out = (await ks.execute("print(x)", timeout=3))[0]
+        except TimeoutError:
+            pass
+    assert out == "still here\n"
+    assert host.established() == 1
+    status, kernel = await api(ssh_gateway, "GET", f"api/kernels/{model['id']}")
+    assert status == 200 and kernel["execution_state"] != "dead"
+    await ks.close()
+    await _delete_all(ssh_gateway, [model["id"]])
+    await _no_kernels_on(host)
+
+
+async def _start_error(gw: GatewayProcess, name: str) -> tuple[int, dict, float]:
+    started = time.monotonic()
+    status, body = await api(gw, "POST", "api/kernels", {"name": name})
+    return status, body, time.monotonic() - started
+
+
+async def test_unknown_host_key_says_how_to_accept_it(ssh_gateway, ssh_lab):
+    status, body, _ = await _start_error(ssh_gateway, "ssh-badkey")
+    assert status >= 400 and set(body) >= {"reason", "message"}
+    assert "ssh-keyscan" in body["message"] and ssh_lab.hosts["rhost2"].addr in body["message"]
+
+
+async def test_unreachable_host_fails_fast(ssh_gateway):
+    status, body, took = await _start_error(ssh_gateway, "ssh-down")
+    assert status >= 500 and "cannot reach" in body["message"], body
+    assert took < 5
+
+
+async def test_missing_remote_python(ssh_gateway, ssh_lab):
+    status, body, _ = await _start_error(ssh_gateway, "ssh-nopython")
+    assert status >= 500 and "/nonexistent/python3" in body["message"], body
+    assert "not found" in body["message"]
+    assert ssh_lab.hosts["rhost1"].kernels() == []
+
+
+def test_spec_add_list_remove(tmp_path):
+    rkg = [sys.executable, "-m", "gateway", "spec"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*rkg, *args, "--dir", str(tmp_path)], capture_output=True,
+                              text=True, timeout=30)
+
+    added = run("add", "ssh", "gpu", "--host", "me@gpu1:2222", "--jump", "me@bastion",
+                "--python", "/opt/py/bin/python", "--workdir", "~/work", "--pre",
+                "module load cuda", "--display-name", "GPU box")
+    assert added.returncode == 0, added.stderr
+    spec = json.loads((tmp_path / "gpu" / "kernel.json").read_text())
+    prov = spec["metadata"]["kernel_provisioner"]
+    assert prov["provisioner_name"] == "ssh-provisioner"
+    assert prov["config"] == {"host": "me@gpu1:2222", "python": "/opt/py/bin/python",
+                              "jump_hosts": ["me@bastion"], "workdir": "~/work",
+                              "pre_command": "module load cuda"}
+    assert spec["display_name"] == "GPU box"
+    listed = run("list")
+    assert listed.stdout.split("\t")[:2] == ["gpu", "ssh-provisioner me@gpu1:2222"]
+    assert run("remove", "gpu").returncode == 0
+    assert run("list").stdout == ""
+    gone = run("remove", "gpu")
+    assert gone.returncode == 2 and gone.stderr.startswith("NotFound:")
