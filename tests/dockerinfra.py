@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ROOT, require_infra
 
-BASE_IMAGE = "rkg-test-base:bookworm"
+BASE_IMAGE = "rkg-test-base:bookworm-ssh"
 DATA_ROOT = Path("/var/lib/rkg-test-docker")
 DAEMON = {"bip": "10.200.99.1/24",
           "default-address-pools": [{"base": "10.201.0.0/16", "size": 24}],
@@ -89,7 +89,8 @@ def base_image(docker: Docker, tmp_path_factory: pytest.TempPathFactory) -> str:
     if not shutil.which("debootstrap"):
         require_infra("debootstrap is not installed (apt-get install debootstrap)")
     rootfs = tmp_path_factory.mktemp("rootfs")
-    subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,tini",
+    subprocess.run(["debootstrap", "--variant=minbase",
+                    "--include=python3,python3-venv,tini,openssh-server,openssh-client",
                     "bookworm", str(rootfs), "http://deb.debian.org/debian"],
                    check=True, capture_output=True, timeout=900)
     with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
@@ -112,5 +113,5 @@ def build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (ctx / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, ctx / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"),
-                    str(ctx)], check=True, capture_output=True, timeout=900)
+                    f"{ctx}[ssh]"], check=True, capture_output=True, timeout=900)
     return ctx

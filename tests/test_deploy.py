@@ -23,7 +23,7 @@ import pytest
 from dockerinfra import Docker
 
 from conftest import ROOT, free_port, require_infra
-from gwclient import api
+from gwclient import KernelSocket, api
 
 pytestmark = pytest.mark.deploy
 
@@ -115,6 +115,20 @@ def test_image_runs_as_non_root_with_init_and_state_volume(gateway):
 async def test_token_is_required(gateway):
     assert (await api(gateway, "GET", "api/kernels", token=""))[0] == 401
     assert (await api(gateway, "GET", "api/kernels"))[0] == 200
+
+
+async def test_remote_kernel_on_the_ssh_host(gateway):
+    """The compose demo: kernelspec remote-python runs on the sshhost container over SSH."""
+    status, model = await api(gateway, "POST", "api/kernels", {"name": "remote-python"})
+    assert status == 201, (model, gateway.log())
+    ks = await KernelSocket.open(gateway, model["id"], v1=True)
+    out, reply = await ks.execute("import socket, os; print(socket.gethostname(), os.getuid())")
+    assert reply["status"] == "ok" and out == "sshhost 1001\n"
+    await ks.close()
+    assert (await api(gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+    ps = gateway.docker.run("docker-compose", "exec", "-T", "sshhost", "ps", "-eo", "args",
+                            env=gateway.env, cwd=gateway.ctx).stdout
+    assert "ipykernel" not in ps, ps
 
 
 @pytest.mark.parametrize("script", ["services7_flow.mjs", "hydrogen_flow.js"])
