@@ -3,7 +3,9 @@ repository's Dockerfile and docker-compose.yml on a real dockerd, wait for the H
 the real clients (jupyter_server's gateway client, @jupyterlab/services 7 and 0.52) against the
 container; and the same again through nginx with deploy/nginx.conf and a base URL.
 
-The Node flows are tests/js/*, as in test_node_clients, run here against the container.
+The Node flows are tests/js/*, as in test_node_clients, run here against the container; the
+jupyter_server flows are test_jupyter_server_client's own tests, collected here again: their
+`upstream` fixture takes `gateway`, which this module overrides with the deployment.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from pathlib import Path
 
 import pytest
 from dockerinfra import Docker
+from test_jupyter_server_client import (  # noqa: F401  (collected again, against the container)
+    jupyter_server,
+    test_binary_comm_buffers_keep_the_connection,
+    test_notebook_flow,
+    upstream,
+)
 
 from conftest import ROOT, free_port, require_infra
 from gwclient import KernelSocket, api
@@ -161,8 +169,8 @@ def nginx_gateway(docker, base_image, build_context, tmp_path_factory) -> Iterat
     dep = compose_up(docker, build_context, base_image, base_url="/gw/")
     prefix = tmp_path_factory.mktemp("nginx")
     port = free_port()
-    upstream = int(dep.env["RKG_HOST_PORT"])
-    (prefix / "nginx.conf").write_text(nginx_conf(upstream, port, prefix))
+    gateway_port = int(dep.env["RKG_HOST_PORT"])
+    (prefix / "nginx.conf").write_text(nginx_conf(gateway_port, port, prefix))
     proc = subprocess.Popen(["/usr/sbin/nginx", "-c", str(prefix / "nginx.conf"), "-p",
                              str(prefix), "-g", "daemon off;"])
     time.sleep(0.5)
