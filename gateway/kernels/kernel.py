@@ -247,12 +247,16 @@ class ManagedKernel:
         self.state = "stopping"
         if self._monitor_task:
             self._monitor_task.cancel()
+        self._close_sessions(1001, "gateway restarting; the kernel keeps running")
+        self._close_iopub()
+
+    def _close_sessions(self, code: int, reason: str) -> None:
+        """Close every client's socket with `code` and drop the sessions' ZMQ sockets."""
         for session in list(self.sessions.values()):
             if session.sink is not None:
-                session.sink.close_with(1001, "gateway restarting; the kernel keeps running")
+                session.sink.close_with(code, reason)
             session.close_channels()
         self.sessions.clear()
-        self._close_iopub()
 
     async def _abandon(self) -> None:
         self._close_iopub()
@@ -388,11 +392,7 @@ class ManagedKernel:
             finally:
                 self.execution_state = "dead"
                 self.broadcast_status("dead")
-                for session in list(self.sessions.values()):
-                    if session.sink is not None:
-                        session.sink.close_with(1000, "kernel deleted")
-                    session.close_channels()
-                self.sessions.clear()
+                self._close_sessions(1000, "kernel deleted")
                 self._close_iopub()
                 self.state = "dead"
                 self._on_gone(self)
