@@ -121,6 +121,11 @@ class KernelSocket:
                 if pred(msg):
                     return seen
 
+    async def until_status(self, state: str, timeout: float = 30) -> list[dict[str, Any]]:
+        """Messages up to the first iopub status `state` (restarting, dead, ...)."""
+        return await self.until(lambda m: m["header"]["msg_type"] == "status"
+                                and m["content"]["execution_state"] == state, timeout)
+
     async def reply_and_idle(self, msg_id: str, timeout: float = 30) -> list[dict[str, Any]]:
         """Everything with parent msg_id until both the reply and iopub idle arrived."""
         got: list[dict[str, Any]] = []

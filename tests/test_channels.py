@@ -138,8 +138,7 @@ async def test_crash_is_reported_and_kernel_restarted(gateway, kernel, v1):
     ks = await KernelSocket.open(gateway, kernel, v1=v1)
     await ks.execute("x = 1")
     await ks.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
-    seen = await ks.until(lambda m: m["header"]["msg_type"] == "status"
-                          and m["content"]["execution_state"] == "restarting", timeout=20)
+    seen = await ks.until_status("restarting", timeout=20)
     assert seen
     out, reply = await ks.execute("print('x' in globals())", timeout=30)
     assert out == "False\n" and reply["status"] == "ok"

@@ -42,8 +42,7 @@ async def test_interrupt_restart_crash_delete(backend):
 
     await ks.execute("y = 2")
     await ks.send("execute_request", {"code": "import os; os._exit(1)"})
-    await ks.until(lambda m: m["header"]["msg_type"] == "status"
-                   and m["content"]["execution_state"] == "restarting", timeout=30)
+    await ks.until_status("restarting", timeout=30)
     assert (await ks.execute("print('y' in globals())", timeout=60))[0] == "False\n"
 
     await ks.close()

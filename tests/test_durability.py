@@ -124,8 +124,7 @@ async def test_kernel_killed_from_outside_is_restarted(gateway):
     (pid,) = [p for p in gateway.kernel_pids()
               if kid in Path(f"/proc/{p}/cmdline").read_text()]
     os.kill(pid, signal.SIGKILL)
-    await ks.until(lambda m: m["header"]["msg_type"] == "status"
-                   and m["content"]["execution_state"] == "restarting", timeout=20)
+    await ks.until_status("restarting", timeout=20)
     out, reply = await ks.execute("print('z' in globals())", timeout=30)
     assert out == "False\n" and reply["status"] == "ok"
     assert not pid_alive(pid)

@@ -232,8 +232,7 @@ async def test_notebook_flow(jupyter_server, upstream, v1):
         with step("crash -> restarting -> runs again", js, upstream):
             await ks.execute("y = 1")
             await ks.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
-            await ks.until(lambda m: m["header"]["msg_type"] == "status"
-                           and m["content"]["execution_state"] == "restarting", timeout=30)
+            await ks.until_status("restarting", timeout=30)
             out, reply = await ks.execute("print('y' in globals())", timeout=60)
             assert out == "False\n" and reply["status"] == "ok", (out, reply)
 

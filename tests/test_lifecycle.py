@@ -151,8 +151,7 @@ async def test_delete_during_auto_restart(gateway):
     kid = (await start_kernel(gateway))["id"]
     ks = await KernelSocket.open(gateway, kid)
     await ks.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
-    await ks.until(lambda m: m["header"]["msg_type"] == "status"
-                   and m["content"]["execution_state"] == "restarting", timeout=20)
+    await ks.until_status("restarting", timeout=20)
     status, body = await api(gateway, "DELETE", f"api/kernels/{kid}")
     assert status == 204, body
     assert gateway.kernel_pids() == []
@@ -163,8 +162,7 @@ async def test_kernel_that_keeps_dying_is_declared_dead(gateway_factory):
     kid = (await start_kernel(gw))["id"]
     ks = await KernelSocket.open(gw, kid)
     await ks.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
-    await ks.until(lambda m: m["header"]["msg_type"] == "status"
-                   and m["content"]["execution_state"] == "dead", timeout=20)
+    await ks.until_status("dead", timeout=20)
     status, model = await api(gw, "GET", f"api/kernels/{kid}")
     assert status == 200 and model["execution_state"] == "dead"
     assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
