@@ -5,6 +5,7 @@ nothing left behind."""
 from __future__ import annotations
 
 import asyncio
+import signal
 
 from gwclient import KernelSocket, api, start_kernel
 
@@ -45,6 +46,28 @@ async def test_interrupt_restart_crash_delete(backend):
     await ks.until_status("restarting", timeout=30)
     assert (await ks.execute("print('y' in globals())", timeout=60))[0] == "False\n"
 
+    await ks.close()
+    assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    for _ in range(20):
+        if not backend.leftovers():
+            break
+        await asyncio.sleep(0.25)
+    assert backend.leftovers() == []
+
+
+async def test_kernel_survives_a_gateway_crash(backend):
+    """kill -9 the gateway; the next one re-attaches to the kernel, state intact."""
+    gw = backend.gateway
+    kid, ks = await _open(backend)
+    await ks.execute("kept = 'yes'")
+    await ks.close()
+    gw.stop(signal.SIGKILL)
+    gw.start()
+    status, model = await api(gw, "GET", f"api/kernels/{kid}")
+    assert status == 200, (model, gw.log()[-3000:])
+    ks = await KernelSocket.open(gw, kid, v1=True)
+    out, reply = await ks.execute("print(kept)", timeout=30)
+    assert out == "yes\n" and reply["status"] == "ok"
     await ks.close()
     assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
     for _ in range(20):
