@@ -126,6 +126,20 @@ class KernelSocket:
         return await self.until(lambda m: m["header"]["msg_type"] == "status"
                                 and m["content"]["execution_state"] == state, timeout)
 
+    async def start_long_cell(self, seconds: int = 30) -> str:
+        """Start a cell that sleeps, and return once it is provably inside the sleep, for
+        interrupt tests. ipykernel swallows a SIGINT that lands between its 'busy' and the
+        cell's first line, and print(flush=True) returns only after ipykernel's iopub thread
+        sent the line, so after the line arrives the cell is given a moment to reach the
+        sleep (interrupts were lost about once in ten loaded suite runs without it)."""
+        msg_id = await self.send("execute_request", {
+            "code": f"import time; print('sleeping', flush=True); time.sleep({seconds})",
+            "silent": False})
+        await self.until(lambda m: m["header"]["msg_type"] == "stream"
+                         and m["parent_header"].get("msg_id") == msg_id)
+        await asyncio.sleep(0.5)
+        return msg_id
+
     async def reply_and_idle(self, msg_id: str, timeout: float = 30) -> list[dict[str, Any]]:
         """Everything with parent msg_id until both the reply and iopub idle arrived."""
         got: list[dict[str, Any]] = []

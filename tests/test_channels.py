@@ -109,12 +109,7 @@ async def test_other_session_does_not_get_replay(gateway, kernel):
 @pytest.mark.parametrize("v1", PROTOCOLS)
 async def test_interrupt_a_running_cell(gateway, kernel, v1):
     ks = await KernelSocket.open(gateway, kernel, v1=v1)
-    # ipykernel swallows a SIGINT that lands between its 'busy' and the cell's first line:
-    # interrupt only once the cell has provably started
-    msg_id = await ks.send("execute_request", {
-        "code": "import time; print('sleeping', flush=True); time.sleep(30)", "silent": False})
-    await ks.until(lambda m: m["header"]["msg_type"] == "stream"
-                   and m["parent_header"].get("msg_id") == msg_id)
+    msg_id = await ks.start_long_cell()
     assert (await api(gateway, "POST", f"api/kernels/{kernel}/interrupt", {}))[0] == 204
     msgs = await ks.reply_and_idle(msg_id, timeout=10)
     reply = of_type(msgs, "execute_reply")[0]["content"]

@@ -27,11 +27,7 @@ async def test_interrupt_restart_crash_delete(backend):
     gw = backend.gateway
     kid, ks = await _open(backend)
     await ks.execute("x = 1")
-    # ipykernel swallows a SIGINT that lands between its 'busy' and the cell's first line
-    msg_id = await ks.send("execute_request",
-                           {"code": "import time; print('go', flush=True); time.sleep(30)"})
-    await ks.until(lambda m: m["header"]["msg_type"] == "stream"
-                   and m["parent_header"].get("msg_id") == msg_id)
+    msg_id = await ks.start_long_cell()
     assert (await api(gw, "POST", f"api/kernels/{kid}/interrupt", {}))[0] == 204
     reply = next(m for m in await ks.reply_and_idle(msg_id, timeout=15)
              if m["header"]["msg_type"] == "execute_reply")["content"]

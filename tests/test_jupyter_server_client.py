@@ -210,11 +210,7 @@ async def test_notebook_flow(jupyter_server, upstream, v1):
             assert out == "42\n" and reply["status"] == "ok", (out, reply)
 
         with step("interrupt", js, upstream):
-            msg_id = await ks.send("execute_request", {
-                "code": "import time; print('sleeping', flush=True); time.sleep(30)",
-                "silent": False})
-            await ks.until(lambda m: m["header"]["msg_type"] == "stream"
-                           and m["parent_header"].get("msg_id") == msg_id)
+            msg_id = await ks.start_long_cell()
             t0 = time.monotonic()
             status, body = await api(js, "POST", f"api/kernels/{kid}/interrupt", {})
             assert status == 204, (status, body)
