@@ -54,6 +54,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from sshloop import KERNEL_NAME, LoopbackSSH
+
 ROOT = Path(__file__).resolve().parent.parent
 V1 = "v1.kernel.websocket.jupyter.org"
 MB = 1_000_000
@@ -158,10 +160,18 @@ class Server:
         self.port, self.token = free_port(), secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}/"
         self.ws_url = f"ws://127.0.0.1:{self.port}/"
-        if name == "ours":
+        self.kernel_name = "python3"
+        self.ssh: LoopbackSSH | None = None
+        if name in ("ours", "ours-ssh"):
             args = [sys.executable, "-m", "gateway", "serve", "--ip", "127.0.0.1",
                     "--port", str(self.port), "--token", self.token,
                     "--state-db", str(tmp / f"state-{self.port}.sqlite"), "--log-level", "WARNING"]
+            if name == "ours-ssh":  # the same gateway, kernels over SSH to a loopback sshd
+                self.ssh = LoopbackSSH(tmp)
+                specs = tmp / "ssh-kernelspecs"
+                self.ssh.write_kernelspec(specs)
+                args += ["--kernelspec-dir", str(specs)]
+                self.kernel_name = KERNEL_NAME
         else:
             jkg = shutil.which("jupyter-kernelgateway", path=str(Path(sys.executable).parent))
             if not jkg:
@@ -226,6 +236,8 @@ class Server:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
         self.log_file.close()
+        if self.ssh:
+            self.ssh.stop()
 
 
 class Result:
@@ -316,7 +328,7 @@ class WsKernel:
         import websockets
 
         t0 = time.perf_counter()
-        code, model = await http(server, "POST", "api/kernels", {"name": "python3"})
+        code, model = await http(server, "POST", "api/kernels", {"name": server.kernel_name})
         t_post = time.perf_counter() - t0
         if code != 201 or not isinstance(model, dict) or "id" not in model:
             raise RuntimeError(f"{server.name}: POST /api/kernels -> {code} {model!r}")
@@ -643,9 +655,10 @@ HIGHER_IS_BETTER = ("MBps", "delivered")
 
 
 def table(results: dict[str, dict[str, Any]], n: int) -> str:
-    cols = [c for c in ("direct", "ours", "jkg", "jkg-nolimit") if c in results]
+    cols = [c for c in ("direct", "ours", "ours-ssh", "jkg", "jkg-nolimit") if c in results]
     ratios = [("ours/direct", "ours", "direct"), ("jkg/direct", "jkg", "direct"),
-              ("ours/jkg", "ours", "jkg"), ("ours/jkg-nolim", "ours", "jkg-nolimit")]
+              ("ours/jkg", "ours", "jkg"), ("ours/jkg-nolim", "ours", "jkg-nolimit"),
+              ("ssh/ours", "ours-ssh", "ours")]
     ratios = [r for r in ratios if r[1] in results and r[2] in results]
     w = 34
     head = "metric".ljust(w) + "".join(c.rjust(12) for c in cols) \
@@ -739,7 +752,7 @@ def main() -> int:
     targets = []
     for t in a.targets.split(","):
         t = t.strip()
-        if t not in ("direct", "ours", "jkg", "jkg-nolimit"):
+        if t not in ("direct", "ours", "ours-ssh", "jkg", "jkg-nolimit"):
             p.error(f"unknown target {t!r}")
         targets += [t, "jkg-nolimit"] if t == "jkg" else [t]
     a.targets = list(dict.fromkeys(targets))
