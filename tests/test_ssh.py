@@ -29,6 +29,7 @@ def ssh_gateway(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
     ssh_lab.write_spec(specs, "ssh-rinner", "rinner")
     ssh_lab.write_spec(specs, "ssh-badkey", "rhost2", known_hosts=str(empty_known_hosts))
     ssh_lab.write_spec(specs, "ssh-down", "rdown")
+    ssh_lab.write_spec(specs, "ssh-gone", "rhost2", reconnect_timeout=3, keepalive_interval=1)
     ssh_lab.write_spec(specs, "ssh-nopython", "rhost1",
                        kernel_cmd=["/nonexistent/python3", "-m", "ipykernel_launcher", "-f",
                                    "{connection_file}"])
@@ -150,3 +151,28 @@ def test_spec_add_list_remove(tmp_path):
     assert run("list").stdout == ""
     gone = run("remove", "gpu")
     assert gone.returncode == 2 and gone.stderr.startswith("NotFound:")
+
+
+async def test_host_gone_for_good_is_reported_dead(ssh_gateway, ssh_lab):
+    """sshd stops and the link drops for good: after the reconnect limit (3 s here) the
+    kernel is dead, its clients are told, and the gateway says why. (Last in the module: it
+    takes rhost2's sshd down and brings it back.)"""
+    host = ssh_lab.hosts["rhost2"]
+    model = await start_kernel(ssh_gateway, "ssh-gone")
+    ks = await KernelSocket.open(ssh_gateway, model["id"], v1=True)
+    await ks.execute("x = 1")
+    t0 = time.monotonic()
+    host.stop_sshd()  # the listener and every connection's sshd
+    try:
+        await ks.until_status("dead", timeout=60)
+        took = time.monotonic() - t0
+        assert took < 30, took
+        status, kernel = await api(ssh_gateway, "GET", f"api/kernels/{model['id']}")
+        assert status == 200 and kernel["execution_state"] == "dead"
+        assert "could not be restarted" in ssh_gateway.log()
+        await ks.close()
+        assert (await api(ssh_gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+    finally:
+        for entry in host.kernels():  # the kernel outlived its host's sshd: reap it here
+            os.kill(int(entry.split(":")[1]), 9)
+        host.start_sshd()
