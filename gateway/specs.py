@@ -1,4 +1,4 @@
-"""`rkg spec`: write, list and remove kernelspecs for the backends (today: SSH), in the user's
+"""`rkg spec`: write, list and remove kernelspecs for the backends (SSH, batch jobs), in the user's
 Jupyter kernels directory or a given one. The specs are plain kernelspecs, so a JupyterLab
 without the gateway runs them too."""
 
@@ -44,6 +44,34 @@ def ssh_spec(host: str, *, jump: list[str] | None = None, python: str = "python3
     }
 
 
+SCHEDULER_NAMES = {"slurm": "SLURM", "sge": "Grid Engine", "pbs": "PBS", "lsf": "LSF"}
+
+
+def batch_spec(scheduler: str, *, partition: str = "", cpus: int = 0, memory: str = "",
+               gpus: int = 0, walltime: str = "", account: str = "",
+               submit_args: list[str] | None = None, python: str = "python3",
+               pre: str = "", workdir: str = "", runtime_dir: str = "",
+               display_name: str = "") -> dict[str, Any]:
+    """The kernel.json of a Python kernel run as a batch job (gateway/backends/batch.py)."""
+    config: dict[str, Any] = {"scheduler": scheduler, "python": python}
+    for key, value in (("partition", partition), ("cpus", cpus), ("memory", memory),
+                       ("gpus", gpus), ("walltime", walltime), ("account", account),
+                       ("submit_args", submit_args), ("pre_command", pre),
+                       ("workdir", workdir), ("runtime_dir", runtime_dir)):
+        if value:
+            config[key] = value
+    where = f" {partition}" if partition else ""
+    return {
+        "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],  # informative
+        "display_name": display_name or f"Python ({SCHEDULER_NAMES[scheduler]}{where})",
+        "language": "python",
+        # Grid Engine cannot signal a job: ipykernel interrupts itself on a control message
+        "interrupt_mode": "message" if scheduler == "sge" else "signal",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "slurm-provisioner",
+                                            "config": config}},
+    }
+
+
 def write_spec(name: str, spec: dict[str, Any], directory: str | None = None) -> Path:
     if not _NAME.match(name):
         raise BadRequest(f"kernelspec name {name!r} may only use letters, digits, '.', '_', '-'")
@@ -64,7 +92,8 @@ def list_specs(directory: str | None = None) -> list[tuple[str, str, str]]:
             continue
         prov = spec.get("metadata", {}).get("kernel_provisioner", {})
         backend = prov.get("provisioner_name", "local")
-        where = prov.get("config", {}).get("host", "")
+        config = prov.get("config", {})
+        where = config.get("host", "") or config.get("scheduler", "")
         out.append((spec_file.parent.name, f"{backend} {where}".strip(),
                     spec.get("display_name", "")))
     return out
@@ -94,14 +123,40 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     ssh.add_argument("--known-hosts", default="", help="known_hosts file")
     ssh.add_argument("--pre", default="", help="shell command run first (module load ...)")
     ssh.add_argument("--display-name", default="")
-    for p in (ssh, sub.add_parser("list", help="list kernelspecs"),
+    for scheduler, what in SCHEDULER_NAMES.items():
+        batch = backends.add_parser(scheduler, help=f"a kernel run as a {what} batch job")
+        batch.add_argument("name")
+        queue = "--partition" if scheduler == "slurm" else "--queue"
+        batch.add_argument(queue, dest="partition", default="", help="partition or queue")
+        batch.add_argument("--cpus", type=int, default=0)
+        batch.add_argument("--memory", default="", help="4G, 512M")
+        batch.add_argument("--gpus", type=int, default=0)
+        batch.add_argument("--walltime", default="", help="HH:MM:SS")
+        batch.add_argument("--account", default="")
+        batch.add_argument("--submit-arg", action="append", default=[], dest="submit_args",
+                           help="extra argument for the submit command (repeatable)")
+        batch.add_argument("--python", default="python3", help="python on the compute nodes")
+        batch.add_argument("--pre", default="", help="shell command run first (module load ...)")
+        batch.add_argument("--workdir", default="", help="the kernel's working directory")
+        batch.add_argument("--runtime-dir", default="",
+                           help="connection files, on a filesystem the nodes share")
+        batch.add_argument("--display-name", default="")
+    batches = [backends.choices[s] for s in SCHEDULER_NAMES]
+    for p in (ssh, *batches, sub.add_parser("list", help="list kernelspecs"),
               sub.add_parser("remove", help="remove a kernelspec")):
         p.add_argument("--dir", default=None, help="kernels directory (default: Jupyter's)")
     sub.choices["remove"].add_argument("name")
 
 
 def run_spec_command(args: argparse.Namespace) -> None:
-    if args.spec_command == "add":
+    if args.spec_command == "add" and args.backend in SCHEDULER_NAMES:
+        spec = batch_spec(args.backend, partition=args.partition, cpus=args.cpus,
+                          memory=args.memory, gpus=args.gpus, walltime=args.walltime,
+                          account=args.account, submit_args=args.submit_args,
+                          python=args.python, pre=args.pre, workdir=args.workdir,
+                          runtime_dir=args.runtime_dir, display_name=args.display_name)
+        print(f"wrote {write_spec(args.name, spec, args.dir)}")
+    elif args.spec_command == "add":
         spec = ssh_spec(args.host, jump=args.jump, python=args.python, workdir=args.workdir,
                         identity=args.identity, known_hosts=args.known_hosts, pre=args.pre,
                         display_name=args.display_name)

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import GatewayProcess, _cleanup, free_port
 
-BACKENDS = ["local", "ssh"]
+BACKENDS = ["local", "ssh", "slurm"]
 
 
 @dataclass
@@ -50,6 +50,22 @@ def backend_ssh(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
     leftovers = _cleanup(gw)
     assert not leftovers, f"kernel processes left behind: {leftovers}"
     assert not host.kernels(), f"remote kernels left behind: {host.kernels()}"
+
+
+@pytest.fixture(scope="module")
+def backend_slurm(slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """Kernels as jobs of a real one-node SLURM (tests/slurm.py) that runs them on this
+    machine; a job left in the queue after the gateway stopped is a leftover."""
+    specs = tmp_path_factory.mktemp("slurm-kernelspecs")
+    slurm.write_spec(specs, "slurm-debug")
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16), env=slurm.env,
+                        extra_args=["--kernelspec-dir", str(specs)],
+                        workdir=tmp_path_factory.mktemp("gateway-slurm"))
+    gw.start()
+    yield Backend("slurm", gw, "slurm-debug", slurm.node, lambda: slurm.leftovers(gw))
+    _cleanup(gw)
+    assert not slurm.wait_no_jobs(), f"jobs left behind: {slurm.jobs()}"
+    assert not slurm.leftovers(gw), f"kernels left behind: {slurm.leftovers(gw)}"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

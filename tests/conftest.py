@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["backends", "dockerinfra", "sshd"]
+pytest_plugins = ["backends", "dockerinfra", "slurm", "sshd"]
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELSPECS = Path(__file__).resolve().parent / "kernelspecs"

@@ -201,8 +201,11 @@ class ManagedKernel:
             raise
         except TimeoutError:
             await self._abandon()
+            # a backend that queues its kernels says where the start stood (batch.py)
+            note = getattr(self.km.provisioner, "launch_note", lambda: "")()
             raise KernelTimeout(f"kernel {self.name!r} did not become ready within "
-                                f"{launch_timeout:g} s (KERNEL_LAUNCH_TIMEOUT)") from None
+                                f"{launch_timeout:g} s (KERNEL_LAUNCH_TIMEOUT)"
+                                + (f": {note}" if note else "")) from None
         except KernelError:
             await self._abandon()
             raise

@@ -1,0 +1,481 @@
+"""Kernels as batch jobs: SLURM (sbatch), and SGE/PBS (qsub) and LSF (bsub) by template.
+
+Registered as `slurm-provisioner` (the scheduler is a config value, so one provisioner serves
+all four); a kernelspec chooses it with
+
+    "metadata": {"kernel_provisioner": {"provisioner_name": "slurm-provisioner", "config": {
+        "scheduler": "slurm", "partition": "gpu", "cpus": 4, "memory": "16G", "gpus": 1,
+        "walltime": "08:00:00", "account": "proj42", "submit_args": ["--qos=interactive"],
+        "python": "/opt/conda/bin/python", "pre_command": "module load cuda",
+        "workdir": "~/work", "runtime_dir": "/shared/home/me/.rkg/runtime"}}}
+
+A launch writes a connection file with every port 0 into runtime_dir (a filesystem the
+compute nodes share with the gateway) and submits a job script that execs ipykernel on it;
+ipykernel binds free ports on its node and rewrites the file, which the gateway reads back.
+No port is chosen before the kernel binds it, so there is no race, whichever node the job lands
+on. The node comes from the scheduler's status; the gateway connects to it directly.
+
+While the job waits in the queue the kernel is `starting`; the scheduler's state and reason are
+kept for the launch-timeout message, and a job still queued when the start is given up (the
+gateway's KERNEL_LAUNCH_TIMEOUT, or a failed or cancelled start) is cancelled. Job states are
+read for all kernels of a scheduler with one status command at a time (StatusCache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import Dict, Float, Integer, List, Unicode
+
+from ..errors import KernelError, KernelStartError, KernelTimeout
+from .schedulers import FINISHED, PENDING, SCHEDULERS, JobRequest, JobState, Scheduler
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+DEFAULT_CMD = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+FILE_STEP = 0.1  # seconds between looks at the connection file during a start
+COMMAND_TIMEOUT = 30.0  # for one sbatch / squeue / scancel
+# never sent to the job: they describe the gateway's process, not the kernel's
+_LOCAL_ONLY = frozenset({"JPY_PARENT_PID", "PATH", "HOME", "PWD", "SHELL", "USER", "LOGNAME"})
+
+
+async def run(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
+    """A scheduler command as an asyncio subprocess: (exit code, stdout, stderr)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    except OSError as e:
+        raise KernelStartError(f"cannot run {argv[0]}: {e.strerror or e} (is the scheduler's "
+                               "client installed and on the gateway's PATH?)") from e
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), COMMAND_TIMEOUT)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+class StatusCache:
+    """Job states of one scheduler, read for every watched job with one command and reused for
+    `max_age` seconds; concurrent askers share the command in flight."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.watched: set[str] = set()
+        self.states: dict[str, JobState] = {}
+        self.read_at = 0.0
+        self._inflight: asyncio.Future[None] | None = None
+
+    async def get(self, job_id: str, max_age: float) -> JobState | None:
+        """The job's state; None once the scheduler no longer lists it (it has ended)."""
+        if job_id not in self.watched:
+            self.watched.add(job_id)
+            max_age = 0
+        if time.monotonic() - self.read_at > max_age:
+            if self._inflight is None or self._inflight.done():
+                self._inflight = asyncio.ensure_future(self._read())
+            await asyncio.shield(self._inflight)
+        return self.states.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        self.watched.discard(job_id)
+        self.states.pop(job_id, None)
+
+    async def _read(self) -> None:
+        ids = sorted(self.watched)
+        code, out, err = await run(self.scheduler.status(ids))
+        # squeue exits 1 with "Invalid job id" when none of the jobs is known any more
+        if code and "nvalid job id" not in err and "not found" not in err + out \
+                and "Unknown Job" not in err:
+            raise KernelError(f"{shlex.join(self.scheduler.status(ids)[:1])} failed: "
+                              f"{err.strip() or out.strip()}")
+        self.states = self.scheduler.parse_status(out)
+        self.read_at = time.monotonic()
+
+
+_caches: dict[str, StatusCache] = {}
+
+
+def status_cache(scheduler: Scheduler) -> StatusCache:
+    if scheduler.name not in _caches:
+        _caches[scheduler.name] = StatusCache(scheduler)
+    return _caches[scheduler.name]
+
+
+def job_env(env: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """What the job script exports: KERNEL_* and what the kernelspec or the client set
+    (entries that differ from the gateway's own environment), plus the config's env."""
+    out = {k: v for k, v in env.items()
+           if k not in _LOCAL_ONLY and (k.startswith("KERNEL_") or os.environ.get(k) != v)}
+    out.update(extra)
+    return {k: v for k, v in out.items() if k.isidentifier()}
+
+
+def job_script(*, cmd: list[str], env: dict[str, str], workdir: str, pre_command: str) -> str:
+    """The POSIX sh job script: cd, the pre-command, then exec the kernel (so that the job
+    ends when the kernel does and a signal to the job reaches the kernel itself)."""
+    lines = ["#!/bin/sh", "umask 077"]
+    if workdir:
+        where = '"$HOME"' + shlex.quote(workdir[1:]) if workdir.startswith("~") else \
+            shlex.quote(workdir)
+        lines.append(f"cd {where} || {{ echo 'rkg: cannot cd to {workdir}' >&2; exit 3; }}")
+    if pre_command:
+        lines.append(f"{{ {pre_command}\n}} </dev/null || "
+                     "{ echo 'rkg: the pre_command failed' >&2; exit 4; }")
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    lines.append("exec " + " ".join(shlex.quote(a) for a in cmd) + " </dev/null")
+    return "\n".join(lines) + "\n"
+
+
+class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Registered as `slurm-provisioner`. Called by jupyter_client's KernelManager: pre_launch
+    and launch_kernel to submit the job, poll/wait/send_signal/kill/terminate while it runs,
+    cleanup after it stopped (restart=True between the two jobs of a restart)."""
+
+    scheduler = Unicode("slurm", config=True, help="slurm, sge, pbs or lsf")
+    partition = Unicode("", config=True, help="SLURM partition, or the SGE/PBS/LSF queue")
+    cpus = Integer(0, config=True, help="CPUs for the kernel (0: the scheduler's default)")
+    memory = Unicode("", config=True, help="memory for the job: 4G, 512M")
+    gpus = Integer(0, config=True)
+    walltime = Unicode("", config=True, help="HH:MM:SS")
+    account = Unicode("", config=True)
+    submit_args = List(Unicode(), config=True, help="more arguments for sbatch/qsub/bsub")
+    python = Unicode("python3", config=True, help="python on the compute nodes")
+    kernel_cmd = List(Unicode(), config=True, help="kernel command with {connection_file}")
+    pre_command = Unicode("", config=True, help="shell run first: module load, conda activate")
+    workdir = Unicode("", config=True, help="the kernel's working directory on the node")
+    env = Dict(config=True)
+    ip = Unicode("0.0.0.0", config=True,
+                 help="what the kernel binds on its node; the gateway connects to the node")
+    runtime_dir = Unicode("", config=True, help="directory for connection files and job "
+                          "output, shared with the compute nodes (default: Jupyter's runtime)")
+    poll_interval = Float(2.0, config=True, help="seconds a job state is reused by poll()")
+    launch_timeout = Float(0, config=True, help="give a start up after this (0: the gateway's "
+                           "KERNEL_LAUNCH_TIMEOUT, else 600 s)")
+
+    job_id: str | None = None
+    node = ""
+    ports: dict[str, int]
+    conn_file = ""
+    _last: JobState | None = None
+    _note = ""
+    _tail = ""
+    _exit: int | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ports = {}
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def sched(self) -> Scheduler:
+        try:
+            return SCHEDULERS[self.scheduler]
+        except KeyError:
+            raise KernelStartError(f"kernelspec {self.kernel_spec.display_name!r}: unknown "
+                                   f"scheduler {self.scheduler!r} (one of "
+                                   f"{', '.join(SCHEDULERS)})") from None
+
+    @property
+    def job_label(self) -> str:
+        return f"{self.sched.label} {self.job_id}"
+
+    @property
+    def log_file(self) -> str:
+        return self.conn_file[:-len(".json")] + ".log" if self.conn_file else ""
+
+    @property
+    def has_process(self) -> bool:
+        return self.job_id is not None
+
+    def _command(self) -> list[str]:
+        cmd = list(self.kernel_cmd) or DEFAULT_CMD
+        cmd = [a.replace("{connection_file}", self.conn_file).replace("{python}", self.python)
+               for a in cmd]
+        return cmd
+
+    def _request(self, cwd: str) -> JobRequest:
+        workdir = os.path.expanduser(self.workdir) if self.workdir else cwd
+        return JobRequest(
+            name=f"rkg-{self.kernel_id}", output=self.log_file, workdir=workdir,
+            queue=self.partition, cpus=self.cpus, memory=self.memory, gpus=self.gpus,
+            walltime=self.walltime, account=self.account, extra_args=tuple(self.submit_args))
+
+    def launch_note(self) -> str:
+        """Where the last start stood, for the gateway's launch-timeout message."""
+        return self._note
+
+    def log_tail(self) -> str:
+        return self._tail
+
+    # -- launch --------------------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Called by the kernel manager before launch_kernel: connection info without ports
+        (the kernel picks them on its node)."""
+        km = self.parent
+        kwargs.pop("extra_arguments", None)
+        self.connection_info = km.get_connection_info() if km is not None else {}
+        return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Called by the kernel manager (start and restart): submit, wait in the queue, read
+        the ports. `cmd` is the spec's argv, informative only. On any failure, cancellation
+        included, the job is cancelled."""
+        sched = self.sched
+        env = kwargs.get("env") or {}
+        self._exit, self._tail, self._last = None, "", None
+        self._note = f"the {sched.label.split()[0]} job was not submitted yet"
+        started = time.monotonic()
+        try:
+            await self._submit(env, str(kwargs.get("cwd") or ""))
+            await self._wait_running(self._deadline(env, started))
+        except BaseException as e:
+            await asyncio.shield(self._cancel_job(forget_files=True))
+            if isinstance(e, KernelError) or not isinstance(e, Exception):
+                raise
+            raise KernelStartError(f"starting the kernel as a batch job: "
+                                   f"{type(e).__name__}: {e}") from e
+        log.info("%s of kernel %s runs on %s (ready %.1f s after submission)", self.job_label,
+                 self.kernel_id, self.node, time.monotonic() - started)
+        return self.connection_info
+
+    def _deadline(self, env: dict[str, str], started: float) -> float:
+        timeout = self.launch_timeout
+        if not timeout:
+            try:
+                timeout = float(env.get("KERNEL_LAUNCH_TIMEOUT") or 600)
+            except ValueError:
+                timeout = 600
+        return started + timeout
+
+    async def _submit(self, env: dict[str, str], cwd: str) -> None:
+        await asyncio.to_thread(self._write_conn_file)
+        script = job_script(cmd=self._command(),
+                            env=job_env(env, {k: str(v) for k, v in self.env.items()}),
+                            workdir=self.workdir if self.scheduler == "pbs" else "",
+                            pre_command=self.pre_command)
+        argv = self.sched.submit(self._request(cwd))
+        code, out, err = await run(argv, stdin=script)
+        if code:
+            raise KernelStartError(f"{argv[0]} refused the kernel's job: "
+                                   f"{err.strip() or out.strip() or f'exit code {code}'}")
+        try:
+            self.job_id = self.sched.parse_submit(out)
+        except Exception as e:
+            raise KernelStartError(str(e)) from e
+        self._note = f"{self.job_label} was submitted"
+        log.info("kernel %s submitted as %s", self.kernel_id, self.job_label)
+
+    def _write_conn_file(self) -> None:
+        """Mode 0600 from its creation, every port 0."""
+        runtime = Path(self.runtime_dir or jupyter_runtime_dir()).expanduser()
+        runtime.mkdir(parents=True, exist_ok=True)
+        self.conn_file = str(runtime / f"batch-kernel-{self.kernel_id}.json")
+        info = dict(self.connection_info)
+        info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip=self.ip, transport="tcp")
+        key = info.get("key", b"")
+        info["key"] = key.decode() if isinstance(key, bytes) else key
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.conn_file)
+        fd = os.open(self.conn_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f, indent=2)
+
+    def _read_ports(self) -> dict[str, int] | None:
+        try:
+            with open(self.conn_file) as f:
+                info = json.load(f)
+            ports = {ch: int(info[f"{ch}_port"]) for ch in CHANNELS}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not there yet, or caught half written
+        return ports if all(ports.values()) else None
+
+    async def _wait_running(self, deadline: float) -> None:
+        """Until ipykernel rewrote the connection file; the job's state is read every
+        poll step (growing from 0.25 s to poll_interval) to notice a job that ended."""
+        assert self.job_id is not None
+        cache = status_cache(self.sched)
+        step, next_status = 0.25, 0.0
+        while True:
+            ports = await asyncio.to_thread(self._read_ports)
+            if ports:
+                break
+            now = time.monotonic()
+            if now >= next_status:
+                state = await cache.get(self.job_id, 0)
+                self._last = state
+                if state is None or state.phase == FINISHED:
+                    await self._read_tail()
+                    word = state.describe() if state else "ended"
+                    raise KernelStartError(
+                        f"{self.job_label} {word} before the kernel bound its ports" +
+                        (f"; its output:\n{self._tail}" if self._tail else ""))
+                where = (f" on {state.node}" if state.node and state.phase != PENDING else "")
+                queued = "still queued" if state.phase == PENDING else "running"
+                self._note = f"{self.job_label} was {queued}{where}: {state.describe()}"
+                next_status = now + step
+                step = min(step * 2, self.poll_interval)
+            if now >= deadline:
+                raise KernelTimeout(f"{self._note}, past the launch timeout; the job has been "
+                                    "cancelled")
+            await asyncio.sleep(FILE_STEP)
+        self.ports = ports
+        state = await cache.get(self.job_id, 0)
+        self.node = state.node if state and state.node else socket.gethostname().split(".")[0]
+        await self._connect_to(self.node)
+
+    async def _connect_to(self, node: str) -> None:
+        host = self.ip
+        if host in ("0.0.0.0", "*", ""):
+            try:
+                addrs = await asyncio.get_running_loop().getaddrinfo(
+                    node, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise KernelStartError(f"the kernel runs on node {node!r}, which this "
+                                       f"gateway cannot resolve: {e}") from e
+            host = str(addrs[0][4][0])
+        info: dict[str, Any] = dict(self.connection_info)
+        info.update({f"{ch}_port": p for ch, p in self.ports.items()}, ip=host, transport="tcp")
+        self.connection_info = cast(KernelConnectionInfo, info)
+
+    async def _read_tail(self, size: int = 4096) -> str:
+        def read() -> str:
+            try:
+                with open(self.log_file, "rb") as f:
+                    f.seek(max(0, os.path.getsize(self.log_file) - size))
+                    return f.read().decode(errors="replace")
+            except OSError:
+                return ""
+        text = await asyncio.to_thread(read) if self.log_file else ""
+        self._tail = "\n".join(text.strip().splitlines()[-15:])
+        return self._tail
+
+    # -- while it runs -------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        """Called by the kernel manager's is_alive() (the gateway: every 0.5 s per kernel);
+        answered from the shared job states, read at most every poll_interval. A scheduler
+        that does not answer leaves the kernel counted as running."""
+        if self.job_id is None:
+            return 0
+        if self._exit is not None:
+            return self._exit
+        return await self._poll(self.poll_interval)
+
+    async def _poll(self, max_age: float) -> int | None:
+        assert self.job_id is not None
+        try:
+            state = await status_cache(self.sched).get(self.job_id, max_age)
+        except KernelError as e:
+            log.warning("cannot read the state of %s: %s", self.job_label, e)
+            return None
+        if state is not None and state.phase != FINISHED:
+            return None
+        self._last = state
+        self._exit = 0 if state is not None and state.state in ("COMPLETED", "DONE") else -1
+        await self._read_tail()
+        return self._exit
+
+    async def wait(self) -> int | None:
+        """Called during shutdown; the caller bounds it with a timeout."""
+        if self.job_id is None:
+            return 0
+        while (status := self._exit) is None and (status := await self._poll(0.2)) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        """To the kernel inside its job (interrupt: SIGINT); SIGKILL cancels the job."""
+        if self.job_id is None:
+            return
+        if signum == signal.SIGKILL:
+            await self._cancel_job(forget_files=False)
+            return
+        name = signal.Signals(signum).name.removeprefix("SIG")
+        try:
+            argv = self.sched.signal(self.job_id, name)
+        except Exception as e:
+            log.warning("%s: %s", self.job_label, e)
+            return
+        code, out, err = await run(argv)
+        if code:
+            log.warning("%s failed for %s: %s", argv[0], self.job_label, (err or out).strip())
+
+    async def kill(self, restart: bool = False) -> None:
+        await self._cancel_job(forget_files=False)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self._cancel_job(forget_files=False)
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Called by the kernel manager once the kernel stopped: the job is cancelled if the
+        scheduler still has it, its files are removed unless restarting."""
+        await self._cancel_job(forget_files=not restart)
+
+    async def _cancel_job(self, *, forget_files: bool) -> None:
+        job_id, self.job_id = self.job_id, None
+        if job_id is not None:
+            self._exit = self._exit if self._exit is not None else -1
+            state = status_cache(self.sched).states.get(job_id)
+            if state is None or state.phase != FINISHED:
+                argv = self.sched.cancel(job_id)
+                try:
+                    code, out, err = await run(argv)
+                except (KernelError, TimeoutError) as e:
+                    code, out, err = -1, "", str(e)
+                if code and "already completed" not in err and "nvalid job id" not in err:
+                    log.warning("%s %s: %s", argv[0], job_id, (err or out).strip())
+                else:
+                    log.info("%s %s cancelled (kernel %s)", self.sched.label, job_id,
+                             self.kernel_id)
+                if self._last is not None and self._last.phase == PENDING:
+                    self._note = (f"{self.sched.label} {job_id} was still queued: "
+                                  f"{self._last.describe()}; the job has been cancelled")
+                else:
+                    self._note = self._note + "; the job has been cancelled"
+            status_cache(self.sched).forget(job_id)
+        if forget_files and self.conn_file:
+            for path in (self.conn_file, self.log_file):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+    # -- re-attach -----------------------------------------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """Called when the gateway records the kernel: what a restarted gateway needs."""
+        info: dict[str, Any] = await super().get_provisioner_info()
+        key = self.connection_info.get("key", b"")
+        info.update(scheduler=self.scheduler, job_id=self.job_id, node=self.node,
+                    ports=self.ports, connection_file=self.conn_file,
+                    key=key.decode() if isinstance(key, bytes) else key)
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Called when a restarted gateway re-attaches: poll() asks the scheduler."""
+        await super().load_provisioner_info(provisioner_info)
+        self.scheduler = provisioner_info.get("scheduler", self.scheduler)
+        self.job_id = provisioner_info.get("job_id")
+        self.node = provisioner_info.get("node", "")
+        self.ports = dict(provisioner_info.get("ports") or {})
+        self.conn_file = provisioner_info.get("connection_file", "")

@@ -1,0 +1,161 @@
+"""The batch backend against a real one-node SLURM (tests/slurm.py), beyond the contract suite:
+the kernel runs inside its job, a job held in the queue past KERNEL_LAUNCH_TIMEOUT is cancelled
+with a message that says so, delete and gateway shutdown cancel jobs, submit errors are clear."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import GatewayProcess, _cleanup, free_port
+from gwclient import KernelSocket, api, start_kernel
+
+
+def _gateway(slurm, specs, workdir) -> GatewayProcess:
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16), env=slurm.env,
+                        extra_args=["--kernelspec-dir", str(specs)], workdir=workdir)
+    gw.start()
+    return gw
+
+
+@pytest.fixture(scope="module")
+def specs(slurm, tmp_path_factory: pytest.TempPathFactory):
+    specs = tmp_path_factory.mktemp("slurm-specs")
+    slurm.write_spec(specs, "slurm-debug")
+    slurm.write_spec(specs, "slurm-closed", partition="closed")  # State=DOWN: stays queued
+    slurm.write_spec(specs, "slurm-huge", cpus=slurm.cpus + 1)  # more than the node has
+    slurm.write_spec(specs, "slurm-nosuch", partition="nosuch")
+    slurm.write_spec(specs, "slurm-nopython", python="/nonexistent/python3")
+    return specs
+
+
+@pytest.fixture(scope="module")
+def slurm_gateway(slurm, specs, tmp_path_factory) -> Iterator[GatewayProcess]:
+    gw = _gateway(slurm, specs, tmp_path_factory.mktemp("gateway-slurm"))
+    yield gw
+    _cleanup(gw)
+    assert not slurm.wait_no_jobs(), f"jobs left behind: {slurm.jobs()}"
+    assert not slurm.leftovers(gw), f"kernels left behind: {slurm.leftovers(gw)}"
+
+
+def _job_of(slurm, kernel_id: str) -> list[str]:
+    return [j for j in slurm.jobs() if j.endswith(f"rkg-{kernel_id}")]
+
+
+async def _gone(slurm, kernel_id: str, timeout: float = 15) -> bool:
+    for _ in range(int(timeout / 0.2)):
+        if not _job_of(slurm, kernel_id):
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def test_kernel_runs_inside_its_job_and_delete_cancels_it(slurm, slurm_gateway):
+    model = await start_kernel(slurm_gateway, "slurm-debug")
+    (job,) = _job_of(slurm, model["id"])
+    job_id, state, _ = job.split()
+    assert state == "RUNNING"
+    ks = await KernelSocket.open(slurm_gateway, model["id"], v1=True)
+    out, reply = await ks.execute("import os; print(os.environ.get('SLURM_JOB_ID'))")
+    assert reply["status"] == "ok" and out.strip() == job_id
+    await ks.close()
+    assert (await api(slurm_gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+    assert await _gone(slurm, model["id"]), slurm.jobs()
+    assert not slurm.leftovers(slurm_gateway)
+
+
+async def test_queued_job_is_cancelled_after_the_launch_timeout(slurm, slurm_gateway):
+    """The partition is DOWN, so the job stays PENDING; the kernel is `starting` meanwhile."""
+    post = asyncio.ensure_future(api(slurm_gateway, "POST", "api/kernels", {
+        "name": "slurm-closed", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}}))
+    listed: list = []
+    for _ in range(30):
+        await asyncio.sleep(0.1)
+        listed = (await api(slurm_gateway, "GET", "api/kernels"))[1]
+        if listed and any(j.split()[1] == "PENDING" for j in slurm.jobs()):
+            break
+    assert [k["execution_state"] for k in listed] == ["starting"]
+    assert any("PENDING" in j for j in slurm.jobs())
+    status, body = await post
+    assert status == 504, body
+    assert set(body) == {"reason", "message"}
+    message = body["message"]
+    assert "within 4 s (KERNEL_LAUNCH_TIMEOUT)" in message, message
+    assert "still queued" in message and "PENDING" in message, message
+    assert "PartitionDown" in message and "cancelled" in message, message
+    assert await _gone(slurm, listed[0]["id"]), slurm.jobs()
+    assert (await api(slurm_gateway, "GET", "api/kernels"))[1] == []
+
+
+async def test_job_wanting_more_cpus_than_there_are_times_out(slurm, slurm_gateway):
+    status, body = await api(slurm_gateway, "POST", "api/kernels", {
+        "name": "slurm-huge", "env": {"KERNEL_LAUNCH_TIMEOUT": "3"}})
+    assert status == 504, body
+    assert "still queued: PENDING" in body["message"], body
+    assert "the job has been cancelled" in body["message"], body
+    assert slurm.wait_no_jobs() == []
+
+
+async def test_submit_refused_is_a_clear_error(slurm, slurm_gateway):
+    status, body = await api(slurm_gateway, "POST", "api/kernels", {"name": "slurm-nosuch"})
+    assert status == 500, body
+    assert "sbatch refused the kernel's job" in body["message"], body
+    assert "invalid partition" in body["message"].lower(), body
+    assert slurm.jobs() == []
+
+
+async def test_job_that_fails_reports_its_output(slurm, slurm_gateway):
+    status, body = await api(slurm_gateway, "POST", "api/kernels", {"name": "slurm-nopython"})
+    assert status == 500, body
+    assert "before the kernel bound its ports" in body["message"], body
+    assert "/nonexistent/python3" in body["message"], body
+    assert slurm.wait_no_jobs() == []
+
+
+async def test_gateway_shutdown_cancels_running_and_queued_jobs(slurm, specs, tmp_path):
+    gw = _gateway(slurm, specs, tmp_path)
+    try:
+        model = await start_kernel(gw, "slurm-debug")
+        pending = asyncio.ensure_future(api(gw, "POST", "api/kernels", {"name": "slurm-closed"}))
+        for _ in range(50):
+            if any("PENDING" in j for j in slurm.jobs()):
+                break
+            await asyncio.sleep(0.1)
+        assert len(slurm.jobs()) == 2, slurm.jobs()
+        assert await asyncio.to_thread(gw.stop, signal.SIGTERM) == 0
+        await asyncio.gather(pending, return_exceptions=True)
+        assert slurm.wait_no_jobs() == [], slurm.jobs()
+        assert not _job_of(slurm, model["id"])
+        assert not slurm.leftovers(gw)
+    finally:
+        _cleanup(gw)
+        assert slurm.wait_no_jobs() == []
+
+
+def test_spec_cli(tmp_path):
+    import json
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "gateway", "spec", "add", "slurm", "gpu-a100",
+                    "--partition", "gpu", "--cpus", "8", "--memory", "32G", "--gpus", "1",
+                    "--walltime", "04:00:00", "--account", "proj42", "--submit-arg=--qos=short",
+                    "--pre", "module load cuda", "--dir", str(tmp_path)], check=True)
+    spec = json.loads((tmp_path / "gpu-a100" / "kernel.json").read_text())
+    prov = spec["metadata"]["kernel_provisioner"]
+    assert prov["provisioner_name"] == "slurm-provisioner"
+    assert prov["config"] == {"scheduler": "slurm", "python": "python3", "partition": "gpu",
+                              "cpus": 8, "memory": "32G", "gpus": 1, "walltime": "04:00:00",
+                              "account": "proj42", "submit_args": ["--qos=short"],
+                              "pre_command": "module load cuda"}
+    subprocess.run([sys.executable, "-m", "gateway", "spec", "add", "sge", "sge-all",
+                    "--queue", "all.q", "--dir", str(tmp_path)], check=True)
+    sge = json.loads((tmp_path / "sge-all" / "kernel.json").read_text())
+    assert sge["interrupt_mode"] == "message"
+    listed = subprocess.run([sys.executable, "-m", "gateway", "spec", "list", "--dir",
+                             str(tmp_path)], check=True, capture_output=True, text=True).stdout
+    assert "gpu-a100\tslurm-provisioner slurm" in listed
