@@ -36,10 +36,12 @@ def iso(ts: float) -> str:
 
 
 def _quick_reconnect(sock: Any) -> zmq.asyncio.Socket:
-    """ZMQ retries a lost peer every 100 ms by default; after a kernel restart on the same
-    ports that is a 100 ms gap in which output has nowhere to go."""
+    """ZMQ retries a lost peer every 100 ms by default, and backs off: a socket created while
+    its kernel is still starting would connect long after the kernel is ready, and after a
+    restart on the same ports output would have nowhere to go meanwhile. Retrying every 10-50
+    ms costs a refused connect now and then."""
     sock.setsockopt(zmq.RECONNECT_IVL, 10)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 50)
     return cast(zmq.asyncio.Socket, sock)
 
 
@@ -274,31 +276,38 @@ class ManagedKernel:
         """Send kernel_info_request until an iopub status answering it arrives: proves the
         kernel runs and that our iopub subscription is live, so no early output is lost."""
         shell = self.connect_channel("shell", uuid.uuid4().hex.encode())
+        # Only to a connected kernel: a kernel still waiting in a batch queue must not find
+        # hundreds of requests piled up for it.
+        shell.setsockopt(zmq.IMMEDIATE, 1)
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sent: list[str] = []
         try:
-            delay = 0.05
+            delay = 0.02
             while True:
                 msg_id = uuid.uuid4().hex
-                fut = asyncio.get_running_loop().create_future()
-                self._handshakes[msg_id] = fut
                 header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "session": msg_id,
                           "username": "gateway", "date": iso(time.time()), "version": "5.3"}
                 parts = [json.dumps(header).encode(), b"{}", b"{}", b"{}"]
-                await shell.send_multipart(codec.zmq_from_parts(self.key, parts))
+                with contextlib.suppress(zmq.Again):  # not connected yet
+                    await shell.send_multipart(codec.zmq_from_parts(self.key, parts),
+                                               flags=zmq.NOBLOCK)
+                    self._handshakes[msg_id] = answered  # any of them will do
+                    sent.append(msg_id)
                 try:
-                    await asyncio.wait_for(asyncio.shield(fut), delay)
+                    await asyncio.wait_for(asyncio.shield(answered), delay)
                     return
                 except TimeoutError:
                     pass
-                finally:
-                    self._handshakes.pop(msg_id, None)
                 log.debug("kernel %s: no answer to kernel_info within %.2fs", self.id, delay)
                 if not await self.km.is_alive():
                     tail = getattr(self.km.provisioner, "log_tail", lambda: "")()
                     raise KernelStartError(
                         f"kernel {self.name!r} exited during start-up (exit code "
                         f"{self._exit_code()})" + (f"; its last output:\n{tail}" if tail else ""))
-                delay = min(delay * 2, 0.5)
+                delay = min(delay * 1.5, 0.1)
         finally:
+            for msg_id in sent:
+                self._handshakes.pop(msg_id, None)
             shell.close(linger=0)
 
     def _exit_code(self) -> Any:
