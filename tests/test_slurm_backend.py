@@ -5,8 +5,11 @@ with a message that says so, delete and gateway shutdown cancel jobs, submit err
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import secrets
 import signal
+import sqlite3
 import sys
 from collections.abc import Iterator
 
@@ -43,6 +46,14 @@ def slurm_gateway(slurm, specs, tmp_path_factory) -> Iterator[GatewayProcess]:
     assert not slurm.leftovers(gw), f"kernels left behind: {slurm.leftovers(gw)}"
 
 
+def _record(gw: GatewayProcess, kernel_id: str) -> dict:
+    """The provisioner info the gateway recorded for re-attaching to the kernel."""
+    assert gw.workdir is not None
+    with contextlib.closing(sqlite3.connect(gw.workdir / f"state-{gw.port}.sqlite")) as db:
+        (row,) = db.execute("SELECT provisioner_info FROM kernels WHERE id = ?", (kernel_id,))
+    return json.loads(row[0])
+
+
 def _job_of(slurm, kernel_id: str) -> list[str]:
     return [j for j in slurm.jobs() if j.endswith(f"rkg-{kernel_id}")]
 
@@ -63,6 +74,18 @@ async def test_kernel_runs_inside_its_job_and_delete_cancels_it(slurm, slurm_gat
     ks = await KernelSocket.open(slurm_gateway, model["id"], v1=True)
     out, reply = await ks.execute("import os; print(os.environ.get('SLURM_JOB_ID'))")
     assert reply["status"] == "ok" and out.strip() == job_id
+    info = _record(slurm_gateway, model["id"])
+    assert info["job_id"] == job_id and info["node"] == slurm.node
+    assert sorted(info["ports"]) == ["control", "hb", "iopub", "shell", "stdin"]
+    assert info["key"] and info["scheduler"] == "slurm"
+
+    # restart submits a new job; the old one is gone and the client goes on as before
+    assert (await api(slurm_gateway, "POST", f"api/kernels/{model['id']}/restart", {}))[0] == 200
+    (job,) = _job_of(slurm, model["id"])
+    assert job.split()[0] != job_id
+    out, _ = await ks.execute("import os; print(os.environ.get('SLURM_JOB_ID'))")
+    assert out.strip() == job.split()[0]
+    assert _record(slurm_gateway, model["id"])["job_id"] == job.split()[0]
     await ks.close()
     assert (await api(slurm_gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
     assert await _gone(slurm, model["id"]), slurm.jobs()
@@ -138,7 +161,6 @@ async def test_gateway_shutdown_cancels_running_and_queued_jobs(slurm, specs, tm
 
 
 def test_spec_cli(tmp_path):
-    import json
     import subprocess
 
     subprocess.run([sys.executable, "-m", "gateway", "spec", "add", "slurm", "gpu-a100",

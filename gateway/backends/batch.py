@@ -321,7 +321,11 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 break
             now = time.monotonic()
             if now >= next_status:
-                state = await cache.get(self.job_id, 0)
+                try:
+                    state = await cache.get(self.job_id, 0)
+                except KernelError as e:  # a scheduler too busy to answer: ask again later
+                    log.warning("cannot read the state of %s: %s", self.job_label, e)
+                    state = self._last or JobState(self.job_id, PENDING, "UNKNOWN")
                 self._last = state
                 if state is None or state.phase == FINISHED:
                     await self._read_tail()
