@@ -50,14 +50,18 @@ SCHEDULER_NAMES = {"slurm": "SLURM", "sge": "Grid Engine", "pbs": "PBS", "lsf": 
 def batch_spec(scheduler: str, *, partition: str = "", cpus: int = 0, memory: str = "",
                gpus: int = 0, walltime: str = "", account: str = "",
                submit_args: list[str] | None = None, python: str = "python3",
-               pre: str = "", workdir: str = "", runtime_dir: str = "",
+               pre: str = "", workdir: str = "", runtime_dir: str = "", login: str = "",
+               jump: list[str] | None = None, identity: str = "", known_hosts: str = "",
                display_name: str = "") -> dict[str, Any]:
-    """The kernel.json of a Python kernel run as a batch job (gateway/backends/batch.py)."""
+    """The kernel.json of a Python kernel run as a batch job (gateway/backends/batch.py),
+    submitted on the gateway's machine or, with `login`, on a login node over SSH."""
     config: dict[str, Any] = {"scheduler": scheduler, "python": python}
     for key, value in (("partition", partition), ("cpus", cpus), ("memory", memory),
                        ("gpus", gpus), ("walltime", walltime), ("account", account),
                        ("submit_args", submit_args), ("pre_command", pre),
-                       ("workdir", workdir), ("runtime_dir", runtime_dir)):
+                       ("workdir", workdir), ("runtime_dir", runtime_dir), ("login", login),
+                       ("jump_hosts", jump), ("identity_file", identity),
+                       ("known_hosts", known_hosts)):
         if value:
             config[key] = value
     where = f" {partition}" if partition else ""
@@ -93,7 +97,8 @@ def list_specs(directory: str | None = None) -> list[tuple[str, str, str]]:
         prov = spec.get("metadata", {}).get("kernel_provisioner", {})
         backend = prov.get("provisioner_name", "local")
         config = prov.get("config", {})
-        where = config.get("host", "") or config.get("scheduler", "")
+        where = config.get("host", "") or " ".join(
+            w for w in (config.get("scheduler", ""), config.get("login", "")) if w)
         out.append((spec_file.parent.name, f"{backend} {where}".strip(),
                     spec.get("display_name", "")))
     return out
@@ -140,6 +145,11 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         batch.add_argument("--workdir", default="", help="the kernel's working directory")
         batch.add_argument("--runtime-dir", default="",
                            help="connection files, on a filesystem the nodes share")
+        batch.add_argument("--login", default="",
+                           help="user@host[:port] of a login node to submit from over SSH")
+        batch.add_argument("--jump", action="append", default=[], help="jump host (repeatable)")
+        batch.add_argument("--identity", default="", help="private key for the login node")
+        batch.add_argument("--known-hosts", default="", help="known_hosts file")
         batch.add_argument("--display-name", default="")
     batches = [backends.choices[s] for s in SCHEDULER_NAMES]
     for p in (ssh, *batches, sub.add_parser("list", help="list kernelspecs"),
@@ -154,7 +164,9 @@ def run_spec_command(args: argparse.Namespace) -> None:
                           memory=args.memory, gpus=args.gpus, walltime=args.walltime,
                           account=args.account, submit_args=args.submit_args,
                           python=args.python, pre=args.pre, workdir=args.workdir,
-                          runtime_dir=args.runtime_dir, display_name=args.display_name)
+                          runtime_dir=args.runtime_dir, login=args.login, jump=args.jump,
+                          identity=args.identity, known_hosts=args.known_hosts,
+                          display_name=args.display_name)
         print(f"wrote {write_spec(args.name, spec, args.dir)}")
     elif args.spec_command == "add":
         spec = ssh_spec(args.host, jump=args.jump, python=args.python, workdir=args.workdir,

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import GatewayProcess, _cleanup, free_port
 
-BACKENDS = ["local", "ssh", "slurm"]
+BACKENDS = ["local", "ssh", "slurm", "slurm_login"]
 
 
 @dataclass
@@ -66,6 +66,24 @@ def backend_slurm(slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
     _cleanup(gw)
     assert not slurm.wait_no_jobs(), f"jobs left behind: {slurm.jobs()}"
     assert not slurm.leftovers(gw), f"kernels left behind: {slurm.leftovers(gw)}"
+
+
+@pytest.fixture(scope="module")
+def backend_slurm_login(slurm, slurm_login, tmp_path_factory: pytest.TempPathFactory
+                        ) -> Iterator[Backend]:
+    """The same SLURM, submitted to from a login node over SSH (sshd on 127.0.0.1): commands
+    run there, files go over SFTP, the kernel's ports are forwarded through it."""
+    specs = tmp_path_factory.mktemp("slurm-login-kernelspecs")
+    slurm.write_spec(specs, "slurm-login", config=slurm_login.config)
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
+                        extra_args=["--kernelspec-dir", str(specs)],
+                        workdir=tmp_path_factory.mktemp("gateway-slurm-login"))
+    gw.start()
+    leftovers = lambda: slurm.leftovers(gw, slurm_login.runtime_dir)  # noqa: E731
+    yield Backend("slurm_login", gw, "slurm-login", slurm.node, leftovers)
+    _cleanup(gw)
+    assert not slurm.wait_no_jobs(), f"jobs left behind: {slurm.jobs()}"
+    assert not leftovers(), f"kernels left behind: {leftovers()}"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -57,17 +57,21 @@ class SlurmCluster:
         out = self.run("squeue", "--noheader", "--format=%i %T %j", check=False)
         return [line.strip() for line in out.splitlines() if line.strip()]
 
-    def write_spec(self, directory: Path, name: str, **over: Any) -> None:
+    def write_spec(self, directory: Path, name: str, config: dict[str, Any] | None = None,
+                   **over: Any) -> None:
         """A kernelspec for `rkg spec add slurm` with this test's python and partition."""
         from gateway.specs import batch_spec, write_spec
 
         kwargs: dict[str, Any] = {"partition": "debug", "cpus": 1, "python": sys.executable}
         kwargs.update(over)
-        write_spec(name, batch_spec("slurm", **kwargs), str(directory))
+        spec = batch_spec("slurm", **kwargs)
+        spec["metadata"]["kernel_provisioner"]["config"].update(config or {})
+        write_spec(name, spec, str(directory))
 
-    def leftovers(self, gw: Any) -> list[str]:
+    def leftovers(self, gw: Any, runtime_dir: Path | None = None) -> list[str]:
         """Jobs still queued or running, and kernel processes of the gateway's batch jobs."""
-        procs = [f"pid {p}" for p in processes_matching(f"{gw.runtime_dir}/batch-kernel-")]
+        where = runtime_dir or gw.runtime_dir
+        procs = [f"pid {p}" for p in processes_matching(f"{where}/batch-kernel-")]
         return self.jobs() + procs
 
     def wait_no_jobs(self, timeout: float = 15) -> list[str]:
@@ -249,3 +253,55 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
         stray = [p.pid for p in cluster.procs if pid_alive(p.pid)]
         assert not stray, f"SLURM daemons still running: {stray}"
         assert not left, f"jobs left in the queue: {left}"
+
+
+@dataclass
+class LoginNode:
+    """An OpenSSH server on 127.0.0.1 standing in for a cluster's login node: its sessions
+    see SLURM_CONF, so scheduler commands run there reach the test cluster."""
+
+    config: dict[str, Any]
+    runtime_dir: Path
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def slurm_login(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[LoginNode]:
+    sshd = "/usr/sbin/sshd"
+    if not os.path.exists(sshd):
+        require_infra(f"{sshd} is missing (apt-get install openssh-server)")
+    work = tmp_path_factory.mktemp("slurm-login")
+    os.makedirs("/run/sshd", exist_ok=True)
+    keys = {}
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f",
+                        str(work / name)], check=True, timeout=20)
+        keys[name] = (work / f"{name}.pub").read_text().strip()
+    (work / "authorized_keys").write_text(keys["client"] + "\n")
+    port = free_port()
+    (work / "known_hosts").write_text(f"[127.0.0.1]:{port} {keys['host']}\n")
+    (work / "sshd.conf").write_text("\n".join([
+        "ListenAddress 127.0.0.1", f"Port {port}", f"HostKey {work}/host",
+        f"PidFile {work}/sshd.pid", f"AuthorizedKeysFile {work}/authorized_keys",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
+        "StrictModes no", "PermitRootLogin prohibit-password", "AllowTcpForwarding yes",
+        "LogLevel ERROR", "Subsystem sftp /usr/lib/openssh/sftp-server",
+        f"SetEnv SHLVL=1 SLURM_CONF={slurm.conf}", ""]))
+    with open(work / "sshd.log", "ab") as log:
+        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(work / "sshd.conf")],
+                                stdout=log, stderr=log, start_new_session=True)
+    try:
+        for _ in range(200):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None:
+                raise RuntimeError((work / "sshd.log").read_text())
+            time.sleep(0.05)
+        runtime = work / "runtime"
+        yield LoginNode({"login": f"root@127.0.0.1:{port}", "identity_file": str(work / "client"),
+                         "known_hosts": str(work / "known_hosts"), "runtime_dir": str(runtime)},
+                        runtime, proc)
+    finally:
+        _stop(proc)  # its per-connection processes end with the gateways' connections

@@ -166,18 +166,46 @@ def test_spec_cli(tmp_path):
     subprocess.run([sys.executable, "-m", "gateway", "spec", "add", "slurm", "gpu-a100",
                     "--partition", "gpu", "--cpus", "8", "--memory", "32G", "--gpus", "1",
                     "--walltime", "04:00:00", "--account", "proj42", "--submit-arg=--qos=short",
-                    "--pre", "module load cuda", "--dir", str(tmp_path)], check=True)
+                    "--pre", "module load cuda", "--login", "me@login1", "--jump", "me@bastion",
+                    "--dir", str(tmp_path)], check=True)
     spec = json.loads((tmp_path / "gpu-a100" / "kernel.json").read_text())
     prov = spec["metadata"]["kernel_provisioner"]
     assert prov["provisioner_name"] == "slurm-provisioner"
     assert prov["config"] == {"scheduler": "slurm", "python": "python3", "partition": "gpu",
                               "cpus": 8, "memory": "32G", "gpus": 1, "walltime": "04:00:00",
                               "account": "proj42", "submit_args": ["--qos=short"],
-                              "pre_command": "module load cuda"}
+                              "pre_command": "module load cuda", "login": "me@login1",
+                              "jump_hosts": ["me@bastion"]}
     subprocess.run([sys.executable, "-m", "gateway", "spec", "add", "sge", "sge-all",
                     "--queue", "all.q", "--dir", str(tmp_path)], check=True)
     sge = json.loads((tmp_path / "sge-all" / "kernel.json").read_text())
     assert sge["interrupt_mode"] == "message"
     listed = subprocess.run([sys.executable, "-m", "gateway", "spec", "list", "--dir",
                              str(tmp_path)], check=True, capture_output=True, text=True).stdout
-    assert "gpu-a100\tslurm-provisioner slurm" in listed
+    assert "gpu-a100\tslurm-provisioner slurm me@login1" in listed
+
+
+async def test_through_a_login_node_the_ports_are_forwarded(slurm, slurm_login, tmp_path):
+    """The gateway has no SLURM_CONF: every command goes through the login node."""
+    specs = tmp_path / "specs"
+    slurm.write_spec(specs, "slurm-login", config=slurm_login.config)
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
+                        extra_args=["--kernelspec-dir", str(specs)], workdir=tmp_path)
+    gw.start()
+    try:
+        model = await start_kernel(gw, "slurm-login")
+        (job,) = _job_of(slurm, model["id"])
+        info = _record(gw, model["id"])
+        assert info["job_id"] == job.split()[0] and info["login"].startswith("root@127.0.0.1")
+        assert info["local_ports"] and info["local_ports"] != info["ports"]
+        assert (slurm_login.runtime_dir / f"batch-kernel-{model['id']}.json").exists()
+        ks = await KernelSocket.open(gw, model["id"], v1=True)
+        out, _ = await ks.execute("import os; print(os.environ.get('SLURM_JOB_ID'))")
+        assert out.strip() == job.split()[0]
+        await ks.close()
+        assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+        assert await _gone(slurm, model["id"])
+        assert not (slurm_login.runtime_dir / f"batch-kernel-{model['id']}.json").exists()
+    finally:
+        _cleanup(gw)
+        assert slurm.wait_no_jobs() == []

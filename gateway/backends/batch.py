@@ -7,13 +7,16 @@ all four); a kernelspec chooses it with
         "scheduler": "slurm", "partition": "gpu", "cpus": 4, "memory": "16G", "gpus": 1,
         "walltime": "08:00:00", "account": "proj42", "submit_args": ["--qos=interactive"],
         "python": "/opt/conda/bin/python", "pre_command": "module load cuda",
-        "workdir": "~/work", "runtime_dir": "/shared/home/me/.rkg/runtime"}}}
+        "workdir": "~/work", "runtime_dir": "/shared/home/me/.rkg/runtime",
+        "login": "me@login1", "jump_hosts": ["me@bastion"]}}}
 
 A launch writes a connection file with every port 0 into runtime_dir (a filesystem the
 compute nodes share with the gateway) and submits a job script that execs ipykernel on it;
 ipykernel binds free ports on its node and rewrites the file, which the gateway reads back.
 No port is chosen before the kernel binds it, so there is no race, whichever node the job lands
-on. The node comes from the scheduler's status; the gateway connects to it directly.
+on. The node comes from the scheduler's status; the gateway connects to it directly, or, with
+`login` set, runs every command on that login node over the SSH backend's shared connection and
+forwards the five ports through it (batchlogin.py: LocalSite / LoginSite).
 
 While the job waits in the queue the kernel is `starting`; the scheduler's state and reason are
 kept for the launch-timeout message, and a job still queued when the start is given up (the
@@ -24,7 +27,6 @@ read for all kernels of a scheduler with one status command at a time (StatusCac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -32,7 +34,6 @@ import shlex
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -41,6 +42,8 @@ from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Dict, Float, Integer, List, Unicode
 
 from ..errors import KernelError, KernelStartError, KernelTimeout
+from . import sshpool
+from .batchlogin import LocalSite, LoginSite
 from .schedulers import FINISHED, PENDING, SCHEDULERS, JobRequest, JobState, Scheduler
 
 log = logging.getLogger(__name__)
@@ -48,28 +51,8 @@ log = logging.getLogger(__name__)
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 DEFAULT_CMD = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 FILE_STEP = 0.1  # seconds between looks at the connection file during a start
-COMMAND_TIMEOUT = 30.0  # for one sbatch / squeue / scancel
 # never sent to the job: they describe the gateway's process, not the kernel's
 _LOCAL_ONLY = frozenset({"JPY_PARENT_PID", "PATH", "HOME", "PWD", "SHELL", "USER", "LOGNAME"})
-
-
-async def run(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
-    """A scheduler command as an asyncio subprocess: (exit code, stdout, stderr)."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    except OSError as e:
-        raise KernelStartError(f"cannot run {argv[0]}: {e.strerror or e} (is the scheduler's "
-                               "client installed and on the gateway's PATH?)") from e
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), COMMAND_TIMEOUT)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 class StatusCache:
@@ -83,14 +66,14 @@ class StatusCache:
         self.read_at = 0.0
         self._inflight: asyncio.Future[None] | None = None
 
-    async def get(self, job_id: str, max_age: float) -> JobState | None:
+    async def get(self, job_id: str, max_age: float, site: Site) -> JobState | None:
         """The job's state; None once the scheduler no longer lists it (it has ended)."""
         if job_id not in self.watched:
             self.watched.add(job_id)
             max_age = 0
         if time.monotonic() - self.read_at > max_age:
             if self._inflight is None or self._inflight.done():
-                self._inflight = asyncio.ensure_future(self._read())
+                self._inflight = asyncio.ensure_future(self._read(site))
             await asyncio.shield(self._inflight)
         return self.states.get(job_id)
 
@@ -98,9 +81,9 @@ class StatusCache:
         self.watched.discard(job_id)
         self.states.pop(job_id, None)
 
-    async def _read(self) -> None:
+    async def _read(self, site: Site) -> None:
         ids = sorted(self.watched)
-        code, out, err = await run(self.scheduler.status(ids))
+        code, out, err = await site.run(self.scheduler.status(ids))
         # squeue exits 1 with "Invalid job id" when none of the jobs is known any more
         if code and "nvalid job id" not in err and "not found" not in err + out \
                 and "Unknown Job" not in err:
@@ -110,13 +93,16 @@ class StatusCache:
         self.read_at = time.monotonic()
 
 
-_caches: dict[str, StatusCache] = {}
+Site = LocalSite | LoginSite
+_caches: dict[tuple[str, str], StatusCache] = {}
 
 
-def status_cache(scheduler: Scheduler) -> StatusCache:
-    if scheduler.name not in _caches:
-        _caches[scheduler.name] = StatusCache(scheduler)
-    return _caches[scheduler.name]
+def status_cache(scheduler: Scheduler, site: Site) -> StatusCache:
+    """One per scheduler and place (this machine, or a login node)."""
+    key = (scheduler.name, site.name)
+    if key not in _caches:
+        _caches[key] = StatusCache(scheduler)
+    return _caches[key]
 
 
 def job_env(env: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
@@ -166,22 +152,48 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                  help="what the kernel binds on its node; the gateway connects to the node")
     runtime_dir = Unicode("", config=True, help="directory for connection files and job "
                           "output, shared with the compute nodes (default: Jupyter's runtime)")
+    login = Unicode("", config=True, help="[user@]host[:port] of a login node to submit from "
+                    "over SSH (default: submit on the gateway's machine)")
+    login_port = Integer(22, config=True)
+    jump_hosts = List(Unicode(), config=True, help="[user@]host[:port] hops to the login node")
+    identity_file = Unicode("", config=True, help="private key; default: ssh-agent, ~/.ssh")
+    known_hosts = Unicode("~/.ssh/known_hosts", config=True)
+    connect_timeout = Float(10.0, config=True)
     poll_interval = Float(2.0, config=True, help="seconds a job state is reused by poll()")
     launch_timeout = Float(0, config=True, help="give a start up after this (0: the gateway's "
                            "KERNEL_LAUNCH_TIMEOUT, else 600 s)")
 
     job_id: str | None = None
     node = ""
-    ports: dict[str, int]
+    ports: dict[str, int]  # on the node
+    local_ports: dict[str, int]  # what the gateway connects to (forwards via a login node)
     conn_file = ""
     _last: JobState | None = None
     _note = ""
     _tail = ""
     _exit: int | None = None
+    _site: Site | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.ports = {}
+        self.ports, self.local_ports = {}, {}
+
+    async def _open_site(self) -> Site:
+        if self._site is None:
+            if not self.login:
+                self._site = LocalSite()
+            else:
+                hop = sshpool.Hop.parse(self.login, self.login_port, None)
+                jumps = tuple(sshpool.Hop.parse(j, 22, hop.username) for j in self.jump_hosts)
+                self._site = await LoginSite.open(sshpool.Target(
+                    hop, jumps, self.identity_file or None, self.known_hosts,
+                    self.connect_timeout))
+        return self._site
+
+    def _close_site(self) -> None:
+        if self._site is not None:
+            self._site.close()
+            self._site = None
 
     # -- configuration -------------------------------------------------------------------
 
@@ -246,6 +258,7 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._note = f"the {sched.label.split()[0]} job was not submitted yet"
         started = time.monotonic()
         try:
+            await self._open_site()
             await self._submit(env, str(kwargs.get("cwd") or ""))
             await self._wait_running(self._deadline(env, started))
         except BaseException as e:
@@ -268,13 +281,17 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return started + timeout
 
     async def _submit(self, env: dict[str, str], cwd: str) -> None:
-        await asyncio.to_thread(self._write_conn_file)
+        assert self._site is not None
+        default_runtime = ".local/share/jupyter/runtime" if self.login else jupyter_runtime_dir()
+        runtime = await self._site.realpath(self.runtime_dir or default_runtime)
+        self.conn_file = f"{runtime}/batch-kernel-{self.kernel_id}.json"
+        await self._site.write_private(self.conn_file, self._conn_text())
         script = job_script(cmd=self._command(),
                             env=job_env(env, {k: str(v) for k, v in self.env.items()}),
                             workdir=self.workdir if self.scheduler == "pbs" else "",
                             pre_command=self.pre_command)
         argv = self.sched.submit(self._request(cwd))
-        code, out, err = await run(argv, stdin=script)
+        code, out, err = await self._site.run(argv, stdin=script)
         if code:
             raise KernelStartError(f"{argv[0]} refused the kernel's job: "
                                    f"{err.strip() or out.strip() or f'exit code {code}'}")
@@ -285,27 +302,21 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._note = f"{self.job_label} was submitted"
         log.info("kernel %s submitted as %s", self.kernel_id, self.job_label)
 
-    def _write_conn_file(self) -> None:
-        """Mode 0600 from its creation, every port 0."""
-        runtime = Path(self.runtime_dir or jupyter_runtime_dir()).expanduser()
-        runtime.mkdir(parents=True, exist_ok=True)
-        self.conn_file = str(runtime / f"batch-kernel-{self.kernel_id}.json")
+    def _conn_text(self) -> str:
+        """The connection file the job starts with: every port 0."""
         info = dict(self.connection_info)
         info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip=self.ip, transport="tcp")
         key = info.get("key", b"")
         info["key"] = key.decode() if isinstance(key, bytes) else key
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.conn_file)
-        fd = os.open(self.conn_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f, indent=2)
+        return json.dumps(info, indent=2)
 
-    def _read_ports(self) -> dict[str, int] | None:
+    async def _read_ports(self) -> dict[str, int] | None:
+        assert self._site is not None
+        text = await self._site.read(self.conn_file)
         try:
-            with open(self.conn_file) as f:
-                info = json.load(f)
+            info = json.loads(text or "")
             ports = {ch: int(info[f"{ch}_port"]) for ch in CHANNELS}
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return None  # not there yet, or caught half written
         return ports if all(ports.values()) else None
 
@@ -313,16 +324,18 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Until ipykernel rewrote the connection file; the job's state is read every
         poll step (growing from 0.25 s to poll_interval) to notice a job that ended."""
         assert self.job_id is not None
-        cache = status_cache(self.sched)
+        site = self._site
+        assert site is not None
+        cache = status_cache(self.sched, site)
         step, next_status = 0.25, 0.0
         while True:
-            ports = await asyncio.to_thread(self._read_ports)
+            ports = await self._read_ports()
             if ports:
                 break
             now = time.monotonic()
             if now >= next_status:
                 try:
-                    state = await cache.get(self.job_id, 0)
+                    state = await cache.get(self.job_id, 0, site)
                 except KernelError as e:  # a scheduler too busy to answer: ask again later
                     log.warning("cannot read the state of %s: %s", self.job_label, e)
                     state = self._last or JobState(self.job_id, PENDING, "UNKNOWN")
@@ -343,33 +356,18 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                                     "cancelled")
             await asyncio.sleep(FILE_STEP)
         self.ports = ports
-        state = await cache.get(self.job_id, 0)
+        state = await cache.get(self.job_id, 0, site)
         self.node = state.node if state and state.node else socket.gethostname().split(".")[0]
-        await self._connect_to(self.node)
-
-    async def _connect_to(self, node: str) -> None:
-        host = self.ip
-        if host in ("0.0.0.0", "*", ""):
-            try:
-                addrs = await asyncio.get_running_loop().getaddrinfo(
-                    node, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
-            except OSError as e:
-                raise KernelStartError(f"the kernel runs on node {node!r}, which this "
-                                       f"gateway cannot resolve: {e}") from e
-            host = str(addrs[0][4][0])
+        host, self.local_ports = await site.connect(self.node, self.ip, ports)
         info: dict[str, Any] = dict(self.connection_info)
-        info.update({f"{ch}_port": p for ch, p in self.ports.items()}, ip=host, transport="tcp")
+        info.update({f"{ch}_port": p for ch, p in self.local_ports.items()}, ip=host,
+                    transport="tcp")
         self.connection_info = cast(KernelConnectionInfo, info)
 
     async def _read_tail(self, size: int = 4096) -> str:
-        def read() -> str:
-            try:
-                with open(self.log_file, "rb") as f:
-                    f.seek(max(0, os.path.getsize(self.log_file) - size))
-                    return f.read().decode(errors="replace")
-            except OSError:
-                return ""
-        text = await asyncio.to_thread(read) if self.log_file else ""
+        text = ""
+        if self.log_file and self._site is not None:
+            text = await self._site.read(self.log_file, tail=size) or ""
         self._tail = "\n".join(text.strip().splitlines()[-15:])
         return self._tail
 
@@ -388,7 +386,8 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _poll(self, max_age: float) -> int | None:
         assert self.job_id is not None
         try:
-            state = await status_cache(self.sched).get(self.job_id, max_age)
+            site = await self._attach()
+            state = await status_cache(self.sched, site).get(self.job_id, max_age, site)
         except KernelError as e:
             log.warning("cannot read the state of %s: %s", self.job_label, e)
             return None
@@ -420,7 +419,8 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except Exception as e:
             log.warning("%s: %s", self.job_label, e)
             return
-        code, out, err = await run(argv)
+        site = await self._attach()
+        code, out, err = await site.run(argv)
         if code:
             log.warning("%s failed for %s: %s", argv[0], self.job_label, (err or out).strip())
 
@@ -441,11 +441,12 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         job_id, self.job_id = self.job_id, None
         if job_id is not None:
             self._exit = self._exit if self._exit is not None else -1
-            state = status_cache(self.sched).states.get(job_id)
+            site = await self._attach()
+            state = status_cache(self.sched, site).states.get(job_id)
             if state is None or state.phase != FINISHED:
                 argv = self.sched.cancel(job_id)
                 try:
-                    code, out, err = await run(argv)
+                    code, out, err = await site.run(argv)
                 except (KernelError, TimeoutError) as e:
                     code, out, err = -1, "", str(e)
                 if code and "already completed" not in err and "nvalid job id" not in err:
@@ -458,11 +459,20 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                                   f"{self._last.describe()}; the job has been cancelled")
                 else:
                     self._note = self._note + "; the job has been cancelled"
-            status_cache(self.sched).forget(job_id)
-        if forget_files and self.conn_file:
-            for path in (self.conn_file, self.log_file):
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+            status_cache(self.sched, site).forget(job_id)
+        if forget_files and self.conn_file and self._site is not None:
+            await self._site.remove([self.conn_file, self.log_file])
+        if forget_files:
+            self._close_site()
+
+    async def _attach(self) -> Site:
+        """The site; after load_provisioner_info, also the forwards to the recorded node."""
+        if self._site is not None:
+            return self._site
+        site = await self._open_site()
+        if isinstance(site, LoginSite) and self.job_id is not None and self.ports:
+            await site.reattach(self.node, self.ip, self.ports, self.local_ports)
+        return site
 
     # -- re-attach -----------------------------------------------------------------------
 
@@ -471,7 +481,8 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info: dict[str, Any] = await super().get_provisioner_info()
         key = self.connection_info.get("key", b"")
         info.update(scheduler=self.scheduler, job_id=self.job_id, node=self.node,
-                    ports=self.ports, connection_file=self.conn_file,
+                    ports=self.ports, local_ports=self.local_ports, login=self.login,
+                    connection_file=self.conn_file,
                     key=key.decode() if isinstance(key, bytes) else key)
         return info
 
@@ -482,4 +493,5 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.job_id = provisioner_info.get("job_id")
         self.node = provisioner_info.get("node", "")
         self.ports = dict(provisioner_info.get("ports") or {})
+        self.local_ports = dict(provisioner_info.get("local_ports") or {})
         self.conn_file = provisioner_info.get("connection_file", "")

@@ -1,0 +1,204 @@
+"""Where the batch backend (batch.py) runs scheduler commands and keeps its files.
+
+    LocalSite    this machine is a submit host; compute nodes share its runtime directory
+    LoginSite    a cluster login node over the SSH backend's shared connection (sshpool.py):
+                 commands run there, files go over SFTP, and the kernel's five ports are
+                 forwarded from 127.0.0.1 here to the compute node through the login node
+
+Both have the same methods: run, write_private, read, remove, connect, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import socket
+from typing import TYPE_CHECKING, Any
+
+from ..errors import KernelError, KernelStartError
+from . import sshpool
+
+if TYPE_CHECKING:
+    import asyncssh
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 30.0  # for one sbatch / squeue / scancel
+
+
+class LocalSite:
+    name = "this machine"
+
+    async def run(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
+        """A scheduler command as an asyncio subprocess: (exit code, stdout, stderr)."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        except OSError as e:
+            raise KernelStartError(f"cannot run {argv[0]}: {e.strerror or e} (is the "
+                                   "scheduler's client on the gateway's PATH?)") from e
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), COMMAND_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+    async def realpath(self, path: str) -> str:
+        def real() -> str:
+            full = os.path.abspath(os.path.expanduser(path))
+            os.makedirs(full, exist_ok=True)
+            return full
+        return await asyncio.to_thread(real)
+
+    async def write_private(self, path: str, text: str) -> None:
+        """Mode 0600 from its creation."""
+        def write() -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        await asyncio.to_thread(write)
+
+    async def read(self, path: str, tail: int = 0) -> str | None:
+        def read() -> str | None:
+            try:
+                with open(path, "rb") as f:
+                    if tail:
+                        f.seek(max(0, os.path.getsize(path) - tail))
+                    return f.read().decode(errors="replace")
+            except OSError:
+                return None
+        return await asyncio.to_thread(read)
+
+    async def remove(self, paths: list[str]) -> None:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+    async def connect(self, node: str, ip: str, ports: dict[str, int]
+                      ) -> tuple[str, dict[str, int]]:
+        """(address, ports) the gateway's ZMQ sockets connect to: the node itself."""
+        if ip not in ("0.0.0.0", "*", ""):
+            return ip, ports
+        try:
+            addrs = await asyncio.get_running_loop().getaddrinfo(
+                node, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise KernelStartError(f"the kernel runs on node {node!r}, which this gateway "
+                                   f"cannot resolve: {e}") from e
+        return str(addrs[0][4][0]), ports
+
+    def close(self) -> None:
+        pass
+
+
+class LoginSite:
+    """A lease on the shared SSH connection to the login node, and the kernel's forwards."""
+
+    pid: int | None = None  # no process of ours on the login node for sshpool to probe
+
+    def __init__(self, host: sshpool.SSHHost) -> None:
+        self.host = host
+        self.name = host.name
+        self.local_ports: dict[str, int] = {}
+        self._dest: tuple[str, dict[str, int]] | None = None
+        self._listeners: list[Any] = []
+
+    @classmethod
+    async def open(cls, target: sshpool.Target) -> LoginSite:
+        return cls(await sshpool.acquire(target))
+
+    async def run(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
+        mod = sshpool.require_asyncssh()
+        try:
+            conn = await self.host.connection()
+            async with self.host.sessions:
+                result = await conn.run(shlex.join(argv), input=stdin, check=False,
+                                        timeout=COMMAND_TIMEOUT)
+        except (OSError, mod.Error) as e:
+            raise KernelError(f"running {argv[0]} on {self.name}: {e}") from e
+        code = result.exit_status if result.exit_status is not None else -1
+        return code, str(result.stdout or ""), str(result.stderr or "")
+
+    async def realpath(self, path: str) -> str:
+        sftp = await self.host.sftp()
+        rel = path[2:] if path.startswith("~/") else path
+        await sftp.makedirs(rel, exist_ok=True)
+        return str(await sftp.realpath(rel))
+
+    async def write_private(self, path: str, text: str) -> None:
+        import asyncssh
+
+        sftp = await self.host.sftp()
+        async with sftp.open(path, "w", asyncssh.SFTPAttrs(permissions=0o600)) as f:
+            await f.write(text)
+        await sftp.chmod(path, 0o600)
+
+    async def read(self, path: str, tail: int = 0) -> str | None:
+        mod = sshpool.require_asyncssh()
+        try:
+            sftp = await self.host.sftp()
+            async with sftp.open(path, "rb") as f:
+                if tail:
+                    size = (await sftp.stat(path)).size or 0
+                    await f.seek(max(0, size - tail))
+                data = await f.read()
+        except (OSError, mod.SFTPError):
+            return None
+        return data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+
+    async def remove(self, paths: list[str]) -> None:
+        mod = sshpool.require_asyncssh()
+        with contextlib.suppress(OSError, mod.Error, KernelError):
+            sftp = await self.host.sftp()
+            for path in paths:
+                with contextlib.suppress(mod.SFTPError):
+                    await sftp.remove(path)
+
+    async def connect(self, node: str, ip: str, ports: dict[str, int]
+                      ) -> tuple[str, dict[str, int]]:
+        """Forwards from 127.0.0.1 here through the login node to the compute node."""
+        self._dest = (node if ip in ("0.0.0.0", "*", "") else ip, ports)
+        self.local_ports = {}
+        await self.reforward(await self.host.connection())
+        self.host.watch(self)
+        return "127.0.0.1", dict(self.local_ports)
+
+    async def reattach(self, node: str, ip: str, ports: dict[str, int],
+                       local_ports: dict[str, int]) -> None:
+        """After a gateway restart: the same local ports as recorded."""
+        self._dest = (node if ip in ("0.0.0.0", "*", "") else ip, ports)
+        self.local_ports = dict(local_ports)
+        await self.reforward(await self.host.connection())
+        self.host.watch(self)
+
+    async def reforward(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Called by the shared connection after it reconnected, too: the same local ports."""
+        if self._dest is None:
+            return
+        dest, ports = self._dest
+        self._close_listeners()
+        for ch, port in ports.items():
+            listener = await conn.forward_local_port("127.0.0.1", self.local_ports.get(ch, 0),
+                                                     dest, port)
+            self._listeners.append(listener)
+            self.local_ports[ch] = listener.get_port()
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+
+    def close(self) -> None:
+        self._close_listeners()
+        self.host.unwatch(self)
+        sshpool.release(self.host)
