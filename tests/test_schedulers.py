@@ -226,3 +226,19 @@ def test_lsf_parsing():
     assert st["5504"].phase == st["5505"].phase == FINISHED
     assert st["5506"].node == "node10"
     assert "5507" not in st
+
+
+def test_job_script():
+    from gateway.backends.batch import job_env, job_script
+
+    script = job_script(cmd=["python3", "-m", "ipykernel_launcher", "-f", "/rt/k 1.json"],
+                        env={"KERNEL_ID": "k1", "A": "x y"}, workdir="~/work dir",
+                        pre_command="module load cuda")
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/sh" and lines[1] == "umask 077"
+    assert lines[2].startswith("""cd "$HOME"'/work dir' || """)
+    assert "module load cuda" in script and "export A='x y'" in script
+    assert lines[-1] == "exec python3 -m ipykernel_launcher -f '/rt/k 1.json' </dev/null"
+    env = job_env({"KERNEL_ID": "k1", "JPY_PARENT_PID": "1", "PATH": "/x", "BAD-NAME": "1"},
+                  {"OMP_NUM_THREADS": "4"})
+    assert env == {"KERNEL_ID": "k1", "OMP_NUM_THREADS": "4"}

@@ -33,6 +33,9 @@ def specs(slurm, tmp_path_factory: pytest.TempPathFactory):
     slurm.write_spec(specs, "slurm-closed", partition="closed")  # State=DOWN: stays queued
     slurm.write_spec(specs, "slurm-huge", cpus=slurm.cpus + 1)  # more than the node has
     slurm.write_spec(specs, "slurm-nosuch", partition="nosuch")
+    (specs / "wd").mkdir()
+    slurm.write_spec(specs, "slurm-wd", workdir=str(specs / "wd"), pre="export PRE=done",
+                     config={"env": {"FROM_SPEC": "yes"}})
     slurm.write_spec(specs, "slurm-nopython", python="/nonexistent/python3")
     return specs
 
@@ -90,6 +93,17 @@ async def test_kernel_runs_inside_its_job_and_delete_cancels_it(slurm, slurm_gat
     assert (await api(slurm_gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
     assert await _gone(slurm, model["id"]), slurm.jobs()
     assert not slurm.leftovers(slurm_gateway)
+
+
+async def test_workdir_pre_command_and_env(slurm, slurm_gateway, specs):
+    model = await start_kernel(slurm_gateway, "slurm-wd")
+    ks = await KernelSocket.open(slurm_gateway, model["id"], v1=True)
+    out, _ = await ks.execute("import os; print(os.getcwd(), os.environ.get('PRE'), "
+                              "os.environ.get('FROM_SPEC'), os.environ.get('KERNEL_ID'))")
+    assert out.split() == [str(specs / "wd"), "done", "yes", model["id"]]
+    await ks.close()
+    assert (await api(slurm_gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+    assert await _gone(slurm, model["id"])
 
 
 async def test_queued_job_is_cancelled_after_the_launch_timeout(slurm, slurm_gateway):

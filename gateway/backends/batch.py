@@ -224,8 +224,14 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                for a in cmd]
         return cmd
 
+    def _script_cds(self) -> bool:
+        """Whether the job script changes directory itself: PBS has no option for it, and
+        `~` is the home directory where the job runs, which only its shell knows."""
+        return bool(self.workdir) and (self.scheduler == "pbs" or self.workdir.startswith("~"))
+
     def _request(self, cwd: str) -> JobRequest:
-        workdir = os.path.expanduser(self.workdir) if self.workdir else cwd
+        # KERNEL_WORKING_DIR (cwd) is a path on the gateway's machine: not for a login node
+        workdir = "" if self._script_cds() else self.workdir or ("" if self.login else cwd)
         return JobRequest(
             name=f"rkg-{self.kernel_id}", output=self.log_file, workdir=workdir,
             queue=self.partition, cpus=self.cpus, memory=self.memory, gpus=self.gpus,
@@ -288,7 +294,7 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await self._site.write_private(self.conn_file, self._conn_text())
         script = job_script(cmd=self._command(),
                             env=job_env(env, {k: str(v) for k, v in self.env.items()}),
-                            workdir=self.workdir if self.scheduler == "pbs" else "",
+                            workdir=self.workdir if self._script_cds() else "",
                             pre_command=self.pre_command)
         argv = self.sched.submit(self._request(cwd))
         code, out, err = await self._site.run(argv, stdin=script)
@@ -441,7 +447,12 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         job_id, self.job_id = self.job_id, None
         if job_id is not None:
             self._exit = self._exit if self._exit is not None else -1
-            site = await self._attach()
+            try:
+                site = await self._attach()
+            except KernelError as e:  # a login node that cannot be reached
+                log.warning("cannot cancel %s %s: %s", self.sched.label, job_id, e)
+                self._close_site()
+                return
             state = status_cache(self.sched, site).states.get(job_id)
             if state is None or state.phase != FINISHED:
                 argv = self.sched.cancel(job_id)
@@ -449,16 +460,18 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     code, out, err = await site.run(argv)
                 except (KernelError, TimeoutError) as e:
                     code, out, err = -1, "", str(e)
+                done = "the job has been cancelled"
                 if code and "already completed" not in err and "nvalid job id" not in err:
                     log.warning("%s %s: %s", argv[0], job_id, (err or out).strip())
+                    done = f"cancelling the job failed: {(err or out).strip()}"
                 else:
                     log.info("%s %s cancelled (kernel %s)", self.sched.label, job_id,
                              self.kernel_id)
                 if self._last is not None and self._last.phase == PENDING:
                     self._note = (f"{self.sched.label} {job_id} was still queued: "
-                                  f"{self._last.describe()}; the job has been cancelled")
+                                  f"{self._last.describe()}; {done}")
                 else:
-                    self._note = self._note + "; the job has been cancelled"
+                    self._note = f"{self._note}; {done}"
             status_cache(self.sched, site).forget(job_id)
         if forget_files and self.conn_file and self._site is not None:
             await self._site.remove([self.conn_file, self.log_file])
