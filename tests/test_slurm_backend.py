@@ -223,3 +223,42 @@ async def test_through_a_login_node_the_ports_are_forwarded(slurm, slurm_login, 
     finally:
         _cleanup(gw)
         assert slurm.wait_no_jobs() == []
+
+
+async def test_login_node_in_its_own_network_namespace(slurm, ssh_lab, tmp_path):
+    """rhost1 (tests/sshd.py) is the login node: it reaches slurmctld and the kernel only
+    over its own link, and the kernel binds only this machine's end of that link, so the
+    gateway reaches the kernel through the forwards over rhost1 or not at all."""
+    host = ssh_lab.hosts["rhost1"]
+    outer = host.addr.rsplit(".", 1)[0] + ".1"  # this machine's end of rhost1's link
+    conf = tmp_path / "slurm-rhost1.conf"  # the same cluster, its controller at `outer`
+    conf.write_text(slurm.conf.read_text().replace(
+        f"SlurmctldHost={slurm.node}(127.0.0.1)", f"SlurmctldHost={slurm.node}({outer})"))
+    ssh = ssh_lab.config("rhost1")
+    runtime = tmp_path / "runtime"
+    specs = tmp_path / "specs"
+    slurm.write_spec(specs, "slurm-rhost1", config={
+        "login": ssh["host"], "identity_file": ssh["identity_file"],
+        "known_hosts": ssh["known_hosts"], "runtime_dir": str(runtime), "ip": outer,
+        "scheduler_env": {"SLURM_CONF": str(conf)}})
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
+                        extra_args=["--kernelspec-dir", str(specs)], workdir=tmp_path)
+    gw.start()
+    try:
+        model = await start_kernel(gw, "slurm-rhost1")
+        (job,) = _job_of(slurm, model["id"])
+        info = _record(gw, model["id"])
+        assert info["login"] == ssh["host"] and info["local_ports"] != info["ports"]
+        ks = await KernelSocket.open(gw, model["id"], v1=True)
+        out, _ = await ks.execute("import os; print(os.environ.get('SLURM_JOB_ID'))")
+        assert out.strip() == job.split()[0]
+        assert (await api(gw, "POST", f"api/kernels/{model['id']}/restart", {}))[0] == 200
+        out, _ = await ks.execute("print('restarted')", timeout=30)
+        assert out == "restarted\n"
+        await ks.close()
+        assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+        assert await _gone(slurm, model["id"]), slurm.jobs()
+        assert not slurm.leftovers(gw, runtime)
+    finally:
+        _cleanup(gw)
+        assert slurm.wait_no_jobs() == []

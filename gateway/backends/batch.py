@@ -99,7 +99,7 @@ _caches: dict[tuple[str, str], StatusCache] = {}
 
 def status_cache(scheduler: Scheduler, site: Site) -> StatusCache:
     """One per scheduler and place (this machine, or a login node)."""
-    key = (scheduler.name, site.name)
+    key = (scheduler.name, site.key)
     if key not in _caches:
         _caches[key] = StatusCache(scheduler)
     return _caches[key]
@@ -159,6 +159,8 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     identity_file = Unicode("", config=True, help="private key; default: ssh-agent, ~/.ssh")
     known_hosts = Unicode("~/.ssh/known_hosts", config=True)
     connect_timeout = Float(10.0, config=True)
+    scheduler_env = Dict(config=True, help="environment of the scheduler's commands (not of "
+                         "the kernel), e.g. {\"SLURM_CONF\": \"/etc/slurm/other.conf\"}")
     poll_interval = Float(2.0, config=True, help="seconds a job state is reused by poll()")
     launch_timeout = Float(0, config=True, help="give a start up after this (0: the gateway's "
                            "KERNEL_LAUNCH_TIMEOUT, else 600 s)")
@@ -181,14 +183,18 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _open_site(self) -> Site:
         if self._site is None:
             if not self.login:
-                self._site = LocalSite()
+                self._site = LocalSite(self._scheduler_env)
             else:
                 hop = sshpool.Hop.parse(self.login, self.login_port, None)
                 jumps = tuple(sshpool.Hop.parse(j, 22, hop.username) for j in self.jump_hosts)
                 self._site = await LoginSite.open(sshpool.Target(
                     hop, jumps, self.identity_file or None, self.known_hosts,
-                    self.connect_timeout))
+                    self.connect_timeout), self._scheduler_env)
         return self._site
+
+    @property
+    def _scheduler_env(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in self.scheduler_env.items()}
 
     def _close_site(self) -> None:
         if self._site is not None:

@@ -30,14 +30,21 @@ COMMAND_TIMEOUT = 30.0  # for one sbatch / squeue / scancel
 
 
 class LocalSite:
+    """`env`: for the scheduler's commands (SLURM_CONF, SGE_ROOT...), not for the kernel."""
+
     name = "this machine"
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = dict(env or {})
+        self.key = f"{self.name} {sorted(self.env.items())}"
 
     async def run(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
         """A scheduler command as an asyncio subprocess: (exit code, stdout, stderr)."""
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True)
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None)
         except OSError as e:
             raise KernelStartError(f"cannot run {argv[0]}: {e.strerror or e} (is the "
                                    "scheduler's client on the gateway's PATH?)") from e
@@ -106,23 +113,28 @@ class LoginSite:
 
     pid: int | None = None  # no process of ours on the login node for sshpool to probe
 
-    def __init__(self, host: sshpool.SSHHost) -> None:
+    def __init__(self, host: sshpool.SSHHost, env: dict[str, str] | None = None) -> None:
         self.host = host
         self.name = host.name
+        self.env = dict(env or {})
+        self.key = f"{self.name} {sorted(self.env.items())}"
         self.local_ports: dict[str, int] = {}
         self._dest: tuple[str, dict[str, int]] | None = None
         self._listeners: list[Any] = []
 
     @classmethod
-    async def open(cls, target: sshpool.Target) -> LoginSite:
-        return cls(await sshpool.acquire(target))
+    async def open(cls, target: sshpool.Target, env: dict[str, str] | None = None
+                   ) -> LoginSite:
+        return cls(await sshpool.acquire(target), env)
 
     async def run(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
         mod = sshpool.require_asyncssh()
         try:
             conn = await self.host.connection()
             async with self.host.sessions:
-                result = await conn.run(shlex.join(argv), input=stdin, check=False,
+                prefix = ["env", *[f"{k}={v}" for k, v in sorted(self.env.items())]]
+                command = shlex.join(prefix + argv if self.env else argv)
+                result = await conn.run(command, input=stdin, check=False,
                                         timeout=COMMAND_TIMEOUT)
         except (OSError, mod.Error) as e:
             raise KernelError(f"running {argv[0]} on {self.name}: {e}") from e
