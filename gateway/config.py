@@ -40,6 +40,8 @@ class Config:
     keep_kernels: bool = False
     max_kernels: int = 0  # 0: no limit
     max_kernels_per_user: int = 0
+    # messages larger than this go uncompressed on deflate connections; 0: no deflate at all
+    ws_compress_max: int = 1024 * 1024
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -107,6 +109,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
     parser.add_argument("--max-kernels-per-user", type=int,
                         default=int(e("RKG_MAX_KERNELS_PER_USER", "0")),
                         help="per KERNEL_USERNAME")
+    parser.add_argument("--ws-compress-max", type=int,
+                        default=int(e("RKG_WS_COMPRESS_MAX", Config.ws_compress_max)),
+                        help="websocket messages above this many bytes are not deflated "
+                        "(0: no permessage-deflate)")
     parser.add_argument("--log-level", default=e("RKG_LOG_LEVEL", Config.log_level))
 
 
@@ -143,6 +149,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         keep_kernels=args.keep_kernels,
         max_kernels=args.max_kernels,
         max_kernels_per_user=args.max_kernels_per_user,
+        ws_compress_max=args.ws_compress_max,
     )
 
 

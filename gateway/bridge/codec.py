@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import struct
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
@@ -32,7 +33,18 @@ class BadFrame(ValueError):
     """A websocket frame from a client that is not a valid kernel message."""
 
 
-def parts_from_zmq(frames: list[bytes]) -> list[bytes]:
+Part = bytes | memoryview  # large parts stay views of the received ZMQ frames: no copy
+
+
+def frames_as_parts(frames: list[Any]) -> list[Part]:
+    """zmq.Frame objects (recv_multipart(copy=False)) as bytes, or as views when large."""
+    return [f.buffer if len(f) >= LARGE else f.bytes for f in frames]
+
+
+LARGE = 64 * 1024
+
+
+def parts_from_zmq(frames: list[Part]) -> list[Part]:
     """The message parts of a ZMQ multipart message (idents and signature dropped)."""
     try:
         i = frames.index(DELIMITER)
@@ -61,13 +73,13 @@ def zmq_from_parts(key: bytes, parts: list[bytes]) -> list[bytes]:
 # -- v1 ------------------------------------------------------------------------------------
 
 
-def v1_from_parts(channel: bytes, parts: list[bytes]) -> bytes:
+def v1_from_parts(channel: bytes, parts: Sequence[Part]) -> bytes:
     pieces = [channel, *parts]
     n = len(pieces) + 1
     offsets = [8 * (n + 1)]
     for piece in pieces:
         offsets.append(offsets[-1] + len(piece))
-    return struct.pack(f"<{n + 1}Q", n, *offsets) + b"".join(pieces)
+    return b"".join([struct.pack(f"<{n + 1}Q", n, *offsets), *pieces])  # one copy
 
 
 def parts_from_v1(frame: bytes) -> tuple[str, list[bytes]]:
@@ -94,14 +106,14 @@ def parts_from_v1(frame: bytes) -> tuple[str, list[bytes]]:
 # -- legacy --------------------------------------------------------------------------------
 
 
-def _legacy_json(channel: bytes, parts: list[bytes], buffers: list[str] | None) -> bytes:
+def _legacy_json(channel: bytes, parts: Sequence[Part], buffers: list[str] | None) -> bytes:
     h, p, m, c = parts[:4]
     tail = b"" if buffers is None else b',"buffers":' + json.dumps(buffers).encode()
-    return (b'{"header":' + h + b',"parent_header":' + p + b',"metadata":' + m
-            + b',"content":' + c + b',"channel":"' + channel + b'"' + tail + b"}")
+    return b"".join([b'{"header":', h, b',"parent_header":', p, b',"metadata":', m,
+                     b',"content":', c, b',"channel":"', channel, b'"', tail, b"}"])
 
 
-def legacy_from_parts(channel: bytes, parts: list[bytes], *, binary_ok: bool = True
+def legacy_from_parts(channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
                       ) -> tuple[bytes, bool]:
     """(frame, is_binary). Messages with buffers become binary frames, or, for a client that
     cannot take binary frames (`binary_ok=False`), text with base64 buffers."""
@@ -114,7 +126,7 @@ def legacy_from_parts(channel: bytes, parts: list[bytes], *, binary_ok: bool = T
     offsets = [4 * (len(chunks) + 1)]
     for chunk in chunks[:-1]:
         offsets.append(offsets[-1] + len(chunk))
-    return struct.pack(f">{len(chunks) + 1}I", len(chunks), *offsets) + b"".join(chunks), True
+    return b"".join([struct.pack(f">{len(chunks) + 1}I", len(chunks), *offsets), *chunks]), True
 
 
 def _parts_from_message(msg: Any, buffers: list[bytes]) -> tuple[str, list[bytes]]:

@@ -8,6 +8,7 @@ a reconnect with the same session_id).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from tornado import web, websocket
@@ -66,7 +67,9 @@ class KernelWebSocket(websocket.WebSocketHandler):
         allowed = self.config.allow_origin
         return allowed == "*" or origin == allowed or super().check_origin(origin)
 
-    def get_compression_options(self) -> dict[str, Any]:
+    def get_compression_options(self) -> dict[str, Any] | None:
+        if self.config.ws_compress_max <= 0:
+            return None  # permessage-deflate not offered back
         return {"compression_level": 1}  # cheap; output text compresses well even so
 
     # -- open ----------------------------------------------------------------------------
@@ -96,14 +99,14 @@ class KernelWebSocket(websocket.WebSocketHandler):
             return
         await self.session.send_to_kernel(channel, parts)
 
-    def send(self, channel: bytes, parts: list[bytes]) -> None:
+    def send(self, channel: bytes, parts: Sequence[codec.Part]) -> None:
         """Sink.send: one kernel message to this client, in its protocol."""
         if self.v1:
             frame, binary = codec.v1_from_parts(channel, parts), True
         else:
             frame, binary = codec.legacy_from_parts(channel, parts, binary_ok=self.binary_ok)
         try:
-            fut = self.write_message(frame, binary=binary)
+            fut = self._write(frame, binary)
         except websocket.WebSocketClosedError:
             return
         size = len(frame)
@@ -113,6 +116,21 @@ class KernelWebSocket(websocket.WebSocketHandler):
             log.warning("kernel %s: a client is not reading; closing its socket",
                         self.kernel.id if self.kernel else "?")
             self.close_with(1013, "client too slow")
+
+    def _write(self, frame: bytes, binary: bool) -> Any:
+        """write_message, without deflate for a frame above --ws-compress-max: a 50 MB output
+        costs more CPU to compress than it saves on a LAN. RFC 7692 lets each message choose
+        (RSV1 per message) and the shared window stays in step, as neither side sees it.
+        Tornado has no per-message switch, so its compressor is set aside for this write."""
+        proto = self.ws_connection
+        compressor = getattr(proto, "_compressor", None)
+        if compressor is None or len(frame) <= self.config.ws_compress_max:
+            return self.write_message(frame, binary=binary)
+        proto._compressor = None  # type: ignore[union-attr]
+        try:
+            return self.write_message(frame, binary=binary)
+        finally:
+            proto._compressor = compressor  # type: ignore[union-attr]
 
     def _written(self, fut: Any, size: int) -> None:
         self._pending -= size

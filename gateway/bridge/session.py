@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import zmq
@@ -31,7 +32,7 @@ CHANNELS = ("shell", "control", "stdin")
 class Sink(Protocol):
     """Where a session delivers messages: a websocket connection."""
 
-    def send(self, channel: bytes, parts: list[bytes]) -> None: ...
+    def send(self, channel: bytes, parts: Sequence[codec.Part]) -> None: ...
 
     def close_with(self, code: int, reason: str) -> None: ...
 
@@ -44,7 +45,7 @@ class ClientSession:
         self.sink: Sink | None = None
         self.detached_at: float | None = time.monotonic()
         self._max_bytes = max_bytes
-        self._backlog: deque[tuple[bytes, list[bytes]]] = deque()
+        self._backlog: deque[tuple[bytes, Sequence[codec.Part]]] = deque()
         self._backlog_bytes = 0
         self._overflowed = False
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
@@ -79,7 +80,7 @@ class ClientSession:
     async def _read(self, channel: bytes, sock: zmq.asyncio.Socket) -> None:
         try:
             while True:
-                frames = await sock.recv_multipart()
+                frames = codec.frames_as_parts(await sock.recv_multipart(copy=False))
                 try:
                     parts = codec.parts_from_zmq(frames)
                 except codec.BadFrame as e:
@@ -115,7 +116,7 @@ class ClientSession:
 
     # -- client side -------------------------------------------------------------------
 
-    def deliver(self, channel: bytes, parts: list[bytes]) -> None:
+    def deliver(self, channel: bytes, parts: Sequence[codec.Part]) -> None:
         if self.sink is not None:
             self.sink.send(channel, parts)
             return

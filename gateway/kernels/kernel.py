@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -114,7 +114,7 @@ class ManagedKernel:
     async def _pump_iopub(self, sock: zmq.asyncio.Socket) -> None:
         try:
             while True:
-                frames = await sock.recv_multipart()
+                frames = codec.frames_as_parts(await sock.recv_multipart(copy=False))
                 try:
                     parts = codec.parts_from_zmq(frames)
                 except codec.BadFrame as e:
@@ -129,19 +129,20 @@ class ManagedKernel:
         except zmq.ZMQError as e:
             log.debug("iopub pump of %s stopped: %s", self.id, e)
 
-    def _observe(self, parts: list[bytes]) -> None:
+    def _observe(self, parts: Sequence[codec.Part]) -> None:
         """Track execution_state, and complete readiness handshakes (only status messages,
         which are small, are decoded)."""
-        if b'"status"' not in parts[0]:
+        header = bytes(parts[0])  # headers are small: bytes already, so no copy
+        if b'"status"' not in header:
             return
         try:
-            if json.loads(parts[0]).get("msg_type") != "status":
+            if json.loads(header).get("msg_type") != "status":
                 return
-            state = json.loads(parts[3]).get("execution_state")
+            state = json.loads(bytes(parts[3])).get("execution_state")
             if isinstance(state, str) and self.state in ("running", "restarting"):
                 self.execution_state = state
             if self._handshakes:
-                parent = json.loads(parts[1]).get("msg_id")
+                parent = json.loads(bytes(parts[1])).get("msg_id")
                 fut = self._handshakes.get(parent)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
