@@ -73,13 +73,18 @@ def zmq_from_parts(key: bytes, parts: list[bytes]) -> list[bytes]:
 # -- v1 ------------------------------------------------------------------------------------
 
 
-def v1_from_parts(channel: bytes, parts: Sequence[Part]) -> bytes:
+def v1_pieces(channel: bytes, parts: Sequence[Part]) -> list[Part]:
+    """A v1 frame as the pieces that, joined, make it (writable without joining)."""
     pieces = [channel, *parts]
     n = len(pieces) + 1
     offsets = [8 * (n + 1)]
     for piece in pieces:
         offsets.append(offsets[-1] + len(piece))
-    return b"".join([struct.pack(f"<{n + 1}Q", n, *offsets), *pieces])  # one copy
+    return [struct.pack(f"<{n + 1}Q", n, *offsets), *pieces]
+
+
+def v1_from_parts(channel: bytes, parts: Sequence[Part]) -> bytes:
+    return b"".join(v1_pieces(channel, parts))
 
 
 def parts_from_v1(frame: bytes) -> tuple[str, list[bytes]]:
@@ -106,27 +111,35 @@ def parts_from_v1(frame: bytes) -> tuple[str, list[bytes]]:
 # -- legacy --------------------------------------------------------------------------------
 
 
-def _legacy_json(channel: bytes, parts: Sequence[Part], buffers: list[str] | None) -> bytes:
+def _legacy_json(channel: bytes, parts: Sequence[Part], buffers: list[str] | None
+                 ) -> list[Part]:
     h, p, m, c = parts[:4]
     tail = b"" if buffers is None else b',"buffers":' + json.dumps(buffers).encode()
-    return b"".join([b'{"header":', h, b',"parent_header":', p, b',"metadata":', m,
-                     b',"content":', c, b',"channel":"', channel, b'"', tail, b"}"])
+    return [b'{"header":', h, b',"parent_header":', p, b',"metadata":', m,
+            b',"content":', c, b',"channel":"' + channel + b'"' + tail + b"}"]
 
 
-def legacy_from_parts(channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
-                      ) -> tuple[bytes, bool]:
-    """(frame, is_binary). Messages with buffers become binary frames, or, for a client that
-    cannot take binary frames (`binary_ok=False`), text with base64 buffers."""
+def legacy_pieces(channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
+                  ) -> tuple[list[Part], bool]:
+    """(pieces of the frame, is_binary). Messages with buffers become binary frames, or, for
+    a client that cannot take binary frames (`binary_ok=False`), text with base64 buffers."""
     buffers = parts[4:]
     if not buffers:
         return _legacy_json(channel, parts, []), False
     if not binary_ok:
         return _legacy_json(channel, parts, [base64.b64encode(b).decode() for b in buffers]), False
-    chunks = [_legacy_json(channel, parts, None), *buffers]
-    offsets = [4 * (len(chunks) + 1)]
-    for chunk in chunks[:-1]:
-        offsets.append(offsets[-1] + len(chunk))
-    return b"".join([struct.pack(f">{len(chunks) + 1}I", len(chunks), *offsets), *chunks]), True
+    text = _legacy_json(channel, parts, None)
+    sizes = [sum(len(t) for t in text), *(len(b) for b in buffers)]
+    offsets = [4 * (len(sizes) + 1)]
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + size)
+    return [struct.pack(f">{len(sizes) + 1}I", len(sizes), *offsets), *text, *buffers], True
+
+
+def legacy_from_parts(channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
+                      ) -> tuple[bytes, bool]:
+    pieces, binary = legacy_pieces(channel, parts, binary_ok=binary_ok)
+    return b"".join(pieces), binary
 
 
 def _parts_from_message(msg: Any, buffers: list[bytes]) -> tuple[str, list[bytes]]:

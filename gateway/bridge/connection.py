@@ -8,10 +8,12 @@ a reconnect with the same session_id).
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 from tornado import web, websocket
+from tornado.iostream import StreamClosedError
 
 from ..auth import authenticate
 from ..config import Config
@@ -102,14 +104,14 @@ class KernelWebSocket(websocket.WebSocketHandler):
     def send(self, channel: bytes, parts: Sequence[codec.Part]) -> None:
         """Sink.send: one kernel message to this client, in its protocol."""
         if self.v1:
-            frame, binary = codec.v1_from_parts(channel, parts), True
+            pieces, binary = codec.v1_pieces(channel, parts), True
         else:
-            frame, binary = codec.legacy_from_parts(channel, parts, binary_ok=self.binary_ok)
+            pieces, binary = codec.legacy_pieces(channel, parts, binary_ok=self.binary_ok)
+        size = sum(len(p) for p in pieces)
         try:
-            fut = self._write(frame, binary)
-        except websocket.WebSocketClosedError:
+            fut = self._write(pieces, size, binary)
+        except (websocket.WebSocketClosedError, StreamClosedError):
             return
-        size = len(frame)
         self._pending += size
         fut.add_done_callback(lambda f: self._written(f, size))
         if self._pending > MAX_PENDING_BYTES:
@@ -117,20 +119,33 @@ class KernelWebSocket(websocket.WebSocketHandler):
                         self.kernel.id if self.kernel else "?")
             self.close_with(1013, "client too slow")
 
-    def _write(self, frame: bytes, binary: bool) -> Any:
-        """write_message, without deflate for a frame above --ws-compress-max: a 50 MB output
-        costs more CPU to compress than it saves on a LAN. RFC 7692 lets each message choose
-        (RSV1 per message) and the shared window stays in step, as neither side sees it.
-        Tornado has no per-message switch, so its compressor is set aside for this write."""
+    def _write(self, pieces: list[codec.Part], size: int, binary: bool) -> Any:
+        """One message as one websocket frame. Small ones on a deflate connection go through
+        tornado, which compresses them. Everything else is written here as an uncompressed
+        frame, header then pieces: tornado assembles frames with `header + data`, a full copy,
+        while its IOStream keeps large writes as views, so a 50 MB output reaches the socket
+        without being copied by the gateway. Above --ws-compress-max nothing is deflated (it
+        costs more CPU than it saves on a LAN); RFC 7692 lets each message choose (RSV1), and
+        the shared window stays in step as neither side sees that message."""
         proto = self.ws_connection
-        compressor = getattr(proto, "_compressor", None)
-        if compressor is None or len(frame) <= self.config.ws_compress_max:
-            return self.write_message(frame, binary=binary)
-        proto._compressor = None  # type: ignore[union-attr]
-        try:
-            return self.write_message(frame, binary=binary)
-        finally:
-            proto._compressor = compressor  # type: ignore[union-attr]
+        if proto is None or proto.is_closing():
+            raise websocket.WebSocketClosedError()
+        if getattr(proto, "_compressor", None) is not None and size <= self.config.ws_compress_max:
+            return self.write_message(b"".join(pieces), binary=binary)
+        opcode = 0x82 if binary else 0x81  # FIN, RSV1-3 clear, binary or text (RFC 6455 5.2)
+        if size < 126:
+            header = struct.pack("!BB", opcode, size)
+        elif size <= 0xFFFF:
+            header = struct.pack("!BBH", opcode, 126, size)
+        else:
+            header = struct.pack("!BBQ", opcode, 127, size)
+        stream = proto.stream  # type: ignore[attr-defined]
+        if stream is None:
+            raise websocket.WebSocketClosedError()
+        stream.write(header)
+        for piece in pieces[:-1]:
+            stream.write(piece)
+        return stream.write(pieces[-1])
 
     def _written(self, fut: Any, size: int) -> None:
         self._pending -= size
