@@ -65,11 +65,12 @@ class Deployed:
         return self.docker.run("docker", "logs", self.container, check=False).stdout
 
 
-def run_node_flow(node: str, gw: Deployed, script: str) -> list[str]:
-    """One of the real-client flows in tests/js; returns the steps it passed."""
+def run_node_flow(node: str, gw: Deployed, script: str, kernel: str = "python3") -> list[str]:
+    """One of the real-client flows in tests/js, on `kernel`; returns the steps it passed."""
     proc = subprocess.run([node, script], cwd=ROOT / "tests" / "js", capture_output=True,
                           text=True, timeout=180,
-                          env={**os.environ, "BASE_URL": gw.url, "TOKEN": gw.token})
+                          env={**os.environ, "BASE_URL": gw.url, "TOKEN": gw.token,
+                               "KERNEL_NAME": kernel})
     assert proc.returncode == 0, f"{script}:\n{proc.stdout}\n{proc.stderr}\n{gw.log()}"
     steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert steps and all(s["ok"] for s in steps)
@@ -139,10 +140,15 @@ async def test_remote_kernel_on_the_ssh_host(gateway):
     assert "ipykernel" not in ps, ps
 
 
+@pytest.mark.parametrize("kernel", ["python3", "remote-python"])
 @pytest.mark.parametrize("script", ["services7_flow.mjs", "hydrogen_flow.js"])
-def test_js_clients_against_the_container(node, gateway, script):
-    assert "shutdown" in run_node_flow(node, gateway, script)
+def test_js_clients_against_the_container(node, gateway, script, kernel):
+    """Both JS clients, on the gateway container's own kernel and on the SSH host's."""
+    assert "shutdown" in run_node_flow(node, gateway, script, kernel)
     assert gateway.kernel_pids() == []
+    ps = gateway.docker.run("docker-compose", "exec", "-T", "sshhost", "ps", "-eo", "args",
+                            env=gateway.env, cwd=gateway.ctx).stdout
+    assert "ipykernel" not in ps, ps
 
 
 # -- the same through nginx with the shipped config and a base URL ---------------------------

@@ -19,6 +19,7 @@ const WebSocket = require("ws");
 global.XMLHttpRequest = XMLHttpRequest; // a global one, as in Hydrogen's Electron renderer
 const { Kernel, Session, ServerConnection } = require("services052");
 
+const KERNEL = process.env.KERNEL_NAME || "python3"; // the kernelspec the flow runs on
 const BASE = process.env.BASE_URL;
 const TOKEN = process.env.TOKEN;
 if (!BASE || !BASE.endsWith("/") || TOKEN === undefined) {
@@ -98,7 +99,7 @@ async function flow() {
 
   const path = `file.py-${randomUUID()}`;
   const session = await within(30000, "Session.startNew",
-    Session.startNew({ kernelName: "python3", path, serverSettings: settings }));
+    Session.startNew({ kernelName: KERNEL, path, serverSettings: settings }));
   started.sessions.add(session.id);
   const kernel = session.kernel;
   started.kernels.add(kernel.id);
@@ -185,7 +186,7 @@ async function badToken() {
 
   // The websocket of a live kernel, with the URL 0.52 builds but a wrong token: refused with
   // 401/403 at the upgrade, not accepted and not left hanging.
-  const kernel = await within(30000, "Kernel.startNew", Kernel.startNew({ name: "python3", serverSettings: settings }));
+  const kernel = await within(30000, "Kernel.startNew", Kernel.startNew({ name: KERNEL, serverSettings: settings }));
   started.kernels.add(kernel.id);
   await within(30000, "kernel ready", kernel.ready);
   const url = `${bad.wsUrl}api/kernels/${encodeURIComponent(kernel.id)}/channels` +

@@ -12,6 +12,7 @@ import WebSocket from "ws";
 import services from "services7";
 
 const { ServerConnection, KernelManager, SessionManager, KernelSpecManager } = services;
+const KERNEL = process.env.KERNEL_NAME || "python3"; // the kernelspec the flow runs on
 const V1 = "v1.kernel.websocket.jupyter.org";
 const BASE = process.env.BASE_URL;
 const TOKEN = process.env.TOKEN;
@@ -118,7 +119,7 @@ async function main() {
   step("kernelspecs", { default: all.default, names: Object.keys(all.kernelspecs).sort(), logoStatus });
 
   // a bare kernel through KernelManager: start, v1 socket, listed, shut down
-  const bare = await within(30000, "KernelManager.startNew", kernels.startNew({ name: "python3" }));
+  const bare = await within(30000, "KernelManager.startNew", kernels.startNew({ name: KERNEL }));
   started.kernels.add(bare.id);
   await within(30000, "kernel info (KernelManager)", bare.info);
   const bareFacts = checkV1(bare, "KernelManager kernel");
@@ -133,7 +134,7 @@ async function main() {
   // a session, as a notebook panel opens one
   const path = `nb-${randomUUID()}.ipynb`;
   const session = await within(30000, "SessionManager.startNew", sessions.startNew(
-    { path, type: "notebook", name: path, kernel: { name: "python3" } }));
+    { path, type: "notebook", name: path, kernel: { name: KERNEL } }));
   started.sessions.add(session.id);
   const kernel = session.kernel;
   check(kernel, "session has no kernel", session.model);
