@@ -87,6 +87,7 @@ async def serve(config: Config) -> None:
     state = StateStore(config.state_db)
     registry = KernelRegistry(config, kernel_spec_manager(config), state)
     await registry.restore()
+    await registry.reap_orphans()
     store = SessionStore(state, registry.kernels)
     app = make_app(config, registry, store)
     server = httpserver.HTTPServer(app, xheaders=True)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ CREATE TABLE IF NOT EXISTS kernels (
     provisioner_info TEXT NOT NULL,
     launch TEXT NOT NULL,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -72,6 +77,16 @@ class StateStore:
             await asyncio.get_running_loop().run_in_executor(self._pool, run)
         except sqlite3.Error as e:
             raise StateError(f"cannot write the state database {self.path}: {e}") from e
+
+    def gateway_id(self) -> str:
+        """This gateway's name for what it creates elsewhere (container labels), kept with its
+        state so a restarted gateway knows its own leftovers. Read at start-up."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'gateway_id'").fetchone()
+        if row:
+            return str(row[0])
+        value = uuid.uuid4().hex[:12]
+        self._db.execute("INSERT INTO meta VALUES ('gateway_id', ?)", (value,))
+        return value
 
     # -- kernels -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ and its name to BACKENDS.
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import GatewayProcess, _cleanup, free_port
 
-BACKENDS = ["local", "ssh", "slurm", "slurm_login"]
+BACKENDS = ["local", "ssh", "slurm", "slurm_login", "docker"]
 
 
 @dataclass
@@ -84,6 +85,34 @@ def backend_slurm_login(slurm, slurm_login, tmp_path_factory: pytest.TempPathFac
     _cleanup(gw)
     assert not slurm.wait_no_jobs(), f"jobs left behind: {slurm.jobs()}"
     assert not leftovers(), f"kernels left behind: {leftovers()}"
+
+
+def docker_spec(directory, name: str, **config) -> None:
+    """A kernelspec for the Docker (or, with provisioner=, Swarm) backend."""
+    provisioner = config.pop("provisioner", "docker-provisioner")
+    (directory / name).mkdir(parents=True, exist_ok=True)
+    (directory / name / "kernel.json").write_text(json.dumps({
+        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": name, "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": provisioner,
+                                            "config": config}}}))
+
+
+@pytest.fixture(scope="module")
+def backend_docker(docker, kernel_image, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Backend]:
+    """Kernels in containers of a real dockerd (tests/dockerinfra.py), ports published on
+    127.0.0.1; a labelled container left after the gateway stopped is a leftover."""
+    specs = tmp_path_factory.mktemp("docker-kernelspecs")
+    docker_spec(specs, "docker-python", image=kernel_image, docker_host=docker.host,
+                hostname="rkg-docker", memory="512m")
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
+                        extra_args=["--kernelspec-dir", str(specs)],
+                        workdir=tmp_path_factory.mktemp("gateway-docker"))
+    gw.start()
+    yield Backend("docker", gw, "docker-python", "rkg-docker", docker.ours)
+    _cleanup(gw)
+    assert not docker.ours(), f"containers left behind: {docker.ours()}"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -23,6 +23,10 @@ import pytest
 from conftest import ROOT, require_infra
 
 BASE_IMAGE = "rkg-test-base:bookworm-ssh"
+KERNEL_IMAGE = "rkg-test-kernel:latest"
+# addresses dockerd hands out (bip, address pools): blackholed while it runs, below the
+# routes of its live bridges, so nothing addressed to a removed container leaves the machine
+BLACKHOLES = [("10.200.99.0/24", "4000"), ("10.201.0.0/16", "4000")]
 DATA_ROOT = Path("/var/lib/rkg-test-docker")
 DAEMON = {"bip": "10.200.99.1/24",
           "default-address-pools": [{"base": "10.201.0.0/16", "size": 24}],
@@ -45,6 +49,18 @@ class Docker:
     def has_image(self, name: str) -> bool:
         return self.run("docker", "image", "inspect", name, check=False).returncode == 0
 
+    @property
+    def host(self) -> str:
+        return self.env["DOCKER_HOST"]
+
+    def ours(self, kind: str = "ps") -> list[str]:
+        """Names of the containers (kind "ps") or services ("service") the gateway labelled."""
+        args = ["docker", kind, "ls" if kind == "service" else "-a", "--filter",
+                "label=app=remote-kernel-gateway", "--format", "{{.Names}}" if kind == "ps"
+                else "{{.Name}}"]
+        out = self.run(*args, check=False).stdout
+        return out.split()
+
 
 @pytest.fixture(scope="session")
 def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
@@ -58,6 +74,9 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
     config = {**DAEMON, "data-root": str(DATA_ROOT), "exec-root": str(tmp / "exec"),
               "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}
     (tmp / "daemon.json").write_text(json.dumps(config))
+    for net, metric in BLACKHOLES:
+        subprocess.run(["ip", "route", "replace", "blackhole", net, "metric", metric],
+                       check=True)
     with open(tmp / "dockerd.log", "wb") as log:
         proc = subprocess.Popen(["dockerd", "--config-file", str(tmp / "daemon.json")],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -79,6 +98,21 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        _remove_bridges()
+        for net, metric in BLACKHOLES:
+            subprocess.run(["ip", "route", "del", "blackhole", net, "metric", metric],
+                           check=False, capture_output=True)
+
+
+def _remove_bridges() -> None:
+    """dockerd leaves its bridges (docker0, br-*, docker_gwbridge) behind when it exits; it
+    makes them again from its data root at the next start."""
+    links = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True,
+                           text=True, check=False).stdout
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name == "docker0" or name == "docker_gwbridge" or name.startswith("br-"):
+            subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +149,26 @@ def build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"),
                     f"{ctx}[ssh]"], check=True, capture_output=True, timeout=900)
     return ctx
+
+
+@pytest.fixture(scope="session")
+def kernel_image(docker: Docker, base_image: str, tmp_path_factory: pytest.TempPathFactory
+                 ) -> str:
+    """The base image with ipykernel in /opt/kernel (from wheels made here: no registry) and
+    a user 1000 with a home, as a kernel image for the Docker and Swarm backends."""
+    if docker.has_image(KERNEL_IMAGE):
+        return KERNEL_IMAGE
+    ctx = tmp_path_factory.mktemp("kernel-image")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"),
+                    "ipykernel"], check=True, capture_output=True, timeout=900)
+    (ctx / "Dockerfile").write_text(f"""FROM {base_image}
+COPY wheels /wheels
+RUN python3 -m venv /opt/kernel \\
+    && /opt/kernel/bin/pip install --no-cache-dir --no-index --find-links /wheels ipykernel \\
+    && rm -rf /wheels && useradd --create-home --uid 1000 --gid 100 jovyan
+ENV PATH=/opt/kernel/bin:$PATH
+USER 1000:100
+WORKDIR /home/jovyan
+""")
+    docker.run("docker", "build", "-q", "-t", KERNEL_IMAGE, str(ctx), timeout=900)
+    return KERNEL_IMAGE

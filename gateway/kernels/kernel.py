@@ -24,7 +24,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ..bridge import codec
 from ..bridge.session import ClientSession
-from ..errors import KernelError, KernelStartError, KernelTimeout
+from ..errors import ClientError, KernelError, KernelStartError, KernelTimeout
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class ManagedKernel:
             raise KernelTimeout(f"kernel {self.name!r} did not become ready within "
                                 f"{launch_timeout:g} s (KERNEL_LAUNCH_TIMEOUT)"
                                 + (f": {note}" if note else "")) from None
-        except KernelError:
+        except (KernelError, ClientError):  # a backend may refuse the request (uid, GPUs)
             await self._abandon()
             raise
         except Exception as e:

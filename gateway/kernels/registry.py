@@ -29,6 +29,18 @@ log = logging.getLogger(__name__)
 DEFAULT_PROVISIONER = "rkg-local-provisioner"
 
 
+def _provisioner_class(name: str) -> Any:
+    """The class a kernelspec's provisioner_name stands for, or None."""
+    if not name:
+        return None
+    factory = KernelProvisionerFactory.instance()
+    ep = factory.provisioners.get(name)
+    try:
+        return ep.load() if ep is not None else None
+    except Exception:
+        return None
+
+
 class KernelRegistry:
     def __init__(self, config: Config, specs: KernelSpecManager, store: StateStore) -> None:
         self.config = config
@@ -38,6 +50,7 @@ class KernelRegistry:
         self._users: dict[str, str] = {}  # kernel id -> KERNEL_USERNAME, for the per-user limit
         self._starting: set[asyncio.Task[None]] = set()
         self._context = zmq.asyncio.Context()
+        self.gateway_id = store.gateway_id()
         self._runtime_dir = jupyter_runtime_dir()
         os.makedirs(self._runtime_dir, exist_ok=True)
         # kernelspecs that name no provisioner get the one that survives gateway restarts
@@ -77,6 +90,7 @@ class KernelRegistry:
             connection_file=os.path.join(self._runtime_dir, f"kernel-{kernel_id}.json"),
         )
         km.kernel_id = kernel_id
+        km.rkg_gateway_id = self.gateway_id  # container backends label what they create
         return km
 
     def _managed(self, km: AsyncKernelManager, name: str, user: str) -> ManagedKernel:
@@ -169,6 +183,33 @@ class KernelRegistry:
                 await self.store.delete_kernel(rec.id)
         if records:
             log.info("re-attached %d of %d recorded kernel(s)", len(self.kernels), len(records))
+
+    async def reap_orphans(self) -> None:
+        """After restore: backends that can list what they created (containers, services)
+        remove what this gateway labelled and no kernel of it owns. Once per distinct
+        provisioner config, so an engine named by several kernelspecs is swept once."""
+        owned = set(self.kernels)
+        seen: set[str] = set()
+        for name in self.specs.find_kernel_specs():
+            try:
+                meta = self.specs.get_kernel_spec(name).metadata.get("kernel_provisioner", {})
+            except Exception:  # a broken kernelspec is reported when it is used
+                continue
+            cls = _provisioner_class(str(meta.get("provisioner_name", "")))
+            reap = getattr(cls, "reap", None)
+            config = dict(meta.get("config") or {})
+            key = f"{cls.__name__ if cls else ''} {config.get('docker_host', '')}"
+            if reap is None or key in seen:
+                continue
+            seen.add(key)
+            try:
+                gone = await reap(config, owned, self.gateway_id)
+            except Exception as e:
+                log.warning("looking for orphans of kernelspec %s: %s", name, e)
+                continue
+            if gone:
+                log.warning("removed %d orphaned kernel(s) of this gateway: %s", len(gone),
+                            ", ".join(gone))
 
     async def _restore_one(self, rec: KernelRecord) -> None:
         km = self._manager(rec.id, rec.name)

@@ -1,0 +1,426 @@
+"""Kernels in Docker containers, one container per kernel, through aiodocker.
+
+Registered as `docker-provisioner`; a kernelspec chooses it with
+
+    "metadata": {"kernel_provisioner": {"provisioner_name": "docker-provisioner", "config": {
+        "image": "my/kernel:1", "docker_host": "unix:///var/run/docker.sock",
+        "network": "", "reach": "published", "volumes": ["/data:/data:ro"],
+        "mirror_working_dir": false, "workdir": "", "env": {"A": "1"},
+        "uid": 1000, "gid": 100, "prohibited_uids": [0],
+        "cpus": 2, "memory": "4g", "pids_limit": 512, "gpus": "all",
+        "labels": {"team": "ml"}, "python": "python3", "kernel_cmd": []}}}
+
+A launch: the connection info goes in as an environment variable that a tiny boot step (run
+by the image's python) writes to a private file before exec'ing the kernel; the ports are fixed
+inside the container's own network namespace, so nothing else can take them, and the engine
+publishes them on 127.0.0.1 with host ports it picks and binds itself, so there is no race
+between choosing and binding a port (reach "published"). With reach "network" the gateway
+connects to the container's address on `network` instead (a gateway in a container on the
+same network). Containers are named after KERNEL_USERNAME and the kernel id and labelled
+app=remote-kernel-gateway, component=kernel, kernel_id=<id>; a gateway start removes the ones
+no kernel of its own owns (reap_orphans).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+from typing import Any, cast
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Bool, Dict, Float, Integer, List, Unicode
+
+from ..errors import Forbidden, KernelStartError
+from . import dockerengine
+from .dockerengine import LABEL_APP, LABEL_GATEWAY, LABEL_KERNEL, APP, Engine, EngineError
+from .ssh import remote_env
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+# inside the container's own network namespace: nothing else binds there
+CONTAINER_PORTS = dict(zip(CHANNELS, range(52700, 52705), strict=True))
+DEFAULT_CMD = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+# Writes the connection file (mode 0600) from the environment, then becomes the kernel.
+BOOT = ("import os,sys\n"
+        "p=os.environ.pop('RKG_CONNECTION_FILE');i=os.environ.pop('RKG_CONNECTION_INFO')\n"
+        "f=os.open(p,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600);os.write(f,i.encode());os.close(f)\n"
+        "os.execvp(sys.argv[1],sys.argv[1:])\n")
+_NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]+")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512m', '4g', '1.5GiB', '1048576' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise KernelStartError(f"memory {text!r} is not a size like 512m or 4g")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+
+
+def device_requests(gpus: str) -> list[dict[str, Any]]:
+    """docker run --gpus syntax: 'all', a count, or 'device=0,1'."""
+    gpus = gpus.strip()
+    if not gpus:
+        return []
+    req: dict[str, Any] = {"Driver": "", "Capabilities": [["gpu"]]}
+    if gpus == "all":
+        req["Count"] = -1
+    elif gpus.isdigit():
+        req["Count"] = int(gpus)
+    elif gpus.startswith("device="):
+        req["DeviceIDs"] = [d for d in gpus[len("device="):].split(",") if d]
+    else:
+        raise KernelStartError(f"gpus {gpus!r}: use 'all', a count, or 'device=0,1'")
+    return [req]
+
+
+def container_name(username: str, kernel_id: str) -> str:
+    user = _NAME_BAD.sub("-", username).strip("-._")[:40]
+    return f"{user}-{kernel_id}" if user else f"kernel-{kernel_id}"
+
+
+class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Registered as `docker-provisioner`. Called by jupyter_client's KernelManager: pre_launch
+    and launch_kernel to start, poll/wait/send_signal/kill/terminate while it runs, cleanup
+    after it stopped (restart=True between the two launches of a restart)."""
+
+    image = Unicode("", config=True, help="the kernel image; it must be on the engine already")
+    docker_host = Unicode("", config=True, help="engine URL; default: DOCKER_HOST, the socket")
+    network = Unicode("", config=True, help="network to attach to; default: the bridge")
+    reach = Unicode("published", config=True,
+                    help="'published': ports on 127.0.0.1; 'network': the container's address")
+    volumes = List(Unicode(), config=True, help="binds, as docker run -v: src:dst[:ro]")
+    mirror_working_dir = Bool(False, config=True,
+                              help="bind KERNEL_WORKING_DIR at the same path and start there")
+    workdir = Unicode("", config=True, help="working directory inside the container")
+    env = Dict(config=True)
+    uid = Integer(1000, config=True, help="default user; KERNEL_UID overrides")
+    gid = Integer(100, config=True, help="default group; KERNEL_GID overrides")
+    prohibited_uids = List(Integer(), [0], config=True, help="refused users (root by default)")
+    cpus = Float(0.0, config=True, help="CPU limit (docker run --cpus)")
+    memory = Unicode("", config=True, help="memory limit, e.g. 4g")
+    pids_limit = Integer(0, config=True)
+    gpus = Unicode("", config=True, help="docker run --gpus: 'all', a count, 'device=0,1'")
+    labels = Dict(config=True, help="extra container labels")
+    hostname = Unicode("", config=True, help="the container's hostname; default: its id")
+    python = Unicode("python3", config=True, help="the image's python, runs the boot step")
+    kernel_cmd = List(Unicode(), config=True, help="command with {connection_file}")
+    poll_interval = Float(0.5, config=True, help="seconds a liveness listing is reused")
+    reap_orphans = Bool(True, config=True,
+                        help="at gateway start, remove our containers no kernel owns")
+
+    container_id: str | None = None
+    container_name = ""
+    _engine: Engine | None = None
+    _exit: int | None = None
+    _tail = ""
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = dockerengine.acquire(self.docker_host)
+        return self._engine
+
+    @property
+    def gateway_id(self) -> str:
+        return str(getattr(self.parent, "rkg_gateway_id", "") or "")
+
+    @property
+    def has_process(self) -> bool:
+        return self.container_id is not None
+
+    def _user(self, env: dict[str, str]) -> str:
+        try:
+            uid = int(env.get("KERNEL_UID") or self.uid)
+            gid = int(env.get("KERNEL_GID") or self.gid)
+        except ValueError:
+            raise Forbidden("KERNEL_UID and KERNEL_GID must be numbers") from None
+        if uid in self.prohibited_uids:
+            raise Forbidden(f"kernels may not run as uid {uid} here (prohibited_uids of "
+                            f"kernelspec {self.kernel_spec.display_name!r})")
+        return f"{uid}:{gid}"
+
+    def _command(self, conn_file: str) -> list[str]:
+        cmd = list(self.kernel_cmd) or DEFAULT_CMD
+        argv = [a.replace("{connection_file}", conn_file).replace("{python}", self.python)
+                for a in cmd]
+        return [self.python, "-c", BOOT, *argv]
+
+    def _connection_json(self) -> str:
+        info = dict(self.connection_info)
+        info.update({f"{ch}_port": p for ch, p in CONTAINER_PORTS.items()},
+                    ip="0.0.0.0", transport="tcp")  # noqa: S104 - the container's own namespace
+        key = info.get("key", b"")
+        info["key"] = key.decode() if isinstance(key, bytes) else key
+        return json.dumps(info)
+
+    def container_config(self, env: dict[str, str]) -> dict[str, Any]:
+        """The Engine API's POST /containers/create body for this kernel."""
+        if not self.image:
+            raise KernelStartError(f"kernelspec {self.kernel_spec.display_name!r} uses the "
+                                   "docker-provisioner but its config names no image")
+        if self.reach not in ("published", "network"):
+            raise KernelStartError(f"reach {self.reach!r}: use 'published' or 'network'")
+        conn_file = f"/tmp/rkg-kernel-{self.kernel_id}.json"  # noqa: S108 - in the container
+        kenv = remote_env(env, {k: str(v) for k, v in self.env.items()})
+        kenv.update(RKG_CONNECTION_FILE=conn_file, RKG_CONNECTION_INFO=self._connection_json(),
+                    KERNEL_ID=self.kernel_id)
+        binds = list(self.volumes)
+        workdir = self.workdir
+        wd = env.get("KERNEL_WORKING_DIR", "")
+        if self.mirror_working_dir and wd:
+            binds.append(f"{wd}:{wd}")
+            workdir = wd
+        host: dict[str, Any] = {"Init": True, "Binds": binds, "AutoRemove": False}
+        if self.network:
+            host["NetworkMode"] = self.network
+        if self.reach == "published":
+            host["PortBindings"] = {f"{p}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]
+                                    for p in CONTAINER_PORTS.values()}
+        if self.cpus:
+            host["NanoCpus"] = int(self.cpus * 1e9)
+        if self.memory:
+            host["Memory"] = parse_size(self.memory)
+        if self.pids_limit:
+            host["PidsLimit"] = self.pids_limit
+        if self.gpus:
+            host["DeviceRequests"] = device_requests(self.gpus)
+        labels = {str(k): str(v) for k, v in self.labels.items()}
+        labels.update(dockerengine.our_labels(self.kernel_id, self.gateway_id))
+        return {
+            "Image": self.image, "Cmd": self._command(conn_file), "Entrypoint": [],
+            "Env": [f"{k}={v}" for k, v in sorted(kenv.items())], "Labels": labels,
+            "User": self._user(env), "WorkingDir": workdir, "Hostname": self.hostname,
+            "ExposedPorts": {f"{p}/tcp": {} for p in CONTAINER_PORTS.values()},
+            "HostConfig": host,
+        }
+
+    # -- launch --------------------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Called by the kernel manager before launch_kernel: the key, no ports yet."""
+        km = self.parent
+        kwargs.pop("extra_arguments", None)
+        self.connection_info = km.get_connection_info() if km is not None else {}
+        return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Called by the kernel manager (start and restart): create and start the container,
+        learn where its ports are. `cmd` (the spec's argv) is unused: kernel_cmd runs."""
+        self._exit, self._tail = None, ""
+        env = kwargs.get("env") or {}
+        config = self.container_config(env)
+        self.container_name = container_name(env.get("KERNEL_USERNAME", ""), self.kernel_id)
+        try:
+            await self._create(config)
+            await self._locate()
+        except BaseException:
+            await asyncio.shield(self._remove())
+            raise
+        return self.connection_info
+
+    async def _create(self, config: dict[str, Any]) -> None:
+        # a restart's earlier container may linger (cleanup is best effort): its name is ours
+        await self._remove_named(self.container_name)
+        try:
+            container = await self.engine.call(
+                f"creating container {self.container_name}",
+                lambda c: c.containers.create(config, name=self.container_name))
+        except EngineError as e:
+            if e.code == 404:
+                raise KernelStartError(
+                    f"image {self.image!r} is not on the Docker engine at {self.engine.name}: "
+                    f"build it there or pull it (docker pull {self.image}); the gateway does "
+                    "not pull images") from e
+            raise
+        self.container_id = container.id
+        try:
+            await self.engine.call(f"starting container {self.container_name}",
+                                   lambda c: c.containers.container(container.id).start())
+        except EngineError as e:
+            if "gpu" in e.message.lower() or "device driver" in e.message:
+                raise KernelStartError(f"the kernelspec asks for GPUs ({self.gpus}) but the "
+                                       f"Docker engine cannot provide them: {e.message}") from e
+            raise
+
+    async def _inspect(self) -> dict[str, Any]:
+        cid = self.container_id
+        assert cid is not None
+        return cast(dict[str, Any], await self.engine.call(
+            f"inspecting container {self.container_name}",
+            lambda c: c.containers.container(cid).show()))
+
+    async def _locate(self) -> None:
+        """Point the connection info at the container: its published 127.0.0.1 ports or its
+        address on the network."""
+        info = await self._inspect()
+        state = info.get("State", {})
+        if not state.get("Running"):
+            self._exit = int(state.get("ExitCode") or -1)
+            await self._read_tail()
+            raise KernelStartError(f"container {self.container_name} exited during start "
+                                   f"(exit code {self._exit})"
+                                   + (f"; its last output:\n{self._tail}" if self._tail else ""))
+        net = info.get("NetworkSettings", {})
+        conn: dict[str, Any] = dict(self.connection_info)
+        if self.reach == "published":
+            ports = net.get("Ports") or {}
+            for ch, p in CONTAINER_PORTS.items():
+                bound = [b for b in ports.get(f"{p}/tcp") or [] if b.get("HostIp") == "127.0.0.1"]
+                if not bound:
+                    raise KernelStartError(f"the engine did not publish port {p} of container "
+                                           f"{self.container_name} on 127.0.0.1")
+                conn[f"{ch}_port"] = int(bound[0]["HostPort"])
+            conn["ip"] = "127.0.0.1"
+        else:
+            nets = net.get("Networks") or {}
+            attached = nets.get(self.network) or next(iter(nets.values()), {})
+            if not attached.get("IPAddress"):
+                raise KernelStartError(f"container {self.container_name} has no address on "
+                                       f"network {self.network or 'bridge'!r}")
+            conn.update({f"{ch}_port": p for ch, p in CONTAINER_PORTS.items()},
+                        ip=attached["IPAddress"])
+        conn["transport"] = "tcp"
+        self.connection_info = cast(KernelConnectionInfo, conn)
+
+    async def _read_tail(self) -> str:
+        cid = self.container_id
+        if cid is None:
+            return self._tail
+        with contextlib.suppress(KernelStartError):
+            lines = await self.engine.call("reading the kernel's log", lambda c: (
+                c.containers.container(cid).log(stdout=True, stderr=True, tail=40)))
+            self._tail = dockerengine.log_text(lines)
+        return self._tail
+
+    # -- while it runs -------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        """Called by the kernel manager's is_alive() (the gateway: every 0.5 s per kernel);
+        one container listing per engine answers every kernel's poll."""
+        if self.container_id is None:
+            return 0
+        if self._exit is not None:
+            return self._exit
+        try:
+            states = await self.engine.states(self.poll_interval)
+        except KernelStartError as e:
+            log.warning("kernel %s: %s", self.kernel_id, e.message)
+            return None  # the engine is unreachable, not the kernel known dead
+        if states.get(self.container_id) == "running":
+            return None
+        self._exit = await self._exit_code()
+        await self._read_tail()
+        return self._exit
+
+    async def _exit_code(self) -> int:
+        try:
+            info = await self._inspect()
+        except EngineError:
+            return -1
+        state = info.get("State", {})
+        return -1 if state.get("Running") else int(state.get("ExitCode") or -1)
+
+    async def wait(self) -> int | None:
+        """Called during shutdown; the caller bounds it with a timeout."""
+        while True:
+            self.engine.forget_states()
+            status = await self.poll()
+            if status is not None:
+                return status
+            await asyncio.sleep(0.1)
+
+    async def send_signal(self, signum: int) -> None:
+        """To the container's init, which passes it to the kernel (interrupt: SIGINT)."""
+        cid = self.container_id
+        if cid is None:
+            return
+        name = signal.Signals(signum).name
+        try:
+            await self.engine.call(f"signalling container {self.container_name}",
+                                   lambda c: c.containers.container(cid).kill(signal=name))
+        except EngineError as e:
+            if e.code not in (404, 409):  # gone, or not running: nothing to signal
+                raise
+        self.engine.forget_states()
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    def log_tail(self) -> str:
+        """The container's last output (read when it was found dead), for error messages."""
+        return self._tail
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Called by the kernel manager once the kernel stopped: the container is removed
+        (a restart creates a new one); the engine lease ends unless restarting."""
+        await self._remove()
+        if not restart and self._engine is not None:
+            engine, self._engine = self._engine, None
+            await dockerengine.release(engine)
+
+    async def _remove(self) -> None:
+        cid, self.container_id = self.container_id, None
+        if cid is not None:
+            await dockerengine.ignore_missing(self.engine.call(
+                f"removing container {self.container_name}",
+                lambda c: c.containers.container(cid).delete(force=True)))
+            self.engine.forget_states()
+
+    async def _remove_named(self, name: str) -> None:
+        await dockerengine.ignore_missing(self.engine.call(
+            f"removing container {name}",
+            lambda c: c.containers.container(name).delete(force=True)))
+
+    # -- re-attach and orphans -----------------------------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """Called when the gateway records the kernel: what a restarted gateway needs."""
+        info: dict[str, Any] = await super().get_provisioner_info()
+        info.update(docker_host=self.docker_host, container_id=self.container_id,
+                    container_name=self.container_name)
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Called when a restarted gateway re-attaches (the connection info comes from its
+        record: ports, key)."""
+        await super().load_provisioner_info(provisioner_info)
+        self.docker_host = provisioner_info.get("docker_host", self.docker_host)
+        self.container_id = provisioner_info.get("container_id")
+        self.container_name = provisioner_info.get("container_name", "")
+
+    @classmethod
+    async def reap(cls, config: dict[str, Any], owned: set[str], gateway_id: str) -> list[str]:
+        """Called by the gateway at start, once per engine its kernelspecs name: remove the
+        containers this gateway labelled that none of its kernels owns. Returns their names."""
+        if not config.get("reap_orphans", True):
+            return []
+        engine = dockerengine.acquire(str(config.get("docker_host", "")))
+        try:
+            rows = await engine.call("listing containers", lambda c: c.containers.list(
+                all=True, filters=json.dumps({"label": [f"{LABEL_APP}={APP}",
+                                                        f"{LABEL_GATEWAY}={gateway_id}"]})))
+            gone = []
+            for row in rows:
+                if row["Labels"].get(LABEL_KERNEL) in owned:
+                    continue
+                await dockerengine.ignore_missing(engine.call(
+                    "removing an orphaned container", lambda c, r=row: (
+                        c.containers.container(r["Id"]).delete(force=True))))
+                gone.append(row["Names"][0].lstrip("/"))
+            return gone
+        finally:
+            await dockerengine.release(engine)

@@ -1,0 +1,158 @@
+"""One shared aiodocker client per Docker endpoint, and what every container backend needs
+from it: errors in words the user can act on, batched liveness, the orphan sweep.
+
+Endpoints are DOCKER_HOST-style URLs: unix:///var/run/docker.sock, tcp://host:2376 (TLS by
+DOCKER_TLS_VERIFY / DOCKER_CERT_PATH, as the docker CLI does), ssh://user@host (aiodocker runs
+`docker system dial-stdio` there). Kernels of one endpoint share its client: one connection
+pool per engine, not one per kernel, and one `containers/json` call answers every kernel's poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..errors import KernelError, KernelStartError
+
+try:
+    import aiodocker
+    import aiohttp
+except ImportError:  # pragma: no cover - depends on the install
+    aiodocker = None
+    aiohttp = None
+
+log = logging.getLogger(__name__)
+
+APP = "remote-kernel-gateway"
+LABEL_APP, LABEL_COMPONENT, LABEL_KERNEL, LABEL_GATEWAY = (
+    "app", "component", "kernel_id", "rkg.gateway")
+T = TypeVar("T")
+
+
+def require_aiodocker() -> None:
+    if aiodocker is None:
+        raise KernelStartError("the Docker backends need aiodocker: "
+                               "pip install 'remote-kernel-gateway[docker]'")
+
+
+def our_labels(kernel_id: str, gateway_id: str) -> dict[str, str]:
+    return {LABEL_APP: APP, LABEL_COMPONENT: "kernel", LABEL_KERNEL: kernel_id,
+            LABEL_GATEWAY: gateway_id}
+
+
+class Engine:
+    """A Docker endpoint and its client; `call` translates what can go wrong on the way."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.refs = 0
+        self.client: Any = None
+        self._seen: dict[str, str] = {}  # container id -> state, from the last listing
+        self._seen_at = 0.0
+        self._listing: asyncio.Future[dict[str, str]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.url or "the default Docker engine"
+
+    def open(self) -> Any:
+        if self.client is None:
+            require_aiodocker()
+            try:
+                self.client = aiodocker.Docker(url=self.url or None)
+            except (ValueError, OSError) as e:
+                raise KernelStartError(f"cannot use the Docker engine {self.name!r}: {e} "
+                                       "(set DOCKER_HOST or the kernelspec's docker_host)"
+                                       ) from e
+        return self.client
+
+    async def call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """fn(client), with the engine's failures as KernelError: unreachable daemon,
+        refused request (with the engine's own message)."""
+        client = self.open()
+        try:
+            return await fn(client)
+        except aiodocker.DockerError as e:
+            raise EngineError(e.status, f"{what} on {self.name}: {e.message}") from e
+        except (aiohttp.ClientConnectionError, OSError) as e:
+            raise KernelStartError(f"the Docker engine at {self.name} is unreachable ({e}); "
+                                   "is dockerd running, and is DOCKER_HOST / docker_host "
+                                   "right?") from e
+        except TimeoutError as e:
+            raise KernelStartError(f"the Docker engine at {self.name} did not answer "
+                                   f"({what})") from e
+
+    async def states(self, max_age: float) -> dict[str, str]:
+        """container id -> state ('running', 'exited', ...) of every container we labelled,
+        from one listing shared by all callers and reused for max_age seconds."""
+        if time.monotonic() - self._seen_at <= max_age:
+            return self._seen
+        if self._listing is None:
+            self._listing = asyncio.ensure_future(self._list())
+            self._listing.add_done_callback(self._listed)
+        return await asyncio.shield(self._listing)
+
+    async def _list(self) -> dict[str, str]:
+        rows = await self.call("listing containers", lambda c: c.containers.list(
+            all=True, filters=f'{{"label": ["{LABEL_APP}={APP}"]}}'))
+        return {row["Id"]: row["State"] for row in (r._container for r in rows)}
+
+    def _listed(self, fut: asyncio.Future[dict[str, str]]) -> None:
+        self._listing = None
+        if not fut.cancelled() and fut.exception() is None:
+            self._seen, self._seen_at = fut.result(), time.monotonic()
+
+    def forget_states(self) -> None:
+        self._seen_at = 0.0
+
+    async def close(self) -> None:
+        if self.client is not None:
+            client, self.client = self.client, None
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+class EngineError(KernelStartError):
+    """The engine refused a request; `code` is its HTTP status (404: no such object)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_engines: dict[str, Engine] = {}
+
+
+def acquire(url: str) -> Engine:
+    engine = _engines.get(url)
+    if engine is None:
+        engine = _engines[url] = Engine(url)
+    engine.refs += 1
+    return engine
+
+
+async def release(engine: Engine) -> None:
+    engine.refs -= 1
+    if engine.refs <= 0 and _engines.get(engine.url) is engine:
+        del _engines[engine.url]
+        await engine.close()
+
+
+async def ignore_missing(coro: Awaitable[Any]) -> None:
+    """Await a removal; an object already gone is what we wanted."""
+    try:
+        await coro
+    except EngineError as e:
+        if e.code != 404:
+            raise
+    except KernelError as e:
+        log.warning("%s", e.message)
+
+
+def log_text(lines: list[str] | str, keep: int = 15) -> str:
+    text = "".join(lines) if isinstance(lines, list) else lines
+    return "\n".join(text.strip().splitlines()[-keep:])
