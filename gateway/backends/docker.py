@@ -37,7 +37,7 @@ from traitlets import Bool, Dict, Float, Integer, List, Unicode
 
 from ..errors import Forbidden, KernelStartError
 from . import dockerengine
-from .dockerengine import LABEL_APP, LABEL_GATEWAY, LABEL_KERNEL, APP, Engine, EngineError
+from .dockerengine import APP, LABEL_APP, LABEL_GATEWAY, LABEL_KERNEL, Engine, EngineError
 from .ssh import remote_env
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _connection_json(self) -> str:
         info = dict(self.connection_info)
         info.update({f"{ch}_port": p for ch, p in CONTAINER_PORTS.items()},
-                    ip="0.0.0.0", transport="tcp")  # noqa: S104 - the container's own namespace
+                    ip="0.0.0.0", transport="tcp")  # the container's own namespace
         key = info.get("key", b"")
         info["key"] = key.decode() if isinstance(key, bytes) else key
         return json.dumps(info)
@@ -264,7 +264,7 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info = await self._inspect()
         state = info.get("State", {})
         if not state.get("Running"):
-            self._exit = int(state.get("ExitCode") or -1)
+            self._exit = int(state.get("ExitCode", -1))
             await self._read_tail()
             raise KernelStartError(f"container {self.container_name} exited during start "
                                    f"(exit code {self._exit})"
@@ -282,7 +282,7 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             conn["ip"] = "127.0.0.1"
         else:
             nets = net.get("Networks") or {}
-            attached = nets.get(self.network) or next(iter(nets.values()), {})
+            attached: dict[str, Any] = nets.get(self.network) or next(iter(nets.values()), {})
             if not attached.get("IPAddress"):
                 raise KernelStartError(f"container {self.container_name} has no address on "
                                        f"network {self.network or 'bridge'!r}")
@@ -317,17 +317,24 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return None  # the engine is unreachable, not the kernel known dead
         if states.get(self.container_id) == "running":
             return None
-        self._exit = await self._exit_code()
+        # not running in the shared listing, which may predate this container: ask it
+        code = await self._exit_code()
+        if code is None:
+            return None
+        self._exit = code
         await self._read_tail()
         return self._exit
 
-    async def _exit_code(self) -> int:
+    async def _exit_code(self) -> int | None:
+        """None while the container runs; its exit code, or -1 when it is gone."""
         try:
             info = await self._inspect()
-        except EngineError:
-            return -1
+        except EngineError as e:
+            return -1 if e.code == 404 else None
+        except KernelStartError:
+            return None  # unreachable engine: not known dead
         state = info.get("State", {})
-        return -1 if state.get("Running") else int(state.get("ExitCode") or -1)
+        return None if state.get("Running") else int(state.get("ExitCode", -1))
 
     async def wait(self) -> int | None:
         """Called during shutdown; the caller bounds it with a timeout."""
@@ -375,15 +382,11 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _remove(self) -> None:
         cid, self.container_id = self.container_id, None
         if cid is not None:
-            await dockerengine.ignore_missing(self.engine.call(
-                f"removing container {self.container_name}",
-                lambda c: c.containers.container(cid).delete(force=True)))
+            await self.engine.remove(cid, f"container {self.container_name}")
             self.engine.forget_states()
 
     async def _remove_named(self, name: str) -> None:
-        await dockerengine.ignore_missing(self.engine.call(
-            f"removing container {name}",
-            lambda c: c.containers.container(name).delete(force=True)))
+        await self.engine.remove(name, f"container {name}")
 
     # -- re-attach and orphans -----------------------------------------------------------
 
@@ -417,9 +420,7 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             for row in rows:
                 if row["Labels"].get(LABEL_KERNEL) in owned:
                     continue
-                await dockerengine.ignore_missing(engine.call(
-                    "removing an orphaned container", lambda c, r=row: (
-                        c.containers.container(r["Id"]).delete(force=True))))
+                await engine.remove(row["Id"], "an orphaned container")
                 gone.append(row["Names"][0].lstrip("/"))
             return gone
         finally:

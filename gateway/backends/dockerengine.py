@@ -22,8 +22,8 @@ try:
     import aiodocker
     import aiohttp
 except ImportError:  # pragma: no cover - depends on the install
-    aiodocker = None
-    aiohttp = None
+    aiodocker = None  # type: ignore[assignment]
+    aiohttp = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,18 @@ class Engine:
         try:
             return await fn(client)
         except aiodocker.DockerError as e:
-            raise EngineError(e.status, f"{what} on {self.name}: {e.message}") from e
+            if e.status < 900:  # aiodocker's 900: it could not connect
+                raise EngineError(e.status, f"{what} on {self.name}: {e.message}") from e
+            raise self._unreachable(e.message) from e
         except (aiohttp.ClientConnectionError, OSError) as e:
-            raise KernelStartError(f"the Docker engine at {self.name} is unreachable ({e}); "
-                                   "is dockerd running, and is DOCKER_HOST / docker_host "
-                                   "right?") from e
+            raise self._unreachable(str(e)) from e
         except TimeoutError as e:
             raise KernelStartError(f"the Docker engine at {self.name} did not answer "
                                    f"({what})") from e
+
+    def _unreachable(self, detail: str) -> KernelStartError:
+        return KernelStartError(f"the Docker engine at {self.name} is unreachable ({detail}); "
+                                "is dockerd running, and is DOCKER_HOST / docker_host right?")
 
     async def states(self, max_age: float) -> dict[str, str]:
         """container id -> state ('running', 'exited', ...) of every container we labelled,
@@ -105,6 +109,11 @@ class Engine:
         self._listing = None
         if not fut.cancelled() and fut.exception() is None:
             self._seen, self._seen_at = fut.result(), time.monotonic()
+
+    async def remove(self, ref: str, what: str) -> None:
+        """Force-remove a container (id or name); one already gone is what we wanted."""
+        await ignore_missing(self.call(
+            f"removing {what}", lambda c: c.containers.container(ref).delete(force=True)))
 
     def forget_states(self) -> None:
         self._seen_at = 0.0

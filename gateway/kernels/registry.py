@@ -90,7 +90,8 @@ class KernelRegistry:
             connection_file=os.path.join(self._runtime_dir, f"kernel-{kernel_id}.json"),
         )
         km.kernel_id = kernel_id
-        km.rkg_gateway_id = self.gateway_id  # container backends label what they create
+        # container backends label what they create with it
+        km.rkg_gateway_id = self.gateway_id  # type: ignore[attr-defined]
         return km
 
     def _managed(self, km: AsyncKernelManager, name: str, user: str) -> ManagedKernel:
@@ -193,7 +194,8 @@ class KernelRegistry:
         for name in self.specs.find_kernel_specs():
             try:
                 meta = self.specs.get_kernel_spec(name).metadata.get("kernel_provisioner", {})
-            except Exception:  # a broken kernelspec is reported when it is used
+            except Exception as e:  # a broken kernelspec is reported again when it is used
+                log.debug("kernelspec %s: %s", name, e)
                 continue
             cls = _provisioner_class(str(meta.get("provisioner_name", "")))
             reap = getattr(cls, "reap", None)

@@ -1,0 +1,182 @@
+"""The Docker backend against a real dockerd (tests/dockerinfra.py) with a kernel image built
+here: what the contract suite does not cover. Where the kernel runs (a container of ours,
+named and labelled), limits that bite, the working directory mirrored, the container
+network, clear errors for every way a start fails, and orphans swept at gateway start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+
+import pytest
+
+from backends import docker_spec
+from gwclient import KernelSocket, api, start_kernel
+
+
+@pytest.fixture
+def specs(tmp_path, docker, kernel_image):
+    d = tmp_path / "kernelspecs"
+    base = {"image": kernel_image, "docker_host": docker.host}
+    docker_spec(d, "dk", **base)
+    docker_spec(d, "dk-limited", **base, memory="256m", pids_limit=64, cpus=0.5)
+    docker_spec(d, "dk-mirror", **base, mirror_working_dir=True)
+    docker_spec(d, "dk-network", **base, reach="network")
+    docker_spec(d, "dk-root", **base, uid=0)
+    docker_spec(d, "dk-gpu", **base, gpus="all")
+    docker_spec(d, "dk-noimage", **base | {"image": "rkg-test-absent:nope"})
+    docker_spec(d, "dk-nodaemon", **base | {"docker_host": f"unix://{tmp_path}/none.sock"})
+    docker_spec(d, "dk-crash", **base, kernel_cmd=[
+        "python3", "-c", "import sys; print('no kernel today', flush=True); sys.exit(3)"])
+    docker_spec(d, "dk-hang", **base, kernel_cmd=["sleep", "600"])
+    return d
+
+
+@pytest.fixture
+def gw(gateway_factory, specs, docker):
+    gw = gateway_factory(extra_args=["--kernelspec-dir", str(specs)])
+    yield gw
+    gw.stop()
+    assert docker.ours() == [], "containers left behind"
+
+
+# the container's limits as its kernel sees them, cgroup v2 or v1 (this machine: v1)
+CGROUP_LIMITS = """
+import os
+def first(*paths):
+    for p in paths:
+        if os.path.exists(p):
+            return open(p).read().split()[0]
+cg = '/sys/fs/cgroup/'
+print(first(cg + 'memory.max', cg + 'memory/memory.limit_in_bytes'),
+      first(cg + 'pids.max', cg + 'pids/pids.max'),
+      first(cg + 'cpu.max', cg + 'cpu/cpu.cfs_quota_us'))
+"""
+
+
+def inspect(docker, name: str) -> dict:
+    return json.loads(docker.run("docker", "inspect", name).stdout)[0]
+
+
+async def test_kernel_runs_in_a_named_labelled_container(gw, docker):
+    model = await start_kernel(gw, "dk", env={"KERNEL_USERNAME": "ada@example.org"})
+    kid = model["id"]
+    name = f"ada-example.org-{kid}"
+    assert docker.ours() == [name]
+    labels = inspect(docker, name)["Config"]["Labels"]
+    assert labels["kernel_id"] == kid and labels["component"] == "kernel"
+    assert labels["app"] == "remote-kernel-gateway"
+    ks = await KernelSocket.open(gw, kid, v1=True)
+    out, _ = await ks.execute("import os, socket; print(os.path.exists('/.dockerenv'), "
+                              "os.getuid(), os.environ.get('KERNEL_USERNAME'), "
+                              "'RKG_CONNECTION_INFO' in os.environ, socket.gethostname())")
+    assert out.split() == ["True", "1000", "ada@example.org", "False", inspect(
+        docker, name)["Config"]["Hostname"]]
+    await ks.close()
+    assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    assert docker.ours() == []
+
+
+async def test_limits_are_enforced(gw, docker):
+    model = await start_kernel(gw, "dk-limited")
+    ks = await KernelSocket.open(gw, model["id"], v1=True)
+    out, reply = await ks.execute(CGROUP_LIMITS)
+    assert reply["status"] == "ok", reply
+    assert out.split() == [str(256 * 1024 * 1024), "64", "50000"]
+    # more memory than the limit: the kernel is killed, the gateway says so and restarts it
+    await ks.send("execute_request", {"code": "x = bytearray(600 * 1024 * 1024); x[::4096] = "
+                                              "b'1' * len(x[::4096])"})
+    await ks.until_status("restarting", timeout=60)
+    assert (await ks.execute("print('x' in globals())", timeout=60))[0] == "False\n"
+    await ks.close()
+    assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+
+
+async def test_working_dir_is_mirrored(gw, tmp_path):
+    work = tmp_path / "project"
+    work.mkdir()
+    work.chmod(0o777)
+    (work / "data.txt").write_text("from the host\n")
+    model = await start_kernel(gw, "dk-mirror", env={"KERNEL_WORKING_DIR": str(work)})
+    ks = await KernelSocket.open(gw, model["id"], v1=True)
+    out, _ = await ks.execute("import os; print(os.getcwd()); print(open('data.txt').read())")
+    assert out.splitlines()[:2] == [str(work), "from the host"]
+    await ks.close()
+    assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+
+
+async def test_reached_on_the_container_network(gw, docker):
+    """reach "network": the gateway connects to the container's own address, no ports
+    published (here the bridge is routable from the host; in compose, a shared network)."""
+    model = await start_kernel(gw, "dk-network")
+    info = inspect(docker, f"kernel-{model['id']}")
+    assert not info["NetworkSettings"]["Ports"] or not any(
+        info["NetworkSettings"]["Ports"].values())
+    ks = await KernelSocket.open(gw, model["id"], v1=True)
+    assert (await ks.execute("print(6 * 7)"))[0] == "42\n"
+    await ks.close()
+    assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+
+
+@pytest.mark.parametrize(("spec", "env", "status", "words"), [
+    ("dk-noimage", {}, 500, ["rkg-test-absent:nope", "build it there or pull it"]),
+    ("dk-nodaemon", {}, 500, ["unreachable", "none.sock"]),
+    ("dk-crash", {}, 500, ["exit", "no kernel today"]),
+    ("dk-hang", {"KERNEL_LAUNCH_TIMEOUT": "4"}, 504, ["within 4 s"]),
+    ("dk-root", {}, 403, ["uid 0"]),
+    ("dk", {"KERNEL_UID": "0"}, 403, ["uid 0"]),
+    ("dk-gpu", {}, 500, ["GPU"]),
+])
+async def test_failed_starts_say_why_and_leave_nothing(gw, docker, spec, env, status, words):
+    code, body = await api(gw, "POST", "api/kernels", {"name": spec, "env": env})
+    assert code == status, body
+    assert set(body) == {"reason", "message"} and "Traceback" not in body["message"]
+    for word in words:
+        assert word in body["message"], body["message"]
+    assert docker.ours() == []
+    assert (await api(gw, "GET", "api/kernels"))[1] == []
+    # the gateway is fine and the next start works
+    model = await start_kernel(gw, "dk")
+    assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+
+
+async def test_orphans_are_swept_at_start_and_others_kept(gateway_factory, specs, docker,
+                                                          kernel_image, tmp_path):
+    """A gateway killed between creating a container and recording it leaves an orphan: the
+    next start of that gateway removes it, and leaves alone containers of other gateways and
+    the kernels it re-attaches to."""
+    gw = gateway_factory(extra_args=["--kernelspec-dir", str(specs)])
+    kept = (await start_kernel(gw, "dk"))["id"]
+    lost = (await start_kernel(gw, "dk"))["id"]
+    other = "rkg-test-other-gateway"
+    docker.run("docker", "run", "-d", "--name", other, "--label", "app=remote-kernel-gateway",
+               "--label", "rkg.gateway=someone-else", "--label", "kernel_id=x",
+               "--entrypoint", "sleep", kernel_image, "600")
+    try:
+        gw.stop(signal.SIGKILL)
+        db = sqlite3.connect(gw.workdir / f"state-{gw.port}.sqlite")
+        with db:
+            db.execute("DELETE FROM kernels WHERE id = ?", (lost,))
+        db.close()
+        gw.start()
+        assert f"kernel-{lost}" not in docker.ours()
+        assert sorted(docker.ours()) == sorted([f"kernel-{kept}", other])
+        assert "orphaned" in gw.log()
+        ks = await KernelSocket.open(gw, kept, v1=True)
+        assert (await ks.execute("print('still here')"))[0] == "still here\n"
+        await ks.close()
+        assert (await api(gw, "DELETE", f"api/kernels/{kept}"))[0] == 204
+    finally:
+        docker.run("docker", "rm", "-f", other, check=False)
+    gw.stop()
+    assert docker.ours() == []
+
+
+async def test_gateway_shutdown_removes_every_container(gateway_factory, specs, docker):
+    gw = gateway_factory(extra_args=["--kernelspec-dir", str(specs)])
+    models = await asyncio.gather(*[start_kernel(gw, "dk") for _ in range(4)])
+    assert len(docker.ours()) == 4
+    assert gw.stop() == 0
+    assert docker.ours() == [], [m["id"] for m in models]
