@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import pytest
 
 from conftest import GatewayProcess, _cleanup, free_port
 
-BACKENDS = ["local", "ssh", "slurm", "slurm_login", "docker"]
+BACKENDS = ["local", "ssh", "slurm", "slurm_login", "docker", "swarm"]
 
 
 @dataclass
@@ -113,6 +114,28 @@ def backend_docker(docker, kernel_image, tmp_path_factory: pytest.TempPathFactor
     yield Backend("docker", gw, "docker-python", "rkg-docker", docker.ours)
     _cleanup(gw)
     assert not docker.ours(), f"containers left behind: {docker.ours()}"
+
+
+@pytest.fixture(scope="module")
+def backend_swarm(swarm, kernel_image, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[Backend]:
+    """Kernels as services of a one-node Swarm on the test dockerd, ports published in host
+    mode; a labelled service or task container left after the gateway stopped is a leftover."""
+    specs = tmp_path_factory.mktemp("swarm-kernelspecs")
+    docker_spec(specs, "swarm-python", provisioner="swarm-provisioner", image=kernel_image,
+                docker_host=swarm.host, hostname="rkg-swarm", memory="512m")
+    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
+                        extra_args=["--kernelspec-dir", str(specs)],
+                        workdir=tmp_path_factory.mktemp("gateway-swarm"))
+    gw.start()
+    leftovers = lambda: swarm.ours("service") + swarm.ours()  # noqa: E731
+    yield Backend("swarm", gw, "swarm-python", "rkg-swarm", leftovers)
+    _cleanup(gw)
+    for _ in range(40):  # task containers go a moment after their service
+        if not leftovers():
+            break
+        time.sleep(0.25)
+    assert not leftovers(), f"services or containers left behind: {leftovers()}"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -172,3 +172,15 @@ WORKDIR /home/jovyan
 """)
     docker.run("docker", "build", "-q", "-t", KERNEL_IMAGE, str(ctx), timeout=900)
     return KERNEL_IMAGE
+
+
+@pytest.fixture(scope="session")
+def swarm(docker: Docker) -> Iterator[Docker]:
+    """The test dockerd as a one-node Swarm manager, advertised on loopback; it leaves the
+    swarm at the end (swarm state would otherwise persist in the data root)."""
+    docker.run("docker", "swarm", "leave", "--force", check=False)
+    docker.run("docker", "swarm", "init", "--advertise-addr", "127.0.0.1")
+    try:
+        yield docker
+    finally:
+        docker.run("docker", "swarm", "leave", "--force", check=False)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import sqlite3
+import time
 
 import pytest
 
@@ -180,3 +181,71 @@ async def test_gateway_shutdown_removes_every_container(gateway_factory, specs, 
     assert len(docker.ours()) == 4
     assert gw.stop() == 0
     assert docker.ours() == [], [m["id"] for m in models]
+
+
+# -- Swarm: a service per kernel on a one-node swarm of the same dockerd --------------------
+
+@pytest.fixture
+def swarm_gw(gateway_factory, tmp_path, swarm, kernel_image):
+    d = tmp_path / "swarm-kernelspecs"
+    base = {"provisioner": "swarm-provisioner", "image": kernel_image, "docker_host": swarm.host}
+    docker_spec(d, "sw", **base, memory="256m", pids_limit=64)
+    docker_spec(d, "sw-noimage", **base | {"image": "rkg-test-absent:nope"})
+    docker_spec(d, "sw-nowhere", **base, constraints=["node.labels.rkg-test-nowhere==true"])
+    gw = gateway_factory(extra_args=["--kernelspec-dir", str(d)])
+    yield gw
+    gw.stop()
+    wait_none_left(swarm)
+
+
+def wait_none_left(swarm) -> None:
+    for _ in range(40):  # a service's task container goes a moment after the service
+        if not swarm.ours("service") + swarm.ours():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"left behind: {swarm.ours('service') + swarm.ours()}")
+
+
+async def test_swarm_kernel_is_a_service_task_with_limits(swarm_gw, swarm):
+    kid = (await start_kernel(swarm_gw, "sw"))["id"]
+    assert swarm.ours("service") == [f"kernel-{kid}"]
+    service = json.loads(swarm.run("docker", "service", "inspect", f"kernel-{kid}").stdout)[0]
+    assert service["Spec"]["Labels"]["kernel_id"] == kid
+    assert service["Spec"]["TaskTemplate"]["RestartPolicy"]["Condition"] == "none"
+    ks = await KernelSocket.open(swarm_gw, kid, v1=True)
+    out, _ = await ks.execute("import os; print(os.path.exists('/.dockerenv'), os.getuid())")
+    assert out.split() == ["True", "1000"]
+    out, _ = await ks.execute(CGROUP_LIMITS)
+    assert out.split()[:2] == [str(256 * 1024 * 1024), "64"]
+    await ks.close()
+    assert (await api(swarm_gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    wait_none_left(swarm)
+
+
+@pytest.mark.parametrize(("spec", "env", "status", "words"), [
+    ("sw-noimage", {}, 500, ["rkg-test-absent:nope", "does not pull"]),
+    ("sw-nowhere", {"KERNEL_LAUNCH_TIMEOUT": "4"}, 504, ["within 4 s", "pending",
+                                                         "no suitable node"]),
+])
+async def test_swarm_failed_starts_say_why(swarm_gw, swarm, spec, env, status, words):
+    code, body = await api(swarm_gw, "POST", "api/kernels", {"name": spec, "env": env})
+    assert code == status, body
+    for word in words:
+        assert word in body["message"], body["message"]
+    wait_none_left(swarm)
+
+
+async def test_swarm_orphans_are_swept_at_start(swarm_gw, swarm):
+    kept = (await start_kernel(swarm_gw, "sw"))["id"]
+    lost = (await start_kernel(swarm_gw, "sw"))["id"]
+    swarm_gw.stop(signal.SIGKILL)
+    db = sqlite3.connect(swarm_gw.workdir / f"state-{swarm_gw.port}.sqlite")
+    with db:
+        db.execute("DELETE FROM kernels WHERE id = ?", (lost,))
+    db.close()
+    swarm_gw.start()
+    assert swarm.ours("service") == [f"kernel-{kept}"]
+    ks = await KernelSocket.open(swarm_gw, kept, v1=True)
+    assert (await ks.execute("print('still here')"))[0] == "still here\n"
+    await ks.close()
+    assert (await api(swarm_gw, "DELETE", f"api/kernels/{kept}"))[0] == 204

@@ -51,9 +51,8 @@ class Engine:
         self.url = url
         self.refs = 0
         self.client: Any = None
-        self._seen: dict[str, str] = {}  # container id -> state, from the last listing
-        self._seen_at = 0.0
-        self._listing: asyncio.Future[dict[str, str]] | None = None
+        self._seen: dict[str, tuple[float, Any]] = {}  # listing -> (when, what)
+        self._listing: dict[str, asyncio.Future[Any]] = {}  # listings under way
 
     @property
     def name(self) -> str:
@@ -93,22 +92,39 @@ class Engine:
     async def states(self, max_age: float) -> dict[str, str]:
         """container id -> state ('running', 'exited', ...) of every container we labelled,
         from one listing shared by all callers and reused for max_age seconds."""
-        if time.monotonic() - self._seen_at <= max_age:
-            return self._seen
-        if self._listing is None:
-            self._listing = asyncio.ensure_future(self._list())
-            self._listing.add_done_callback(self._listed)
-        return await asyncio.shield(self._listing)
+        return await self._cached("containers", max_age, self._list_containers)
 
-    async def _list(self) -> dict[str, str]:
+    async def task_states(self, max_age: float) -> dict[str, dict[str, Any]]:
+        """Swarm: service id -> the Status of its newest task, shared the same way."""
+        return await self._cached("tasks", max_age, self._list_tasks)
+
+    async def _cached(self, key: str, max_age: float, fetch: Callable[[], Awaitable[Any]]
+                      ) -> Any:
+        seen_at, value = self._seen.get(key, (0.0, None))
+        if time.monotonic() - seen_at <= max_age:
+            return value
+        fut = self._listing.get(key)
+        if fut is None:
+            fut = self._listing[key] = asyncio.ensure_future(fetch())
+            fut.add_done_callback(lambda f: self._listed(key, f))
+        return await asyncio.shield(fut)
+
+    def _listed(self, key: str, fut: asyncio.Future[Any]) -> None:
+        self._listing.pop(key, None)
+        if not fut.cancelled() and fut.exception() is None:
+            self._seen[key] = (time.monotonic(), fut.result())
+
+    async def _list_containers(self) -> dict[str, str]:
         rows = await self.call("listing containers", lambda c: c.containers.list(
             all=True, filters=f'{{"label": ["{LABEL_APP}={APP}"]}}'))
-        return {row["Id"]: row["State"] for row in (r._container for r in rows)}
+        return {row["Id"]: row["State"] for row in rows}
 
-    def _listed(self, fut: asyncio.Future[dict[str, str]]) -> None:
-        self._listing = None
-        if not fut.cancelled() and fut.exception() is None:
-            self._seen, self._seen_at = fut.result(), time.monotonic()
+    async def _list_tasks(self) -> dict[str, dict[str, Any]]:
+        rows = await self.call("listing swarm tasks", lambda c: c.tasks.list())
+        newest: dict[str, dict[str, Any]] = {}
+        for task in sorted(rows, key=lambda t: t.get("Version", {}).get("Index", 0)):
+            newest[task["ServiceID"]] = task
+        return newest
 
     async def remove(self, ref: str, what: str) -> None:
         """Force-remove a container (id or name); one already gone is what we wanted."""
@@ -116,7 +132,7 @@ class Engine:
             f"removing {what}", lambda c: c.containers.container(ref).delete(force=True)))
 
     def forget_states(self) -> None:
-        self._seen_at = 0.0
+        self._seen.clear()
 
     async def close(self) -> None:
         if self.client is not None:
