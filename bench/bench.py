@@ -54,6 +54,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from dockerloop import KERNEL_NAME as DOCKER_KERNEL_NAME
+from dockerloop import LocalDockerd
 from sshloop import KERNEL_NAME, LoopbackSSH
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +164,8 @@ class Server:
         self.ws_url = f"ws://127.0.0.1:{self.port}/"
         self.kernel_name = "python3"
         self.ssh: LoopbackSSH | None = None
-        if name in ("ours", "ours-ssh"):
+        self.dockerd: LocalDockerd | None = None
+        if name in ("ours", "ours-ssh", "ours-docker"):
             args = [sys.executable, "-m", "gateway", "serve", "--ip", "127.0.0.1",
                     "--port", str(self.port), "--token", self.token,
                     "--state-db", str(tmp / f"state-{self.port}.sqlite"), "--log-level", "WARNING"]
@@ -172,6 +175,12 @@ class Server:
                 self.ssh.write_kernelspec(specs)
                 args += ["--kernelspec-dir", str(specs)]
                 self.kernel_name = KERNEL_NAME
+            if name == "ours-docker":  # the same gateway, kernels in containers
+                self.dockerd = LocalDockerd(tmp)
+                specs = tmp / "docker-kernelspecs"
+                self.dockerd.write_kernelspec(specs)
+                args += ["--kernelspec-dir", str(specs)]
+                self.kernel_name = DOCKER_KERNEL_NAME
         else:
             jkg = shutil.which("jupyter-kernelgateway", path=str(Path(sys.executable).parent))
             if not jkg:
@@ -238,6 +247,8 @@ class Server:
         self.log_file.close()
         if self.ssh:
             self.ssh.stop()
+        if self.dockerd:
+            self.dockerd.stop()
 
 
 class Result:
@@ -655,10 +666,11 @@ HIGHER_IS_BETTER = ("MBps", "delivered")
 
 
 def table(results: dict[str, dict[str, Any]], n: int) -> str:
-    cols = [c for c in ("direct", "ours", "ours-ssh", "jkg", "jkg-nolimit") if c in results]
+    cols = [c for c in ("direct", "ours", "ours-ssh", "ours-docker", "jkg", "jkg-nolimit")
+            if c in results]
     ratios = [("ours/direct", "ours", "direct"), ("jkg/direct", "jkg", "direct"),
               ("ours/jkg", "ours", "jkg"), ("ours/jkg-nolim", "ours", "jkg-nolimit"),
-              ("ssh/ours", "ours-ssh", "ours")]
+              ("ssh/ours", "ours-ssh", "ours"), ("docker/ours", "ours-docker", "ours")]
     ratios = [r for r in ratios if r[1] in results and r[2] in results]
     w = 34
     head = "metric".ljust(w) + "".join(c.rjust(12) for c in cols) \
@@ -752,7 +764,7 @@ def main() -> int:
     targets = []
     for t in a.targets.split(","):
         t = t.strip()
-        if t not in ("direct", "ours", "ours-ssh", "jkg", "jkg-nolimit"):
+        if t not in ("direct", "ours", "ours-ssh", "ours-docker", "jkg", "jkg-nolimit"):
             p.error(f"unknown target {t!r}")
         targets += [t, "jkg-nolimit"] if t == "jkg" else [t]
     a.targets = list(dict.fromkeys(targets))
