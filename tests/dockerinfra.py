@@ -8,6 +8,7 @@ base image is built once per machine (~1 min with debootstrap), not once per run
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -70,6 +71,17 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
     if os.geteuid() != 0:
         require_infra("dockerd needs root")
     tmp = tmp_path_factory.mktemp("dockerd")
+    # one dockerd per data root: a second test run on this machine waits for the first
+    lock = open(f"{DATA_ROOT}.lock", "w")
+    deadline = time.monotonic() + 1800
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"another test run holds {DATA_ROOT} (its dockerd) for 30 min")
+            time.sleep(1)
     sock = tmp / "docker.sock"
     config = {**DAEMON, "data-root": str(DATA_ROOT), "exec-root": str(tmp / "exec"),
               "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}
@@ -102,6 +114,7 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
         for net, metric in BLACKHOLES:
             subprocess.run(["ip", "route", "del", "blackhole", net, "metric", metric],
                            check=False, capture_output=True)
+        lock.close()
 
 
 def _remove_bridges() -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
+import subprocess
 import time
 
 import pytest
+from dockerinfra import DAEMON, Docker
 
 from backends import docker_spec
 from gwclient import KernelSocket, api, start_kernel
@@ -249,3 +252,77 @@ async def test_swarm_orphans_are_swept_at_start(swarm_gw, swarm):
     assert (await ks.execute("print('still here')"))[0] == "still here\n"
     await ks.close()
     assert (await api(swarm_gw, "DELETE", f"api/kernels/{kept}"))[0] == 204
+
+
+# -- a remote engine over SSH: dockerd inside an SSH lab host's network namespace -----------
+
+REMOTE_DATA_ROOT = "/var/lib/rkg-test-docker-remote"
+
+
+@pytest.fixture(scope="module")
+def remote_engine(ssh_lab, docker, kernel_image, tmp_path_factory):
+    """A second dockerd, in rhost2's network namespace (tests/sshd.py): what it publishes
+    on 127.0.0.1 is rhost2's loopback, which this machine cannot reach, so only the
+    gateway's SSH forwards (socket and kernel ports) make a kernel there work."""
+    host = ssh_lab.hosts["rhost2"]
+    tmp = tmp_path_factory.mktemp("remote-dockerd")
+    sock = tmp / "docker.sock"
+    (tmp / "daemon.json").write_text(json.dumps({
+        **DAEMON, "data-root": REMOTE_DATA_ROOT, "exec-root": str(tmp / "exec"),
+        "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}))
+    with open(tmp / "dockerd.log", "wb") as log:
+        # nsenter, not `ip netns exec`: that mounts a fresh /sys, without the cgroups
+        proc = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{host.ns}", "dockerd",
+                                 "--config-file", str(tmp / "daemon.json")], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    remote = Docker(sock)
+    try:
+        for _ in range(100):
+            if remote.run("docker", "info", check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"remote dockerd did not start: {(tmp / 'dockerd.log').read_text()}")
+        if not remote.has_image(kernel_image):
+            with subprocess.Popen(["docker", "save", kernel_image], env=docker.env,
+                                  stdout=subprocess.PIPE) as save:
+                subprocess.run(["docker", "load"], stdin=save.stdout, env=remote.env,
+                               check=True, capture_output=True, timeout=600)
+        yield host, remote, f"ssh://root@{host.addr}{sock}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def test_remote_engine_over_ssh(gateway_factory, ssh_lab, remote_engine, docker,
+                                      kernel_image, tmp_path):
+    host, remote, url = remote_engine
+    d = tmp_path / "remote-kernelspecs"
+    docker_spec(d, "dk-remote", image=kernel_image, docker_host=url, hostname="rkg-remote",
+                ssh_identity_file=str(ssh_lab.client_key),
+                ssh_known_hosts=str(ssh_lab.known_hosts))
+    gw = gateway_factory(extra_args=["--kernelspec-dir", str(d)])
+    kids = [(await start_kernel(gw, "dk-remote"))["id"] for _ in range(2)]
+    assert sorted(remote.ours()) == sorted(f"kernel-{k}" for k in kids)
+    assert docker.ours() == []  # not on the local engine
+    # the API (the orphan sweep at start included) and both kernels' ports share one SSH
+    # connection to the host
+    assert host.established() == 1
+    ks = await KernelSocket.open(gw, kids[0], v1=True)
+    out, _ = await ks.execute("import socket, os; print(socket.gethostname(), "
+                              "os.path.exists('/.dockerenv'))")
+    assert out.split() == ["rkg-remote", "True"]
+    msg_id = await ks.start_long_cell()
+    assert (await api(gw, "POST", f"api/kernels/{kids[0]}/interrupt", {}))[0] == 204
+    reply = next(m for m in await ks.reply_and_idle(msg_id, timeout=15)
+                 if m["header"]["msg_type"] == "execute_reply")["content"]
+    assert reply["ename"] == "KeyboardInterrupt"
+    await ks.close()
+    assert (await api(gw, "DELETE", f"api/kernels/{kids[0]}"))[0] == 204
+    assert remote.ours() == [f"kernel-{kids[1]}"]
+    assert gw.stop() == 0
+    assert remote.ours() == []

@@ -114,20 +114,41 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     poll_interval = Float(0.5, config=True, help="seconds a liveness listing is reused")
     reap_orphans = Bool(True, config=True,
                         help="at gateway start, remove our containers no kernel owns")
+    ssh_identity_file = Unicode("", config=True, help="for an ssh:// docker_host")
+    ssh_known_hosts = Unicode("~/.ssh/known_hosts", config=True, help="for an ssh:// docker_host")
+    ssh_jump_hosts = List(Unicode(), config=True, help="for an ssh:// docker_host, like ssh -J")
 
     container_id: str | None = None
     container_name = ""
+    pid: int | None = None  # an SSH connection watcher without a process to probe
+    # an ssh:// engine: the kernel's address and ports there, tunnelled to local ports
+    remote_addr = ""
+    remote_ports: dict[str, int]
+    local_ports: dict[str, int]
+    _listeners: list[Any]
+    _tunnelled = False
     _engine: Engine | None = None
     _exit: int | None = None
     _tail = ""
 
     # -- configuration -------------------------------------------------------------------
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.remote_ports, self.local_ports, self._listeners = {}, {}, []
+
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = dockerengine.acquire(self.docker_host)
+            self._engine = self.acquire_engine(self.docker_host, self.ssh_identity_file,
+                                               self.ssh_known_hosts, list(self.ssh_jump_hosts))
         return self._engine
+
+    @staticmethod
+    def acquire_engine(url: str, identity_file: str = "", known_hosts: str = "~/.ssh/known_hosts",
+                       jump_hosts: list[str] | None = None) -> Engine:
+        return dockerengine.acquire(url, identity_file=identity_file, known_hosts=known_hosts,
+                                    jump_hosts=tuple(jump_hosts or ()))
 
     @property
     def gateway_id(self) -> str:
@@ -222,6 +243,7 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         try:
             await self._create(config)
             await self._locate()
+            await self._tunnel()
         except BaseException:
             await asyncio.shield(self._remove())
             raise
@@ -291,6 +313,47 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         conn["transport"] = "tcp"
         self.connection_info = cast(KernelConnectionInfo, conn)
 
+    # -- an engine over SSH: its 127.0.0.1 (or the container network) is over there ---------
+
+    async def _tunnel(self) -> None:
+        """With an ssh:// engine, forward local ports over the host's shared connection to
+        where the kernel listens there; the connection info points at the local ends."""
+        await self.engine.open()
+        ssh = self.engine.ssh
+        if ssh is None:
+            return
+        info: dict[str, Any] = dict(self.connection_info)
+        if not self._tunnelled:
+            self.remote_addr = str(info["ip"])
+            self.remote_ports = {ch: int(info[f"{ch}_port"]) for ch in CHANNELS}
+        await self.reforward(await ssh.connection())
+        ssh.watch(self)
+        self._tunnelled = True
+
+    async def reforward(self, conn: Any) -> None:
+        """Called by the shared SSH connection after it reconnected (and by _tunnel)."""
+        self._close_listeners()
+        for ch in CHANNELS:
+            want = self.local_ports.get(ch, 0)
+            try:
+                listener = await conn.forward_local_port("127.0.0.1", want, self.remote_addr,
+                                                         self.remote_ports[ch])
+            except OSError:
+                if not want:
+                    raise
+                listener = await conn.forward_local_port("127.0.0.1", 0, self.remote_addr,
+                                                         self.remote_ports[ch])
+            self._listeners.append(listener)
+            self.local_ports[ch] = listener.get_port()
+        info: dict[str, Any] = dict(self.connection_info)
+        info.update({f"{ch}_port": p for ch, p in self.local_ports.items()}, ip="127.0.0.1")
+        self.connection_info = cast(KernelConnectionInfo, info)
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+
     async def _read_tail(self) -> str:
         cid = self.container_id
         if cid is None:
@@ -311,6 +374,8 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._exit is not None:
             return self._exit
         try:
+            if self.remote_ports and not self._tunnelled:  # re-attached: tunnels first
+                await self._tunnel()
             states = await self.engine.states(self.poll_interval)
         except KernelStartError as e:
             log.warning("kernel %s: %s", self.kernel_id, e.message)
@@ -375,6 +440,10 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Called by the kernel manager once the kernel stopped: the container is removed
         (a restart creates a new one); the engine lease ends unless restarting."""
         await self._remove()
+        self._close_listeners()
+        if self._engine is not None and self._engine.ssh is not None:
+            self._engine.ssh.unwatch(self)
+        self.remote_ports, self.local_ports, self._tunnelled = {}, {}, False
         if not restart and self._engine is not None:
             engine, self._engine = self._engine, None
             await dockerengine.release(engine)
@@ -394,7 +463,8 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Called when the gateway records the kernel: what a restarted gateway needs."""
         info: dict[str, Any] = await super().get_provisioner_info()
         info.update(docker_host=self.docker_host, container_id=self.container_id,
-                    container_name=self.container_name)
+                    container_name=self.container_name, remote_addr=self.remote_addr,
+                    remote_ports=self.remote_ports)
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
@@ -404,6 +474,11 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.docker_host = provisioner_info.get("docker_host", self.docker_host)
         self.container_id = provisioner_info.get("container_id")
         self.container_name = provisioner_info.get("container_name", "")
+        self.remote_addr = provisioner_info.get("remote_addr", "")
+        self.remote_ports = dict(provisioner_info.get("remote_ports") or {})
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            recorded: dict[str, Any] = dict(self.connection_info)
+            self.local_ports = {ch: int(recorded[f"{ch}_port"]) for ch in CHANNELS}
 
     @classmethod
     async def reap(cls, config: dict[str, Any], owned: set[str], gateway_id: str) -> list[str]:
@@ -411,7 +486,10 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         containers this gateway labelled that none of its kernels owns. Returns their names."""
         if not config.get("reap_orphans", True):
             return []
-        engine = dockerengine.acquire(str(config.get("docker_host", "")))
+        engine = cls.acquire_engine(str(config.get("docker_host", "")),
+                                    str(config.get("ssh_identity_file", "")),
+                                    str(config.get("ssh_known_hosts", "~/.ssh/known_hosts")),
+                                    list(config.get("ssh_jump_hosts") or []))
         try:
             rows = await engine.call("listing containers", lambda c: c.containers.list(
                 all=True, filters=json.dumps({"label": [f"{LABEL_APP}={APP}",

@@ -2,9 +2,12 @@
 from it: errors in words the user can act on, batched liveness, the orphan sweep.
 
 Endpoints are DOCKER_HOST-style URLs: unix:///var/run/docker.sock, tcp://host:2376 (TLS by
-DOCKER_TLS_VERIFY / DOCKER_CERT_PATH, as the docker CLI does), ssh://user@host (aiodocker runs
-`docker system dial-stdio` there). Kernels of one endpoint share its client: one connection
-pool per engine, not one per kernel, and one `containers/json` call answers every kernel's poll.
+DOCKER_TLS_VERIFY / DOCKER_CERT_PATH, as the docker CLI does), ssh://[user@]host[:port][/socket]
+(the engine's socket, default /var/run/docker.sock, forwarded to a private local socket over
+the SSH backend's shared connection to that host: one connection per host for the API and
+every kernel's ports, re-forwarded after a reconnect). Kernels of one endpoint share its client:
+one connection pool per engine, not one per kernel, and one `containers/json` call answers
+every kernel's poll.
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from ..errors import KernelError, KernelStartError
+from . import sshpool
+from .sshpool import Hop, Target
+
+if TYPE_CHECKING:
+    import asyncssh
 
 try:
     import aiodocker
@@ -44,13 +56,34 @@ def our_labels(kernel_id: str, gateway_id: str) -> dict[str, str]:
             LABEL_GATEWAY: gateway_id}
 
 
+def ssh_endpoint(url: str, *, identity_file: str = "", known_hosts: str = "~/.ssh/known_hosts",
+                 jump_hosts: tuple[str, ...] = ()) -> tuple[Target, str] | None:
+    """ssh://[user@]host[:port][/socket] -> (where to connect, the engine's socket there)."""
+    if not url.startswith("ssh://"):
+        return None
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise KernelStartError(f"docker_host {url!r} names no host")
+    hop = Hop(parts.hostname, parts.port or 22, parts.username)
+    jumps = tuple(Hop.parse(j, 22, hop.username) for j in jump_hosts)
+    return (Target(hop, jumps, identity_file or None, known_hosts),
+            parts.path or "/var/run/docker.sock")
+
+
 class Engine:
     """A Docker endpoint and its client; `call` translates what can go wrong on the way."""
 
-    def __init__(self, url: str) -> None:
+    pid: int | None = None  # an SSH connection watcher without a process to probe (sshpool.Watcher)
+
+    def __init__(self, url: str, ssh: tuple[Target, str] | None = None) -> None:
         self.url = url
         self.refs = 0
         self.client: Any = None
+        self._ssh_target = ssh
+        self.ssh: sshpool.SSHHost | None = None  # the shared connection of an ssh:// engine
+        self._sock_dir = ""
+        self._listener: Any = None
+        self._lock = asyncio.Lock()
         self._seen: dict[str, tuple[float, Any]] = {}  # listing -> (when, what)
         self._listing: dict[str, asyncio.Future[Any]] = {}  # listings under way
 
@@ -58,21 +91,48 @@ class Engine:
     def name(self) -> str:
         return self.url or "the default Docker engine"
 
-    def open(self) -> Any:
-        if self.client is None:
-            require_aiodocker()
-            try:
-                self.client = aiodocker.Docker(url=self.url or None)
-            except (ValueError, OSError) as e:
-                raise KernelStartError(f"cannot use the Docker engine {self.name!r}: {e} "
-                                       "(set DOCKER_HOST or the kernelspec's docker_host)"
-                                       ) from e
+    async def open(self) -> Any:
+        """The aiodocker client, made on first use (over SSH: after forwarding the socket)."""
+        async with self._lock:
+            if self.client is None:
+                require_aiodocker()
+                url = self.url or None
+                if self._ssh_target is not None:
+                    url = await self._open_ssh()
+                try:
+                    self.client = aiodocker.Docker(url=url)
+                except (ValueError, OSError) as e:
+                    raise KernelStartError(f"cannot use the Docker engine {self.name!r}: {e} "
+                                           "(set DOCKER_HOST or the kernelspec's docker_host)"
+                                           ) from e
         return self.client
+
+    async def _open_ssh(self) -> str:
+        assert self._ssh_target is not None
+        self.ssh = await sshpool.acquire(self._ssh_target[0])
+        self._sock_dir = tempfile.mkdtemp(prefix="rkg-docker-")  # mode 0700: ours alone
+        await self.reforward(await self.ssh.connection())
+        self.ssh.watch(self)
+        return f"unix://{self._sock_dir}/docker.sock"
+
+    async def reforward(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Forward a private local socket to the engine's; called again after a reconnect."""
+        assert self._ssh_target is not None
+        if self._listener is not None:
+            self._listener.close()
+        sock = f"{self._sock_dir}/docker.sock"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+        try:
+            self._listener = await conn.forward_local_path(sock, self._ssh_target[1])
+        except Exception as e:
+            raise KernelStartError(f"cannot forward the Docker socket {self._ssh_target[1]} "
+                                   f"of {self.name}: {e}") from e
 
     async def call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         """fn(client), with the engine's failures as KernelError: unreachable daemon,
         refused request (with the engine's own message)."""
-        client = self.open()
+        client = await self.open()
         try:
             return await fn(client)
         except aiodocker.DockerError as e:
@@ -139,6 +199,16 @@ class Engine:
             client, self.client = self.client, None
             with contextlib.suppress(Exception):
                 await client.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self.ssh is not None:
+            ssh, self.ssh = self.ssh, None
+            ssh.unwatch(self)
+            sshpool.release(ssh)
+        if self._sock_dir:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self._sock_dir = ""
 
 
 class EngineError(KernelStartError):
@@ -152,10 +222,12 @@ class EngineError(KernelStartError):
 _engines: dict[str, Engine] = {}
 
 
-def acquire(url: str) -> Engine:
+def acquire(url: str, **ssh_options: Any) -> Engine:
+    """A lease on the engine at `url`; ssh_options (identity_file, known_hosts, jump_hosts)
+    matter for ssh:// URLs."""
     engine = _engines.get(url)
     if engine is None:
-        engine = _engines[url] = Engine(url)
+        engine = _engines[url] = Engine(url, ssh_endpoint(url, **ssh_options))
     engine.refs += 1
     return engine
 

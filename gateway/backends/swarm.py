@@ -127,6 +127,7 @@ class SwarmProvisioner(DockerProvisioner):
             self.service_id = created["ID"]
             task = await self._running_task()
             await self._locate_task(task)
+            await self._tunnel()
         except BaseException:
             await asyncio.shield(self._remove())
             raise
@@ -278,7 +279,10 @@ class SwarmProvisioner(DockerProvisioner):
         none of its kernels owns."""
         if not config.get("reap_orphans", True):
             return []
-        engine = dockerengine.acquire(str(config.get("docker_host", "")))
+        engine = cls.acquire_engine(str(config.get("docker_host", "")),
+                                    str(config.get("ssh_identity_file", "")),
+                                    str(config.get("ssh_known_hosts", "~/.ssh/known_hosts")),
+                                    list(config.get("ssh_jump_hosts") or []))
         try:
             rows = await engine.call("listing services", lambda c: c.services.list(
                 filters={"label": [f"{LABEL_APP}={APP}", f"{LABEL_GATEWAY}={gateway_id}"]}))
