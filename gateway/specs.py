@@ -1,6 +1,6 @@
-"""`rkg spec`: write, list and remove kernelspecs for the backends (SSH, batch jobs), in the user's
-Jupyter kernels directory or a given one. The specs are plain kernelspecs, so a JupyterLab
-without the gateway runs them too."""
+"""`rkg spec`: write, list and remove kernelspecs for the backends (SSH, containers, batch
+jobs), in the user's Jupyter kernels directory or a given one. The specs are plain
+kernelspecs, so a JupyterLab without the gateway runs them too."""
 
 from __future__ import annotations
 
@@ -76,6 +76,40 @@ def batch_spec(scheduler: str, *, partition: str = "", cpus: int = 0, memory: st
     }
 
 
+CONTAINER_BACKENDS = {"docker": "docker-provisioner", "swarm": "swarm-provisioner"}
+
+
+def pairs(items: list[str], what: str) -> dict[str, str]:
+    """['K=V', ...] from repeated options, as a dict; a missing '=' is the user's mistake."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadRequest(f"{what} {item!r} must be KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def container_spec(backend: str, image: str, *, display_name: str = "",
+                   **options: Any) -> dict[str, Any]:
+    """The kernel.json of a Python kernel in a container (docker.py) or a Swarm service
+    (swarm.py). Only the options given go into the config; the provisioner has the defaults."""
+    if not image:
+        raise BadRequest("an image is needed (--image)")
+    config: dict[str, Any] = {"image": image}
+    config.update({k: v for k, v in options.items()
+                   if v is not None and v is not False and v != "" and v != [] and v != {}})
+    python = str(config.get("python", "python3"))
+    return {
+        "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],  # informative
+        "display_name": display_name or f"Python ({image}, {backend.capitalize()})",
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {"kernel_provisioner": {"provisioner_name": CONTAINER_BACKENDS[backend],
+                                            "config": config}},
+    }
+
+
 def write_spec(name: str, spec: dict[str, Any], directory: str | None = None) -> Path:
     if not _NAME.match(name):
         raise BadRequest(f"kernelspec name {name!r} may only use letters, digits, '.', '_', '-'")
@@ -97,7 +131,7 @@ def list_specs(directory: str | None = None) -> list[tuple[str, str, str]]:
         prov = spec.get("metadata", {}).get("kernel_provisioner", {})
         backend = prov.get("provisioner_name", "local")
         config = prov.get("config", {})
-        where = config.get("host", "") or " ".join(
+        where = config.get("host", "") or config.get("image", "") or " ".join(
             w for w in (config.get("scheduler", ""), config.get("login", "")) if w)
         out.append((spec_file.parent.name, f"{backend} {where}".strip(),
                     spec.get("display_name", "")))
@@ -151,7 +185,37 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         batch.add_argument("--identity", default="", help="private key for the login node")
         batch.add_argument("--known-hosts", default="", help="known_hosts file")
         batch.add_argument("--display-name", default="")
-    batches = [backends.choices[s] for s in SCHEDULER_NAMES]
+    for backend, provisioner in CONTAINER_BACKENDS.items():
+        what = "a Swarm service" if backend == "swarm" else "a Docker container"
+        c = backends.add_parser(backend, help=f"a kernel in {what} ({provisioner})")
+        c.add_argument("name")
+        c.add_argument("--image", required=True, help="kernel image, already on the engine")
+        c.add_argument("--docker-host", default="",
+                       help="unix://, tcp:// or ssh:// engine URL (default: DOCKER_HOST)")
+        c.add_argument("--network", default="")
+        c.add_argument("--reach", choices=["published", "network"], default=None,
+                       help="ports published on 127.0.0.1 (default) or the container address")
+        c.add_argument("--volume", action="append", default=[], dest="volumes",
+                       help="SRC:DST[:ro] (repeatable)")
+        c.add_argument("--mirror-working-dir", action="store_true",
+                       help="bind KERNEL_WORKING_DIR at the same path and start there")
+        c.add_argument("--workdir", default="")
+        c.add_argument("--env", action="append", default=[], help="KEY=VALUE (repeatable)")
+        c.add_argument("--uid", type=int, default=None)
+        c.add_argument("--gid", type=int, default=None)
+        c.add_argument("--cpus", type=float, default=None)
+        c.add_argument("--memory", default="", help="4g, 512m")
+        c.add_argument("--pids-limit", type=int, default=None)
+        c.add_argument("--gpus", default="",
+                       help="Docker: all, a count, device=0,1; Swarm: a count")
+        c.add_argument("--label", action="append", default=[],
+                       help="KEY=VALUE (repeatable)")
+        c.add_argument("--python", default="", help="the image's python (default python3)")
+        c.add_argument("--display-name", default="")
+        if backend == "swarm":
+            c.add_argument("--constraint", action="append", default=[], dest="constraints",
+                           help="placement constraint, e.g. node.labels.gpu==true (repeatable)")
+    batches = [backends.choices[s] for s in (*SCHEDULER_NAMES, *CONTAINER_BACKENDS)]
     for p in (ssh, *batches, sub.add_parser("list", help="list kernelspecs"),
               sub.add_parser("remove", help="remove a kernelspec")):
         p.add_argument("--dir", default=None, help="kernels directory (default: Jupyter's)")
@@ -167,6 +231,16 @@ def run_spec_command(args: argparse.Namespace) -> None:
                           runtime_dir=args.runtime_dir, login=args.login, jump=args.jump,
                           identity=args.identity, known_hosts=args.known_hosts,
                           display_name=args.display_name)
+        print(f"wrote {write_spec(args.name, spec, args.dir)}")
+    elif args.spec_command == "add" and args.backend in CONTAINER_BACKENDS:
+        spec = container_spec(
+            args.backend, args.image, display_name=args.display_name,
+            docker_host=args.docker_host, network=args.network, reach=args.reach,
+            volumes=args.volumes, mirror_working_dir=args.mirror_working_dir,
+            workdir=args.workdir, env=pairs(args.env, "--env"), uid=args.uid, gid=args.gid,
+            cpus=args.cpus, memory=args.memory, pids_limit=args.pids_limit, gpus=args.gpus,
+            labels=pairs(args.label, "--label"), python=args.python,
+            constraints=getattr(args, "constraints", []))
         print(f"wrote {write_spec(args.name, spec, args.dir)}")
     elif args.spec_command == "add":
         spec = ssh_spec(args.host, jump=args.jump, python=args.python, workdir=args.workdir,

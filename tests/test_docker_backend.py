@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -326,3 +327,39 @@ async def test_remote_engine_over_ssh(gateway_factory, ssh_lab, remote_engine, d
     assert remote.ours() == [f"kernel-{kids[1]}"]
     assert gw.stop() == 0
     assert remote.ours() == []
+
+
+async def test_rkg_spec_add_docker_and_swarm(gateway_factory, tmp_path, docker, swarm,
+                                             kernel_image):
+    """`rkg spec add docker|swarm` write kernelspecs the gateway runs as they are; bad
+    input is a one-line error."""
+    d = tmp_path / "cli-kernelspecs"
+
+    def rkg(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gateway", "spec", *args, "--dir", str(d)],
+                              capture_output=True, text=True, timeout=30)
+
+    assert rkg("add", "docker", "cli-docker", "--image", kernel_image, "--docker-host",
+               docker.host, "--memory", "300m", "--env", "GREETING=hello",
+               "--label", "team=ml").returncode == 0
+    assert rkg("add", "swarm", "cli-swarm", "--image", kernel_image, "--docker-host",
+               swarm.host, "--constraint", "node.role==manager").returncode == 0
+    bad = rkg("add", "docker", "bad", "--image", kernel_image, "--env", "NOEQUALS")
+    assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
+    listed = rkg("list").stdout
+    assert "cli-docker\tdocker-provisioner" in listed and "cli-swarm\tswarm-provisioner" in listed
+
+    gw = gateway_factory(extra_args=["--kernelspec-dir", str(d)])
+    for name in ("cli-docker", "cli-swarm"):
+        kid = (await start_kernel(gw, name))["id"]
+        ks = await KernelSocket.open(gw, kid, v1=True)
+        out, _ = await ks.execute("import os; print(os.path.exists('/.dockerenv'), "
+                                  "os.environ.get('GREETING'))")
+        assert out.split() == ["True", "hello" if name == "cli-docker" else "None"]
+        if name == "cli-docker":
+            labels = inspect(docker, f"kernel-{kid}")["Config"]["Labels"]
+            assert labels["team"] == "ml" and labels["kernel_id"] == kid
+        await ks.close()
+        assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    gw.stop()
+    wait_none_left(swarm)
