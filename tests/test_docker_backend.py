@@ -84,6 +84,28 @@ async def test_kernel_runs_in_a_named_labelled_container(gw, docker):
     assert docker.ours() == []
 
 
+async def test_engine_from_docker_host_and_kept_across_restart(gateway_factory, tmp_path,
+                                                               docker, kernel_image):
+    """A kernelspec without docker_host uses the gateway's DOCKER_HOST; --keep-kernels leaves
+    the container running and the next gateway re-attaches to it."""
+    d = tmp_path / "env-kernelspecs"
+    docker_spec(d, "dk-env", image=kernel_image)
+    gw = gateway_factory(extra_args=["--kernelspec-dir", str(d), "--keep-kernels"],
+                         env={"DOCKER_HOST": docker.host})
+    kid = (await start_kernel(gw, "dk-env"))["id"]
+    ks = await KernelSocket.open(gw, kid, v1=True)
+    await ks.execute("kept = 42")
+    await ks.close()
+    assert gw.stop() == 0
+    assert docker.ours() == [f"kernel-{kid}"]
+    gw.start()
+    ks = await KernelSocket.open(gw, kid, v1=True)
+    assert (await ks.execute("print(kept)"))[0] == "42\n"
+    await ks.close()
+    assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    assert docker.ours() == []
+
+
 async def test_limits_are_enforced(gw, docker):
     model = await start_kernel(gw, "dk-limited")
     ks = await KernelSocket.open(gw, model["id"], v1=True)
