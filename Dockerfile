@@ -13,9 +13,9 @@ COPY . /src
 RUN python3 -m venv /opt/rkg \
     && if ls /src/wheels/*.whl >/dev/null 2>&1; then \
          /opt/rkg/bin/pip install --no-cache-dir --no-index --find-links /src/wheels \
-           "remote-kernel-gateway[ssh]"; \
+           "remote-kernel-gateway[ssh,docker]"; \
        else \
-         /opt/rkg/bin/pip install --no-cache-dir "/src[ssh]"; \
+         /opt/rkg/bin/pip install --no-cache-dir "/src[ssh,docker]"; \
        fi \
     && rm -rf /src \
     && useradd --create-home --uid 1000 rkg \

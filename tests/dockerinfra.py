@@ -160,7 +160,7 @@ def build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (ctx / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, ctx / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"),
-                    f"{ctx}[ssh]"], check=True, capture_output=True, timeout=900)
+                    f"{ctx}[ssh,docker]"], check=True, capture_output=True, timeout=900)
     return ctx
 
 

@@ -77,13 +77,19 @@ def run_node_flow(node: str, gw: Deployed, script: str, kernel: str = "python3")
     return [s["step"] for s in steps]
 
 
-def compose_up(docker: Docker, ctx: Path, base_image: str, base_url: str = "/") -> Deployed:
+def compose_up(docker: Docker, ctx: Path, base_image: str, base_url: str = "/", *,
+               profile: str = "", service: str = "gateway", **extra_env: str) -> Deployed:
+    """`docker-compose [--profile P] up -d --build`, then wait for `service` to be healthy;
+    the Deployed is that service (its port: RKG_HOST_PORT, or the profile's own)."""
     port, token = free_port(), secrets.token_hex(16)
     env = {"RKG_TOKEN": token, "RKG_HOST_PORT": str(port), "RKG_BASE_IMAGE": base_image,
-           "RKG_BASE_URL": base_url, "COMPOSE_PROJECT_NAME": f"rkgtest{os.getpid()}"}
+           "RKG_BASE_URL": base_url,
+           "COMPOSE_PROJECT_NAME": f"rkgtest{os.getpid()}{profile}", **extra_env}
+    if service == "gateway-docker":
+        port = int(env.setdefault("RKG_DOCKER_HOST_PORT", str(free_port())))
     dep = Deployed(docker, ctx, env, f"http://127.0.0.1:{port}{base_url}", token)
-    dep.compose("up", "-d", "--build")
-    dep.container = dep.compose("ps", "-q", "gateway").stdout.strip()
+    dep.compose(*(["--profile", profile] if profile else []), "up", "-d", "--build")
+    dep.container = dep.compose("ps", "-q", service).stdout.strip()
     for _ in range(120):
         health = docker.run("docker", "inspect", "--format", "{{.State.Health.Status}}",
                             dep.container).stdout.strip()
@@ -93,8 +99,9 @@ def compose_up(docker: Docker, ctx: Path, base_image: str, base_url: str = "/") 
     pytest.fail(f"the container never became healthy ({health}):\n{dep.log()}")
 
 
-def compose_down(dep: Deployed) -> None:
-    dep.compose("down", "--volumes", "--remove-orphans", timeout=120)
+def compose_down(dep: Deployed, profile: str = "") -> None:
+    dep.compose(*(["--profile", profile] if profile else []), "down", "--volumes",
+                "--remove-orphans", timeout=120)
     left = dep.docker.run("docker", "ps", "-aq", "--filter",
                           f"label=com.docker.compose.project={dep.env['COMPOSE_PROJECT_NAME']}"
                           ).stdout.split()
@@ -149,6 +156,47 @@ def test_js_clients_against_the_container(node, gateway, script, kernel):
     ps = gateway.docker.run("docker-compose", "exec", "-T", "sshhost", "ps", "-eo", "args",
                             env=gateway.env, cwd=gateway.ctx).stdout
     assert "ipykernel" not in ps, ps
+
+
+# -- the opt-in docker profile: kernels as sibling containers through the engine socket -----
+
+
+@pytest.fixture
+def docker_profile(docker, base_image, build_context) -> Iterator[Deployed]:
+    """Up and down around its one test: the profile's fixed-name network rkg-kernels is
+    shared with the module's other project, which must not be torn down while in use."""
+    sock = docker.host.removeprefix("unix://")
+    dep = compose_up(docker, build_context, base_image, profile="docker",
+                     service="gateway-docker", DOCKER_SOCKET=sock,
+                     DOCKER_GID=str(os.stat(sock).st_gid))
+    yield dep
+    compose_down(dep, profile="docker")
+    assert docker.ours() == [], "kernel containers left behind"
+    networks = docker.run("docker", "network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert "rkg-kernels" not in networks
+
+
+async def test_docker_profile_runs_kernels_in_sibling_containers(docker_profile):
+    dep = docker_profile
+    status, model = await api(dep, "POST", "api/kernels", {"name": "docker-python"})
+    assert status == 201, (model, dep.log())
+    kid = model["id"]
+    assert dep.docker.ours() == [f"kernel-{kid}"]
+    nets = json.loads(dep.docker.run("docker", "inspect", "--format",
+                                     "{{json .NetworkSettings.Networks}}", f"kernel-{kid}").stdout)
+    assert list(nets) == ["rkg-kernels"]
+    ks = await KernelSocket.open(dep, kid, v1=True)
+    out, reply = await ks.execute("import os, socket; print(os.path.exists('/.dockerenv'), "
+                                  "os.getuid(), socket.gethostname())")
+    assert reply["status"] == "ok"
+    dockerenv, uid, hostname = out.split()
+    assert (dockerenv, uid) == ("True", "1000") and hostname != dep.container[:12]
+    await ks.close()
+    assert (await api(dep, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    assert dep.docker.ours() == []
+    # one left running: the profile's `down` must stop the gateway, which removes it
+    status, model = await api(dep, "POST", "api/kernels", {"name": "docker-python"})
+    assert status == 201, (model, dep.log())
 
 
 # -- the same through nginx with the shipped config and a base URL ---------------------------
