@@ -5,6 +5,7 @@ tests build (tests/dockerinfra.py, kept in the same data root). Needs root."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -26,6 +27,10 @@ class LocalDockerd:
             raise RuntimeError("ours-docker needs dockerd (apt-get install docker.io) and root")
         self.dir = tmp / "dockerd"
         self.dir.mkdir()
+        # the tests' data root holds one dockerd at a time (tests/dockerinfra.py: same lock)
+        self.lock = open(f"{DATA_ROOT}.lock", "w")  # closed in stop()
+        print(f"ours-docker: waiting for {DATA_ROOT} (a test run may hold it)", file=sys.stderr)
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.sock = self.dir / "docker.sock"
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.sock}"}
         (self.dir / "daemon.json").write_text(json.dumps({
@@ -84,6 +89,7 @@ class LocalDockerd:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.log.close()
+        self.lock.close()
         for link in ("docker0",):  # dockerd leaves its bridge; it makes it again next start
             subprocess.run(["ip", "link", "del", link], check=False, capture_output=True)
         for net in BLACKHOLES:

@@ -482,24 +482,33 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @classmethod
     async def reap(cls, config: dict[str, Any], owned: set[str], gateway_id: str) -> list[str]:
-        """Called by the gateway at start, once per engine its kernelspecs name: remove the
-        containers this gateway labelled that none of its kernels owns. Returns their names."""
+        """Called by the gateway at start, once per engine its kernelspecs name: remove what
+        this gateway labelled that none of its kernels owns. Returns the names removed."""
         if not config.get("reap_orphans", True):
             return []
         engine = cls.acquire_engine(str(config.get("docker_host", "")),
                                     str(config.get("ssh_identity_file", "")),
                                     str(config.get("ssh_known_hosts", "~/.ssh/known_hosts")),
                                     list(config.get("ssh_jump_hosts") or []))
+        labels = [f"{LABEL_APP}={APP}", f"{LABEL_GATEWAY}={gateway_id}"]
         try:
-            rows = await engine.call("listing containers", lambda c: c.containers.list(
-                all=True, filters=json.dumps({"label": [f"{LABEL_APP}={APP}",
-                                                        f"{LABEL_GATEWAY}={gateway_id}"]})))
             gone = []
-            for row in rows:
-                if row["Labels"].get(LABEL_KERNEL) in owned:
-                    continue
-                await engine.remove(row["Id"], "an orphaned container")
-                gone.append(row["Names"][0].lstrip("/"))
+            for kernel_id, ref, name in await cls._labelled(engine, labels):
+                if kernel_id not in owned:
+                    await cls._remove_orphan(engine, ref)
+                    gone.append(name)
             return gone
         finally:
             await dockerengine.release(engine)
+
+    @classmethod
+    async def _labelled(cls, engine: Engine, labels: list[str]) -> list[tuple[str, str, str]]:
+        """(kernel id, id, name) of every container carrying all `labels`."""
+        rows = await engine.call("listing containers", lambda c: c.containers.list(
+            all=True, filters=json.dumps({"label": labels})))
+        return [(row["Labels"].get(LABEL_KERNEL, ""), row["Id"], row["Names"][0].lstrip("/"))
+                for row in rows]
+
+    @classmethod
+    async def _remove_orphan(cls, engine: Engine, ref: str) -> None:
+        await engine.remove(ref, "an orphaned container")

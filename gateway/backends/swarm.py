@@ -29,7 +29,7 @@ from traitlets import List, Unicode
 from ..errors import KernelStartError
 from . import dockerengine
 from .docker import CONTAINER_PORTS, DockerProvisioner, container_name
-from .dockerengine import APP, LABEL_APP, LABEL_GATEWAY, LABEL_KERNEL, Engine, EngineError
+from .dockerengine import LABEL_KERNEL, Engine, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -274,25 +274,13 @@ class SwarmProvisioner(DockerProvisioner):
         self.service_id = provisioner_info.get("service_id")
 
     @classmethod
-    async def reap(cls, config: dict[str, Any], owned: set[str], gateway_id: str) -> list[str]:
-        """Called by the gateway at start: remove the services this gateway labelled that
-        none of its kernels owns."""
-        if not config.get("reap_orphans", True):
-            return []
-        engine = cls.acquire_engine(str(config.get("docker_host", "")),
-                                    str(config.get("ssh_identity_file", "")),
-                                    str(config.get("ssh_known_hosts", "~/.ssh/known_hosts")),
-                                    list(config.get("ssh_jump_hosts") or []))
-        try:
-            rows = await engine.call("listing services", lambda c: c.services.list(
-                filters={"label": [f"{LABEL_APP}={APP}", f"{LABEL_GATEWAY}={gateway_id}"]}))
-            gone = []
-            for row in rows:
-                if row["Spec"].get("Labels", {}).get(LABEL_KERNEL) in owned:
-                    continue
-                await _delete_service(engine, row["ID"], "an orphaned service")
-                gone.append(row["Spec"]["Name"])
-            return gone
-        finally:
-            await dockerengine.release(engine)
+    async def _labelled(cls, engine: Engine, labels: list[str]) -> list[tuple[str, str, str]]:
+        """(kernel id, id, name) of every service carrying all `labels`."""
+        rows = await engine.call("listing services", lambda c: c.services.list(
+            filters={"label": labels}))
+        return [(row["Spec"].get("Labels", {}).get(LABEL_KERNEL, ""), row["ID"],
+                 row["Spec"]["Name"]) for row in rows]
 
+    @classmethod
+    async def _remove_orphan(cls, engine: Engine, ref: str) -> None:
+        await _delete_service(engine, ref, "an orphaned service")
