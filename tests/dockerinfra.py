@@ -8,6 +8,7 @@ base image is built once per machine (~1 min with debootstrap), not once per run
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -63,6 +64,39 @@ class Docker:
         return out.split()
 
 
+@contextlib.contextmanager
+def running_dockerd(tmp: Path, data_root: Path | str, netns: str = "") -> Iterator[Docker]:
+    """dockerd with the safe daemon.json, its own socket in `tmp`, in this network namespace
+    or in `netns` (nsenter: `ip netns exec` would mount a /sys without the cgroups); stopped
+    on exit."""
+    sock = tmp / "docker.sock"
+    (tmp / "daemon.json").write_text(json.dumps({
+        **DAEMON, "data-root": str(data_root), "exec-root": str(tmp / "exec"),
+        "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}))
+    enter = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+    with open(tmp / "dockerd.log", "wb") as log:
+        proc = subprocess.Popen([*enter, "dockerd", "--config-file", str(tmp / "daemon.json")],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dk = Docker(sock)
+    try:
+        for _ in range(100):
+            if proc.poll() is not None:
+                pytest.fail(f"dockerd exited:\n{(tmp / 'dockerd.log').read_text()}")
+            if sock.exists() and dk.run("docker", "info", check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"dockerd did not answer in 10 s:\n{(tmp / 'dockerd.log').read_text()}")
+        yield dk
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
     for tool in ("dockerd", "docker", "docker-compose"):
@@ -82,34 +116,13 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
             if time.monotonic() > deadline:
                 pytest.fail(f"another test run holds {DATA_ROOT} (its dockerd) for 30 min")
             time.sleep(1)
-    sock = tmp / "docker.sock"
-    config = {**DAEMON, "data-root": str(DATA_ROOT), "exec-root": str(tmp / "exec"),
-              "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}
-    (tmp / "daemon.json").write_text(json.dumps(config))
     for net, metric in BLACKHOLES:
         subprocess.run(["ip", "route", "replace", "blackhole", net, "metric", metric],
                        check=True)
-    with open(tmp / "dockerd.log", "wb") as log:
-        proc = subprocess.Popen(["dockerd", "--config-file", str(tmp / "daemon.json")],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    dk = Docker(sock)
     try:
-        for _ in range(100):
-            if proc.poll() is not None:
-                pytest.fail(f"dockerd exited:\n{(tmp / 'dockerd.log').read_text()}")
-            if sock.exists() and dk.run("docker", "info", check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("dockerd did not answer in 10 s")
-        yield dk
+        with running_dockerd(tmp, DATA_ROOT) as dk:
+            yield dk
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         _remove_bridges()
         for net, metric in BLACKHOLES:
             subprocess.run(["ip", "route", "del", "blackhole", net, "metric", metric],

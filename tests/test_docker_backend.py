@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +14,7 @@ import sys
 import time
 
 import pytest
-from dockerinfra import DAEMON, Docker
+from dockerinfra import running_dockerd
 
 from backends import docker_spec
 from gwclient import KernelSocket, api, start_kernel
@@ -289,36 +288,13 @@ def remote_engine(ssh_lab, docker, kernel_image, tmp_path_factory):
     gateway's SSH forwards (socket and kernel ports) make a kernel there work."""
     host = ssh_lab.hosts["rhost2"]
     tmp = tmp_path_factory.mktemp("remote-dockerd")
-    sock = tmp / "docker.sock"
-    (tmp / "daemon.json").write_text(json.dumps({
-        **DAEMON, "data-root": REMOTE_DATA_ROOT, "exec-root": str(tmp / "exec"),
-        "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}))
-    with open(tmp / "dockerd.log", "wb") as log:
-        # nsenter, not `ip netns exec`: that mounts a fresh /sys, without the cgroups
-        proc = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{host.ns}", "dockerd",
-                                 "--config-file", str(tmp / "daemon.json")], stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    remote = Docker(sock)
-    try:
-        for _ in range(100):
-            if remote.run("docker", "info", check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"remote dockerd did not start: {(tmp / 'dockerd.log').read_text()}")
+    with running_dockerd(tmp, REMOTE_DATA_ROOT, netns=host.ns) as remote:
         if not remote.has_image(kernel_image):
             with subprocess.Popen(["docker", "save", kernel_image], env=docker.env,
                                   stdout=subprocess.PIPE) as save:
                 subprocess.run(["docker", "load"], stdin=save.stdout, env=remote.env,
                                check=True, capture_output=True, timeout=600)
-        yield host, remote, f"ssh://root@{host.addr}{sock}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        yield host, remote, f"ssh://root@{host.addr}{tmp / 'docker.sock'}"
 
 
 async def test_remote_engine_over_ssh(gateway_factory, ssh_lab, remote_engine, docker,
