@@ -87,7 +87,6 @@ async def serve(config: Config) -> None:
     state = StateStore(config.state_db)
     registry = KernelRegistry(config, kernel_spec_manager(config), state)
     await registry.restore()
-    await registry.reap_orphans()
     store = SessionStore(state, registry.kernels)
     app = make_app(config, registry, store)
     server = httpserver.HTTPServer(app, xheaders=True)
@@ -102,17 +101,20 @@ async def serve(config: Config) -> None:
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     culler = (asyncio.create_task(registry.cull_forever())
               if config.cull_idle_timeout > 0 else None)
+    # in the background: an engine that does not answer must not hold up serving
+    reaper = asyncio.create_task(registry.reap_orphans())
     await stop.wait()
 
-    # 1. stop accepting; 2. stop culling; 3. stop kernels (their sockets get `dead` and a
-    # close 1000), or with --keep-kernels leave them running and recorded (their sockets get
-    # 1001, so clients reconnect to the next gateway); 4. close what connections remain,
-    # bounded; 5. release ZMQ and the state store.
+    # 1. stop accepting; 2. stop culling and the orphan sweep; 3. stop kernels (their
+    # sockets get `dead` and a close 1000), or with --keep-kernels leave them running and
+    # recorded (their sockets get 1001, so clients reconnect to the next gateway); 4. close
+    # what connections remain, bounded; 5. release ZMQ and the state store.
     server.stop()
-    if culler:
-        culler.cancel()
-        with suppress(asyncio.CancelledError):
-            await culler
+    for task in (culler, reaper):
+        if task:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
     if config.keep_kernels:
         log.info("shutting down: leaving %d kernel(s) running", len(registry.kernels))
         await registry.leave_all()

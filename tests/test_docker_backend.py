@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -58,6 +59,14 @@ print(first(cg + 'memory.max', cg + 'memory/memory.limit_in_bytes'),
       first(cg + 'pids.max', cg + 'pids/pids.max'),
       first(cg + 'cpu.max', cg + 'cpu/cpu.cfs_quota_us'))
 """
+
+
+async def until(check, timeout: float = 15) -> None:
+    for _ in range(int(timeout / 0.1)):
+        if check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("not within the timeout")
 
 
 def inspect(docker, name: str) -> dict:
@@ -187,7 +196,7 @@ async def test_orphans_are_swept_at_start_and_others_kept(gateway_factory, specs
             db.execute("DELETE FROM kernels WHERE id = ?", (lost,))
         db.close()
         gw.start()
-        assert f"kernel-{lost}" not in docker.ours()
+        await until(lambda: f"kernel-{lost}" not in docker.ours())  # swept while serving
         assert sorted(docker.ours()) == sorted([f"kernel-{kept}", other])
         assert "orphaned" in gw.log()
         ks = await KernelSocket.open(gw, kept, v1=True)
@@ -269,7 +278,7 @@ async def test_swarm_orphans_are_swept_at_start(swarm_gw, swarm):
         db.execute("DELETE FROM kernels WHERE id = ?", (lost,))
     db.close()
     swarm_gw.start()
-    assert swarm.ours("service") == [f"kernel-{kept}"]
+    await until(lambda: swarm.ours("service") == [f"kernel-{kept}"])
     ks = await KernelSocket.open(swarm_gw, kept, v1=True)
     assert (await ks.execute("print('still here')"))[0] == "still here\n"
     await ks.close()
@@ -361,3 +370,27 @@ async def test_rkg_spec_add_docker_and_swarm(gateway_factory, tmp_path, docker, 
         assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
     gw.stop()
     wait_none_left(swarm)
+
+
+async def test_an_engine_that_never_answers_holds_nothing_up(gateway_factory, tmp_path,
+                                                           kernel_image):
+    """A socket that accepts connections and never answers: the gateway serves at once (the
+    orphan sweep runs in the background), a start there ends with KERNEL_LAUNCH_TIMEOUT, and
+    SIGTERM still stops the gateway promptly."""
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(str(tmp_path / "hung.sock"))
+    hung.listen(64)
+    try:
+        d = tmp_path / "hung-kernelspecs"
+        docker_spec(d, "dk-hung", image=kernel_image, docker_host=f"unix://{tmp_path}/hung.sock")
+        t0 = time.monotonic()
+        gw = gateway_factory(extra_args=["--kernelspec-dir", str(d)])
+        assert time.monotonic() - t0 < 10
+        code, body = await api(gw, "POST", "api/kernels",
+                               {"name": "dk-hung", "env": {"KERNEL_LAUNCH_TIMEOUT": "3"}})
+        assert code == 504 and "within 3 s" in body["message"], body
+        assert (await api(gw, "GET", "api/kernels"))[1] == []
+        t0 = time.monotonic()
+        assert gw.stop() == 0 and time.monotonic() - t0 < 15
+    finally:
+        hung.close()

@@ -29,6 +29,7 @@ import json
 import logging
 import re
 import signal
+from collections.abc import Container
 from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -481,7 +482,8 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.local_ports = {ch: int(recorded[f"{ch}_port"]) for ch in CHANNELS}
 
     @classmethod
-    async def reap(cls, config: dict[str, Any], owned: set[str], gateway_id: str) -> list[str]:
+    async def reap(cls, config: dict[str, Any], owned: Container[str], gateway_id: str
+                   ) -> list[str]:
         """Called by the gateway at start, once per engine its kernelspecs name: remove what
         this gateway labelled that none of its kernels owns. Returns the names removed."""
         if not config.get("reap_orphans", True):

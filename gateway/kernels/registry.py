@@ -186,10 +186,11 @@ class KernelRegistry:
             log.info("re-attached %d of %d recorded kernel(s)", len(self.kernels), len(records))
 
     async def reap_orphans(self) -> None:
-        """After restore: backends that can list what they created (containers, services)
-        remove what this gateway labelled and no kernel of it owns. Once per distinct
-        provisioner config, so an engine named by several kernelspecs is swept once."""
-        owned = set(self.kernels)
+        """After restore, while serving: backends that can list what they created
+        (containers, services) remove what this gateway labelled and no kernel of it owns.
+        Once per distinct provisioner config, so an engine named by several kernelspecs is
+        swept once. `owned` is the live registry: a kernel is in it before its launch."""
+        owned = self.kernels.keys()
         seen: set[str] = set()
         for name in self.specs.find_kernel_specs():
             try:
