@@ -210,3 +210,13 @@ def swarm(docker: Docker) -> Iterator[Docker]:
         yield docker
     finally:
         docker.run("docker", "swarm", "leave", "--force", check=False)
+
+
+@pytest.fixture(scope="session")
+def gateway_image(docker: Docker, base_image: str, build_context: Path) -> str:
+    """The repository's Dockerfile built from the working tree (as the operator builds it),
+    tagged apart from the compose deployment's image."""
+    tag = "rkg-test-gateway:latest"
+    docker.run("docker", "build", "-q", "--build-arg", f"BASE={base_image}", "-t", tag,
+               str(build_context), timeout=900)
+    return tag

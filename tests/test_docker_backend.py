@@ -6,18 +6,22 @@ network, clear errors for every way a start fails, and orphans swept at gateway 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import secrets
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from dockerinfra import running_dockerd
 
 from backends import docker_spec
+from conftest import free_port
 from gwclient import KernelSocket, api, start_kernel
 
 
@@ -394,3 +398,49 @@ async def test_an_engine_that_never_answers_holds_nothing_up(gateway_factory, tm
         assert gw.stop() == 0 and time.monotonic() - t0 < 15
     finally:
         hung.close()
+
+
+async def test_swarm_reached_on_an_attachable_overlay(swarm, kernel_image, gateway_image,
+                                                      tmp_path):
+    """reach "network" on Swarm: the gateway runs in a container on an attachable overlay,
+    kernels are dnsrr services on it without published ports, reached at their task's
+    address there (the routing mesh and VIPs are not used: no IPVS here)."""
+    net, name = "rkg-test-overlay", "rkg-test-overlay-gateway"
+    d = tmp_path / "overlay-kernelspecs"
+    docker_spec(d, "sw-overlay", provisioner="swarm-provisioner", image=kernel_image,
+                docker_host="unix:///var/run/docker.sock", network=net, reach="network")
+    d.chmod(0o755)
+    port, token = free_port(), secrets.token_hex(16)
+    swarm.run("docker", "network", "create", "--driver", "overlay", "--attachable", net)
+    try:
+        swarm.run("docker", "run", "-d", "--name", name, "--network", net, "--user", "root",
+                  "-p", f"127.0.0.1:{port}:8888", "-e", f"RKG_TOKEN={token}",
+                  "-e", "RKG_KERNELSPEC_DIRS=/kernelspecs", "-v", f"{d}:/kernelspecs:ro",
+                  "-v", f"{swarm.host.removeprefix('unix://')}:/var/run/docker.sock",
+                  gateway_image)
+        gw = SimpleNamespace(url=f"http://127.0.0.1:{port}/", ws_url=f"ws://127.0.0.1:{port}/",
+                             token=token)
+        for _ in range(100):
+            with contextlib.suppress(Exception):  # refused, or closed by the port proxy
+                if (await api(gw, "GET", "api"))[0] == 200:
+                    break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(swarm.run("docker", "logs", name, check=False).stderr)
+        kid = (await start_kernel(gw, "sw-overlay"))["id"]
+        service = json.loads(swarm.run("docker", "service", "inspect", f"kernel-{kid}").stdout)[0]
+        assert service["Spec"]["EndpointSpec"]["Mode"] == "dnsrr"
+        assert not service["Spec"]["EndpointSpec"].get("Ports")
+        ks = await KernelSocket.open(gw, kid, v1=True)
+        out, _ = await ks.execute("import os; print(os.path.exists('/.dockerenv'))")
+        assert out == "True\n"
+        await ks.close()
+        assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+        wait_none_left(swarm)
+    finally:
+        swarm.run("docker", "rm", "-f", name, check=False)
+        for _ in range(40):  # the service's task may still hold the network a moment
+            if swarm.run("docker", "network", "rm", net, check=False).returncode == 0:
+                break
+            time.sleep(0.25)
+    wait_none_left(swarm)
