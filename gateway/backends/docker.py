@@ -413,17 +413,22 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def send_signal(self, signum: int) -> None:
         """To the container's init, which passes it to the kernel (interrupt: SIGINT)."""
-        cid = self.container_id
-        if cid is None:
-            return
+        if self.container_id is not None:
+            await self._signal(self.container_id, signum, f"container {self.container_name}")
+
+    async def _signal(self, cid: str, signum: int, what: str) -> bool:
+        """Signal container `cid`; False when this engine has no such container."""
         name = signal.Signals(signum).name
+        found = True
         try:
-            await self.engine.call(f"signalling container {self.container_name}",
+            await self.engine.call(f"signalling {what}",
                                    lambda c: c.containers.container(cid).kill(signal=name))
         except EngineError as e:
-            if e.code not in (404, 409):  # gone, or not running: nothing to signal
+            if e.code not in (404, 409):  # 409: not running, nothing to signal
                 raise
+            found = e.code != 404
         self.engine.forget_states()
+        return found
 
     async def kill(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGKILL)

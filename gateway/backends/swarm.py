@@ -241,18 +241,11 @@ class SwarmProvisioner(DockerProvisioner):
         cid = task.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")
         if not cid:
             return
-        name = signal.Signals(signum).name
-        try:
-            await self.engine.call(f"signalling service {self.container_name}",
-                                   lambda c: c.containers.container(cid).kill(signal=name))
-        except EngineError as e:
-            if e.code == 404 and signum == signal.SIGINT:
-                raise KernelStartError(
-                    f"the kernel of service {self.container_name} runs on another node; use "
-                    '"interrupt_mode": "message" in its kernelspec to interrupt it') from e
-            if e.code not in (404, 409):
-                raise
-        self.engine.forget_states()
+        if not await self._signal(cid, signum, f"service {self.container_name}") \
+                and signum == signal.SIGINT:
+            raise KernelStartError(
+                f"the kernel of service {self.container_name} runs on another node; use "
+                '"interrupt_mode": "message" in its kernelspec to interrupt it')
 
     # -- stop ----------------------------------------------------------------------------
 
