@@ -73,6 +73,17 @@ async def until(check, timeout: float = 15) -> None:
     raise AssertionError("not within the timeout")
 
 
+def crash_before_recording(gw, kernel_id: str) -> None:
+    """As if the gateway died between creating the kernel's container (or service) and
+    recording it: kill -9, forget its record, start again."""
+    gw.stop(signal.SIGKILL)
+    db = sqlite3.connect(gw.workdir / f"state-{gw.port}.sqlite")
+    with db:
+        db.execute("DELETE FROM kernels WHERE id = ?", (kernel_id,))
+    db.close()
+    gw.start()
+
+
 def inspect(docker, name: str) -> dict:
     return json.loads(docker.run("docker", "inspect", name).stdout)[0]
 
@@ -194,12 +205,7 @@ async def test_orphans_are_swept_at_start_and_others_kept(gateway_factory, specs
                "--label", "rkg.gateway=someone-else", "--label", "kernel_id=x",
                "--entrypoint", "sleep", kernel_image, "600")
     try:
-        gw.stop(signal.SIGKILL)
-        db = sqlite3.connect(gw.workdir / f"state-{gw.port}.sqlite")
-        with db:
-            db.execute("DELETE FROM kernels WHERE id = ?", (lost,))
-        db.close()
-        gw.start()
+        crash_before_recording(gw, lost)
         await until(lambda: f"kernel-{lost}" not in docker.ours())  # swept while serving
         assert sorted(docker.ours()) == sorted([f"kernel-{kept}", other])
         assert "orphaned" in gw.log()
@@ -276,12 +282,7 @@ async def test_swarm_failed_starts_say_why(swarm_gw, swarm, spec, env, status, w
 async def test_swarm_orphans_are_swept_at_start(swarm_gw, swarm):
     kept = (await start_kernel(swarm_gw, "sw"))["id"]
     lost = (await start_kernel(swarm_gw, "sw"))["id"]
-    swarm_gw.stop(signal.SIGKILL)
-    db = sqlite3.connect(swarm_gw.workdir / f"state-{swarm_gw.port}.sqlite")
-    with db:
-        db.execute("DELETE FROM kernels WHERE id = ?", (lost,))
-    db.close()
-    swarm_gw.start()
+    crash_before_recording(swarm_gw, lost)
     await until(lambda: swarm.ours("service") == [f"kernel-{kept}"])
     ks = await KernelSocket.open(swarm_gw, kept, v1=True)
     assert (await ks.execute("print('still here')"))[0] == "still here\n"
