@@ -95,6 +95,7 @@ def running_dockerd(tmp: Path, data_root: Path | str, netns: str = "") -> Iterat
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        _unmount_namespaces(tmp / "exec")
 
 
 @pytest.fixture(scope="session")
@@ -128,6 +129,18 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
             subprocess.run(["ip", "route", "del", "blackhole", net, "metric", metric],
                            check=False, capture_output=True)
         lock.close()
+
+
+def _unmount_namespaces(exec_root: Path) -> None:
+    """A Swarm dockerd keeps its ingress and overlay network namespaces bind-mounted under
+    its exec root; a dockerd that had to be killed leaves them, and with them their veths
+    (seen after an interrupted run). Unmounting the last reference removes the namespace."""
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    prefix = f"{exec_root}/"
+    for line in mounts:
+        target = line.split()[1]
+        if target.startswith(prefix):
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 def _remove_bridges() -> None:
