@@ -224,6 +224,21 @@ async def test_large_output_arrives_whole(gateway, kernel, v1):
 
 
 @pytest.mark.parametrize("v1", PROTOCOLS)
+async def test_large_messages_in_fragments_keep_multibyte_text(gateway, kernel, v1):
+    """A message over 4 MiB leaves the gateway as several websocket frames, cut at byte
+    offsets; the client joins them into one message. With 3-byte characters and three
+    paddings at least two of these outputs have a character cut between frames."""
+    ks = await KernelSocket.open(gateway, kernel, v1=v1)
+    for pad in range(3):
+        text = "a" * pad + "\u20ac" * 1_600_000  # 4.8 MB of UTF-8
+        out, reply = await ks.execute(f"print({text[:pad]!r} + '\\u20ac' * 1_600_000)",
+                                      timeout=60)
+        assert reply["status"] == "ok"
+        assert out == text + "\n", f"pad {pad}: {len(out)} characters"
+    await ks.close()
+
+
+@pytest.mark.parametrize("v1", PROTOCOLS)
 async def test_garbage_frames_hurt_nothing(gateway, kernel, v1):
     other = (await start_kernel(gateway))["id"]
     ks = await KernelSocket.open(gateway, kernel, v1=v1)

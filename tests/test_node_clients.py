@@ -53,8 +53,9 @@ def assert_no_kernel_left(gateway, grace: float = 5) -> None:
 
 def test_services7_flow(node, gateway):
     steps = {s["step"]: s for s in run_flow(node, gateway, "services7_flow.mjs")}
-    assert list(steps) == ["kernelspecs", "kernel-manager", "startNew", "execute", "complete",
-                           "interrupt", "restart-then-execute", "rename", "shutdown"]
+    assert list(steps) == ["kernelspecs", "kernel-manager", "startNew", "execute",
+                           "large-output", "complete", "interrupt", "restart-then-execute",
+                           "rename", "shutdown"]
     assert steps["kernelspecs"]["logoStatus"] == 200
     # v1 negotiated on every socket, the one after the restart's reconnection included
     for name in ("kernel-manager", "startNew", "restart-then-execute"):
@@ -73,10 +74,11 @@ def test_services7_flow(node, gateway):
 
 def test_hydrogen_services052_flow(node, gateway):
     steps = {s["step"]: s for s in run_flow(node, gateway, "hydrogen_flow.js")}
-    assert list(steps) == ["getSpecs", "listSessions", "startNew", "execute", "interrupt",
-                           "restart-then-execute", "setPath", "shutdown"]
+    assert list(steps) == ["getSpecs", "listSessions", "startNew", "execute", "large-output",
+                           "interrupt", "restart-then-execute", "setPath", "shutdown"]
     assert steps["startNew"]["path"].startswith("file.py-")
     assert steps["execute"]["out"] == "42\n"
+    assert steps["large-output"]["sizes"] == [1_600_001, 1_600_002, 1_600_003]
     assert steps["interrupt"]["ename"] == "KeyboardInterrupt"
     assert steps["interrupt"]["ms"] < 5000
     # output of the restarted kernel arrived on the socket opened before the restart

@@ -118,6 +118,17 @@ async function flow() {
   check(r.out === "42\n" && r.reply.status === "ok", "execute", r);
   step("execute", { out: r.out });
 
+  // 4.8 MB outputs leave the gateway as several websocket frames, cut at byte offsets: with
+  // 3-byte characters and three paddings, at least two are cut inside a character
+  const sizes = [];
+  for (const pad of ["", "a", "aa"]) {
+    r = await within(30000, "large output", run(kernel, `print('${pad}' + '\\u20ac' * 1600000)`));
+    check(r.reply.status === "ok" && r.out === pad + "\u20ac".repeat(1600000) + "\n",
+      "large output", { pad, length: r.out.length, status: r.reply.status });
+    sizes.push(r.out.length);
+  }
+  step("large-output", { sizes });
+
   let begin;
   const begun = new Promise((resolve) => { begin = resolve; });
   const sleeping = run(kernel, "import time; print('sleeping', flush=True); time.sleep(30)",

@@ -147,6 +147,17 @@ async function main() {
   check(r.out === "42\n" && r.reply.status === "ok", "execute", r);
   step("execute", { out: r.out, protocol: connectionFacts(kernel).protocol });
 
+  // 4.8 MB outputs leave the gateway as several websocket frames, cut at byte offsets: with
+  // 3-byte characters and three paddings, at least two are cut inside a character
+  const sizes = [];
+  for (const pad of ["", "a", "aa"]) {
+    r = await within(30000, "large output", run(kernel, `print('${pad}' + '\\u20ac' * 1600000)`));
+    check(r.reply.status === "ok" && r.out === pad + "\u20ac".repeat(1600000) + "\n",
+      "large output", { pad, length: r.out.length, status: r.reply.status });
+    sizes.push(r.out.length);
+  }
+  step("large-output", { sizes });
+
   const comp = await within(10000, "complete",
     kernel.requestComplete({ code: "import o", cursor_pos: 8 }));
   check(comp.content.status === "ok" && comp.content.matches.includes("os"), "complete", comp.content);
