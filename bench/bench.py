@@ -11,7 +11,11 @@ against up to four targets side by side and prints medians and ratios:
 
 Gateway targets are driven by a plain `websockets` client (library defaults, no socket options;
 only max_size is lifted so that a 20 MB message can arrive), over both websocket protocols:
-legacy JSON text frames and `v1.kernel.websocket.jupyter.org` binary frames.
+legacy JSON text frames and `v1.kernel.websocket.jupyter.org` binary frames. Throughput is
+measured with two more clients, because for a 50 MB message the client library costs as much
+as the gateway's hop: `aiohttp` (its defaults; frames parsed in C) and Node's `ws` (what
+Hydrogen and @jupyterlab/services run; bench/nodeclient.js, needs `./dev test` to have
+installed tests/js/node_modules).
 
 Workloads (--only, comma-separated):
   start       POST /api/kernels -> websocket -> kernel_info_reply; median of N
@@ -324,20 +328,92 @@ class DirectKernel:
         await self.km.shutdown_kernel(now=True)
 
 
-class WsKernel:
-    """One kernel of a gateway, through one websocket, plain `websockets` client."""
+class WsClient:
+    """The client end of one kernel websocket, in one of two client libraries, each with its
+    defaults (only the message size limit lifted, so that a 20 MB message can arrive):
 
-    def __init__(self, server: Server, kernel_id: str, ws: Any, v1: bool) -> None:
+      websockets  pure Python frame parsing; offers permessage-deflate (unless --no-deflate).
+                  The plain client of every figure without a client in its name.
+      aiohttp     frames parsed by its C reader; offers no compression. Used for throughput
+                  too: with it the client library's own cost is small, so what is left of the
+                  gap to direct is the gateway's.
+    """
+
+    def __init__(self, kind: str, ws: Any, session: Any, subprotocol: str | None,
+                 extensions: str) -> None:
+        self.kind, self.ws, self.session = kind, ws, session
+        self.subprotocol, self.extensions = subprotocol, extensions
+
+    @classmethod
+    async def connect(cls, kind: str, url: str, token: str, v1: bool, deflate: bool
+                      ) -> WsClient:
+        headers = {"Authorization": f"token {token}"}
+        if kind == "aiohttp":
+            import aiohttp
+
+            session = aiohttp.ClientSession()
+            try:
+                ws = await session.ws_connect(url, headers=headers, protocols=[V1] if v1 else (),
+                                              max_msg_size=0, timeout=aiohttp.ClientWSTimeout(
+                                                  ws_receive=None, ws_close=10))
+            except BaseException:
+                await session.close()
+                raise
+            return cls(kind, ws, session, ws.protocol,
+                       ws._response.headers.get("Sec-WebSocket-Extensions") or "none")
+        import websockets
+
+        ws = await websockets.connect(url, additional_headers=headers,
+                                      subprotocols=[V1] if v1 else None, max_size=None,
+                                      open_timeout=60,
+                                      **({} if deflate else {"compression": None}))
+        return cls(kind, ws, None, ws.subprotocol,
+                   ws.response.headers.get("Sec-WebSocket-Extensions") or "none")
+
+    async def send(self, data: str | bytes) -> None:
+        if self.kind == "websockets":
+            await self.ws.send(data)
+        elif isinstance(data, str):
+            await self.ws.send_str(data)
+        else:
+            await self.ws.send_bytes(data)
+
+    async def recv(self) -> str | bytes:
+        if self.kind == "websockets":
+            return await self.ws.recv()  # type: ignore[no-any-return]
+        msg = await self.ws.receive()
+        if not isinstance(msg.data, str | bytes):
+            raise ConnectionError(f"websocket closed: {msg.type.name} {msg.extra or ''}")
+        return msg.data
+
+    def quickack(self) -> None:
+        sock = self.ws.transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 12), 1)
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(), 10)
+        finally:
+            if self.session is not None:
+                await self.session.close()
+
+
+def _text(piece: memoryview) -> str:
+    return str(piece, "utf-8")
+
+
+class WsKernel:
+    """One kernel of a gateway, through one websocket (see WsClient)."""
+
+    def __init__(self, server: Server, kernel_id: str, ws: WsClient, v1: bool) -> None:
         self.server, self.id, self.ws, self.v1 = server, kernel_id, ws, v1
         self.session = uuid.uuid4().hex
         self.quickack = False  # diagnostic only: TCP_QUICKACK after every read
 
     @classmethod
-    async def start(cls, server: Server, v1: bool, deflate: bool = True
-                    ) -> tuple[WsKernel, float, float]:
+    async def start(cls, server: Server, v1: bool, deflate: bool = True,
+                    client: str = "websockets") -> tuple[WsKernel, float, float]:
         """(kernel, POST->201 seconds, POST->kernel_info_reply seconds)"""
-        import websockets
-
         t0 = time.perf_counter()
         code, model = await http(server, "POST", "api/kernels", {"name": server.kernel_name})
         t_post = time.perf_counter() - t0
@@ -345,14 +421,12 @@ class WsKernel:
             raise RuntimeError(f"{server.name}: POST /api/kernels -> {code} {model!r}")
         self = None
         try:
-            ws = await websockets.connect(
-                f"{server.ws_url}api/kernels/{model['id']}/channels"
-                f"?session_id={uuid.uuid4().hex}",
-                additional_headers={"Authorization": f"token {server.token}"},
-                subprotocols=[V1] if v1 else None, max_size=None, open_timeout=60,
-                **({} if deflate else {"compression": None}))
+            ws = await WsClient.connect(
+                client, f"{server.ws_url}api/kernels/{model['id']}/channels"
+                f"?session_id={uuid.uuid4().hex}", server.token, v1, deflate)
             self = cls(server, model["id"], ws, v1)
-            server.extensions = ws.response.headers.get("Sec-WebSocket-Extensions") or "none"
+            if client == "websockets":
+                server.extensions = ws.extensions
             if (ws.subprotocol == V1) != v1:
                 raise RuntimeError(f"{server.name}: asked for {'v1' if v1 else 'legacy'}, "
                                    f"server chose subprotocol {ws.subprotocol!r}")
@@ -408,22 +482,25 @@ class WsKernel:
         return str(header["msg_id"])
 
     async def recv(self) -> dict[str, Any]:
+        """The next message, decoded as a client would: parts are views of the frame, each
+        decoded from UTF-8 straight into the text json.loads reads (no copy of the bytes)."""
         frame = await self.ws.recv()
         if self.quickack:
-            sock = self.ws.transport.get_extra_info("socket")
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 12), 1)
-        if self.v1:
-            (n,) = struct.unpack_from("<Q", frame)
-            offs = struct.unpack_from(f"<{n}Q", frame, 8)
-            part = [frame[offs[i]:offs[i + 1]] for i in range(min(n - 1, 5))]
-            return {"channel": part[0].decode(), "header": json.loads(part[1]),
-                    "parent_header": json.loads(part[2]), "content": json.loads(part[4])}
+            self.ws.quickack()
         if isinstance(frame, str):
             return json.loads(frame)  # type: ignore[no-any-return]
+        view = memoryview(frame)
+        if self.v1:
+            (n,) = struct.unpack_from("<Q", view)
+            offs = struct.unpack_from(f"<{n}Q", view, 8)
+            part = [view[offs[i]:offs[i + 1]] for i in range(min(n - 1, 5))]
+            return {"channel": _text(part[0]), "header": json.loads(_text(part[1])),
+                    "parent_header": json.loads(_text(part[2])),
+                    "content": json.loads(_text(part[4]))}
         # legacy binary frame (a message with buffers): uint32 BE count, offsets, JSON, buffers
-        (n,) = struct.unpack_from(">I", frame)
-        offs = [*struct.unpack_from(f">{n}I", frame, 4), len(frame)]
-        return json.loads(frame[offs[0]:offs[1]])  # type: ignore[no-any-return]
+        (n,) = struct.unpack_from(">I", view)
+        offs = [*struct.unpack_from(f">{n}I", view, 4), len(view)]
+        return json.loads(_text(view[offs[0]:offs[1]]))  # type: ignore[no-any-return]
 
     async def execute(self, code: str) -> Result:
         res = Result()
@@ -448,7 +525,7 @@ class WsKernel:
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(), 10)
+            await self.ws.close()
         code, body = await http(self.server, "DELETE", f"api/kernels/{self.id}")
         if code not in (204, 404):
             raise RuntimeError(f"{self.server.name}: DELETE kernel -> {code} {body!r}")
@@ -460,12 +537,14 @@ class Target:
     def __init__(self, name: str, server: Server | None, deflate: bool) -> None:
         self.name, self.server, self.deflate = name, server, deflate
         self.protocols = ["zmq"] if server is None else ["legacy", "v1"]
+        self.clients = ["zmq"] if server is None else ["websockets", "aiohttp", "node"]
 
-    async def start(self, protocol: str) -> tuple[Any, float, float]:
+    async def start(self, protocol: str, client: str = "websockets"
+                    ) -> tuple[Any, float, float]:
         if self.server is None:
             k, elapsed = await DirectKernel.start()
             return k, float("nan"), elapsed
-        return await WsKernel.start(self.server, protocol == "v1", self.deflate)
+        return await WsKernel.start(self.server, protocol == "v1", self.deflate, client)
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -524,24 +603,83 @@ def add_roundtrip(out: dict[str, Any], proto: str, times: list[float]) -> None:
         out["roundtrip_runs"] = len(s)
 
 
+THROUGHPUT_CLIENTS = {"zmq": "", "websockets": "", "aiohttp": "_aiohttp", "node": "_node"}
+NODE_CLIENT = ROOT / "bench" / "nodeclient.js"
+NODE_WS = ROOT / "tests" / "js" / "node_modules" / "ws"
+
+
 async def w_throughput(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Each figure is the median of --repeats runs on one kernel; `delivered` is the worst
+    run's share. Direct's one ZMQ figure stands in for every protocol and client."""
+    workloads = (("print", print_code(a.print_mb), a.print_mb * MB),
+                 ("display", display_code(a.display_mb), a.display_mb * MB))
     for proto in t.protocols:
-        k, _, _ = await t.start(proto)
+        for client in t.clients:
+            if client == "node":
+                if not (shutil.which("node") and NODE_WS.is_dir()):
+                    out.setdefault("notes", []).append(
+                        "node client skipped: node or tests/js/node_modules/ws missing "
+                        "(./dev test installs it)")
+                    continue
+                for kind, code, expect in workloads:
+                    runs = await node_runs(t, proto, code, a.repeats)
+                    record(out, t, kind, proto, client, expect,
+                           [(r["stdout"] if kind == "print" else r["display"], r["seconds"])
+                            for r in runs])
+                continue
+            k, _, _ = await t.start(proto, client)
+            try:
+                for kind, code, expect in workloads:
+                    runs = []
+                    for _ in range(a.repeats):
+                        t0 = time.perf_counter()
+                        r = await k.execute(code)
+                        runs.append((r.stdout if kind == "print" else r.display,
+                                     time.perf_counter() - t0))
+                    record(out, t, kind, proto, client, expect, runs)
+                if t.server and client == "websockets":
+                    out[f"rss_after_throughput_{proto}_MB"] = t.server.rss_mb()
+            finally:
+                await k.stop()
+
+
+def record(out: dict[str, Any], t: Target, kind: str, proto: str, client: str, expect: int,
+           runs: list[tuple[int, float]]) -> None:
+    """runs: (characters received, seconds) per run."""
+    rates = [got / MB / s for got, s in runs]
+    for p in ([proto] if proto != "zmq" else ["legacy", "v1"]):
+        for c in ([client] if client != "zmq" else list(THROUGHPUT_CLIENTS)):
+            key = f"{kind}_{p}{THROUGHPUT_CLIENTS[c]}"
+            out[f"{key}_MBps"] = statistics.median(rates)
+            out[f"{key}_MBps_runs"] = rates
+            out[f"{key}_delivered"] = min(got for got, _ in runs) / expect
+            out[f"{key}_s"] = statistics.median(s for _, s in runs)
+
+
+async def node_runs(t: Target, proto: str, code: str, repeats: int) -> list[dict[str, Any]]:
+    """bench/nodeclient.js on a kernel of its own."""
+    server = t.server
+    assert server is not None
+    status, model = await http(server, "POST", "api/kernels", {"name": server.kernel_name})
+    if status != 201 or not isinstance(model, dict) or "id" not in model:
+        raise RuntimeError(f"{server.name}: POST /api/kernels -> {status} {model!r}")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(NODE_CLIENT),
+            f"{server.ws_url}api/kernels/{model['id']}/channels?session_id={uuid.uuid4().hex}",
+            server.token, proto, str(repeats), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
         try:
-            for kind, code, expect in (("print", print_code(a.print_mb), a.print_mb * MB),
-                                       ("display", display_code(a.display_mb), a.display_mb * MB)):
-                t0 = time.perf_counter()
-                r = await k.execute(code)
-                elapsed = time.perf_counter() - t0
-                got = r.stdout if kind == "print" else r.display
-                for p in ([proto] if proto != "zmq" else ["legacy", "v1"]):
-                    out[f"{kind}_{p}_MBps"] = got / MB / elapsed
-                    out[f"{kind}_{p}_delivered"] = got / expect
-                    out[f"{kind}_{p}_s"] = elapsed
-            if t.server:
-                out[f"rss_after_throughput_{proto}_MB"] = t.server.rss_mb()
+            stdout, stderr = await proc.communicate(code.encode())
         finally:
-            await k.stop()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"node client exited {proc.returncode}: {stderr.decode()[-500:]}")
+        return json.loads(stdout)  # type: ignore[no-any-return]
+    finally:
+        await http(server, "DELETE", f"api/kernels/{model['id']}")
 
 
 async def w_concurrent(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -653,8 +791,16 @@ ROWS: list[tuple[str, str, str]] = [
     ("roundtrip_quickack_legacy_ms", "diag: legacy+TCP_QUICKACK ms", ".2f"),
     ("print_{p}_MBps", "print {p} MB/s", ".1f"),
     ("print_{p}_delivered", "print {p} delivered", ".3f"),
+    ("print_{p}_aiohttp_MBps", "print {p} MB/s (aiohttp)", ".1f"),
+    ("print_{p}_aiohttp_delivered", "print {p} delivered (aiohttp)", ".3f"),
+    ("print_{p}_node_MBps", "print {p} MB/s (node ws)", ".1f"),
+    ("print_{p}_node_delivered", "print {p} delivered (node ws)", ".3f"),
     ("display_{p}_MBps", "display {p} MB/s", ".1f"),
     ("display_{p}_delivered", "display {p} delivered", ".3f"),
+    ("display_{p}_aiohttp_MBps", "display {p} MB/s (aiohttp)", ".1f"),
+    ("display_{p}_aiohttp_delivered", "display {p} delivered (aiohttp)", ".3f"),
+    ("display_{p}_node_MBps", "display {p} MB/s (node ws)", ".1f"),
+    ("display_{p}_node_delivered", "display {p} delivered (node ws)", ".3f"),
     ("concurrent{n}_s", "{n} concurrent starts: wall s", ".2f"),
     ("concurrent{n}_slowest_start_s", "  slowest single start s", ".2f"),
     ("rss_idle_MB", "gateway RSS idle MB", ".1f"),
@@ -713,10 +859,10 @@ def environment(a: argparse.Namespace) -> dict[str, Any]:
             "platform": platform.platform(),
             "versions": {p: v(p) for p in ("jupyter_client", "ipykernel", "jupyter_server",
                                            "jupyter_kernel_gateway", "tornado", "websockets",
-                                           "pyzmq", "remote-kernel-gateway")},
+                                           "aiohttp", "pyzmq", "remote-kernel-gateway")},
             "args": {k: getattr(a, k) for k in ("quick", "targets", "only", "starts",
                                                 "executes", "print_mb", "display_mb",
-                                                "concurrent", "deflate", "diag")}}
+                                                "concurrent", "repeats", "deflate", "diag")}}
 
 
 async def run(a: argparse.Namespace, reaper: Reaper) -> dict[str, Any]:
@@ -749,6 +895,7 @@ def main() -> int:
     p.add_argument("--print-mb", type=int, help="MB printed (50; quick 10)")
     p.add_argument("--display-mb", type=int, help="MB in one display_data (20; quick 5)")
     p.add_argument("--concurrent", type=int, help="concurrent starts (20; quick 5)")
+    p.add_argument("--repeats", type=int, help="throughput runs per figure (3; quick 1)")
     p.add_argument("--no-deflate", dest="deflate", action="store_false",
                    help="do not offer permessage-deflate (the websockets default offers it)")
     p.add_argument("--no-diag", dest="diag", action="store_false",
@@ -758,7 +905,7 @@ def main() -> int:
     a = p.parse_args()
     q = a.quick
     for attr, full, quick in (("starts", 5, 2), ("executes", 1000, 100), ("print_mb", 50, 10),
-                              ("display_mb", 20, 5), ("concurrent", 20, 5)):
+                              ("display_mb", 20, 5), ("concurrent", 20, 5), ("repeats", 3, 1)):
         if getattr(a, attr) is None:
             setattr(a, attr, quick if q else full)
     targets = []
@@ -794,13 +941,17 @@ def main() -> int:
     print()
     print(f"remote-kernel-gateway bench: {os.cpu_count()} CPUs, local python3 kernels, "
           f"{'quick' if q else 'full'} run; plain `websockets` client "
-          f"({'offers' if a.deflate else 'without'} permessage-deflate)")
+          f"({'offers' if a.deflate else 'without'} permessage-deflate); throughput also "
+          f"with aiohttp's and Node's ws; {a.repeats} run(s) per throughput figure")
     print(f"start: median of {a.starts}; roundtrip: median of {a.executes} `{TINY}` executes; "
           f"print {a.print_mb} MB, display {a.display_mb} MB; {a.concurrent} concurrent starts")
     print("direct has no websocket: its one ZMQ figure stands in both legacy and v1 rows. "
           "Ratios: <1 faster/smaller for times and sizes; >1 faster for MB/s.")
     print()
     print(table(results, a.concurrent))
+    notes = dict.fromkeys(m for r in results.values() for m in r.get("notes", []))
+    for m in notes:
+        print(f"note: {m}")
     problems = [(n, m) for n, r in results.items() for m in r.get("problems", [])]
     if problems:
         print("\nproblems:")
