@@ -35,16 +35,6 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime(_ISO)
 
 
-def _quick_reconnect(sock: Any) -> zmq.asyncio.Socket:
-    """ZMQ retries a lost peer every 100 ms by default, and backs off: a socket created while
-    its kernel is still starting would connect long after the kernel is ready, and after a
-    restart on the same ports output would have nowhere to go meanwhile. Retrying every 10-50
-    ms costs a refused connect now and then."""
-    sock.setsockopt(zmq.RECONNECT_IVL, 10)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 50)
-    return cast(zmq.asyncio.Socket, sock)
-
-
 class ManagedKernel:
     def __init__(self, km: AsyncKernelManager, *, name: str, replay_seconds: float,
                  replay_max_bytes: int, autorestart: bool, restart_limit: int,
@@ -69,6 +59,7 @@ class ManagedKernel:
         self._lock = asyncio.Lock()
         self._iopub: zmq.asyncio.Socket | None = None
         self._iopub_task: asyncio.Task[None] | None = None
+        self._iopub_live: asyncio.Future[None] | None = None  # done at its first message
         self._monitor_task: asyncio.Task[None] | None = None
         self._shutdown: asyncio.Task[None] | None = None
         self._handshakes: dict[str, asyncio.Future[None]] = {}
@@ -95,12 +86,12 @@ class ManagedKernel:
 
     def connect_channel(self, channel: str, identity: bytes) -> zmq.asyncio.Socket:
         connect = getattr(self.km, f"connect_{channel}")
-        return _quick_reconnect(connect(identity=identity))
+        return cast(zmq.asyncio.Socket, connect(identity=identity))
 
     def _open_iopub(self) -> None:
-        sock = _quick_reconnect(self.km.connect_iopub())
-        sock.setsockopt(zmq.RCVHWM, 0)  # never drop output on our side
+        sock = cast(zmq.asyncio.Socket, self.km.connect_iopub())
         self._iopub = sock
+        self._iopub_live = asyncio.get_running_loop().create_future()
         self._iopub_task = asyncio.create_task(self._pump_iopub(sock))
 
     def _close_iopub(self) -> None:
@@ -121,6 +112,8 @@ class ManagedKernel:
                     log.warning("kernel %s sent a bad iopub message: %s", self.id, e)
                     continue
                 self.last_activity = time.time()
+                if self._iopub_live is not None and not self._iopub_live.done():
+                    self._iopub_live.set_result(None)
                 self._observe(parts)
                 for session in list(self.sessions.values()):
                     session.deliver(b"iopub", parts)
@@ -275,41 +268,76 @@ class ManagedKernel:
 
     async def _wait_ready(self) -> None:
         """Send kernel_info_request until an iopub status answering it arrives: proves the
-        kernel runs and that our iopub subscription is live, so no early output is lost."""
-        shell = self.connect_channel("shell", uuid.uuid4().hex.encode())
-        # Only to a connected kernel: a kernel still waiting in a batch queue must not find
-        # hundreds of requests piled up for it.
-        shell.setsockopt(zmq.IMMEDIATE, 1)
-        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        kernel runs and that our iopub subscription is live, so no early output is lost.
+
+        Requests go only over a completed connection (IMMEDIATE, set before connecting:
+        ZMQ reads it at connect time), so a kernel not listening yet, still starting or
+        waiting in a batch queue, finds none piled up: each queued request costs a starting
+        kernel a reply and two statuses, which with 20 kernels starting at once on 2 cores
+        cost more than the gateway itself. A request goes when the connection completes
+        (the socket turns writable), again as soon as our iopub subscription proves live
+        (a status published before it was is lost; ipykernel 7 says so at once with
+        iopub_welcome, older kernels with their first status), before that at growing
+        intervals, and after that only every 2 s."""
+        loop = asyncio.get_running_loop()
+        shell = self._connect_shell_immediate(uuid.uuid4().hex.encode())
+        answered: asyncio.Future[None] = loop.create_future()
         sent: list[str] = []
+        resend = 0.05  # seconds after a request before another
+        last_sent = -1.0
+        live_when_sent = False
+        alive_checked = loop.time()
         try:
-            delay = 0.02
-            while True:
-                msg_id = uuid.uuid4().hex
-                header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "session": msg_id,
-                          "username": "gateway", "date": iso(time.time()), "version": "5.3"}
-                parts = [json.dumps(header).encode(), b"{}", b"{}", b"{}"]
-                with contextlib.suppress(zmq.Again):  # not connected yet
-                    await shell.send_multipart(codec.zmq_from_parts(self.key, parts),
-                                               flags=zmq.NOBLOCK)
-                    self._handshakes[msg_id] = answered  # any of them will do
-                    sent.append(msg_id)
-                try:
-                    await asyncio.wait_for(asyncio.shield(answered), delay)
-                    return
-                except TimeoutError:
-                    pass
-                log.debug("kernel %s: no answer to kernel_info within %.2fs", self.id, delay)
-                if not await self.km.is_alive():
-                    tail = getattr(self.km.provisioner, "log_tail", lambda: "")()
-                    raise KernelStartError(
-                        f"kernel {self.name!r} exited during start-up (exit code "
-                        f"{self._exit_code()})" + (f"; its last output:\n{tail}" if tail else ""))
-                delay = min(delay * 1.5, 0.1)
+            while not answered.done():
+                now = loop.time()
+                if now - alive_checked >= 0.1:
+                    alive_checked = now
+                    await self._check_alive()
+                live = self._iopub_live is not None and self._iopub_live.done()
+                # sent while our subscription was live, its status cannot be missed: only
+                # a lost connection could lose it, so the next try is much later
+                wait = max(resend, 2.0) if live_when_sent else resend
+                if last_sent < 0 or now - last_sent >= wait or (live and not live_when_sent):
+                    if not await shell.poll(timeout=100, flags=zmq.POLLOUT):  # type: ignore[call-arg]
+                        continue  # not connected yet
+                    msg_id = uuid.uuid4().hex
+                    with contextlib.suppress(zmq.Again):
+                        await shell.send_multipart(self._kernel_info_request(msg_id),
+                                                   flags=zmq.NOBLOCK)
+                        self._handshakes[msg_id] = answered  # any of them will do
+                        sent.append(msg_id)
+                        if last_sent >= 0:
+                            resend = min(resend * 2, 1.0)
+                        last_sent, live_when_sent = loop.time(), live
+                waits: set[asyncio.Future[Any]] = {answered}
+                if self._iopub_live is not None and not live_when_sent:
+                    waits.add(self._iopub_live)
+                await asyncio.wait(waits, timeout=min(resend, 0.1),
+                                   return_when=asyncio.FIRST_COMPLETED)
         finally:
             for msg_id in sent:
                 self._handshakes.pop(msg_id, None)
             shell.close(linger=0)
+
+    def _connect_shell_immediate(self, identity: bytes) -> zmq.asyncio.Socket:
+        ctx = self.km.context
+        ctx.setsockopt(zmq.IMMEDIATE, 1)
+        try:
+            return cast(zmq.asyncio.Socket, self.km.connect_shell(identity=identity))
+        finally:
+            ctx.sockopts.pop(zmq.IMMEDIATE, None)
+
+    def _kernel_info_request(self, msg_id: str) -> list[bytes]:
+        header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "session": msg_id,
+                  "username": "gateway", "date": iso(time.time()), "version": "5.3"}
+        return codec.zmq_from_parts(self.key, [json.dumps(header).encode(), b"{}", b"{}", b"{}"])
+
+    async def _check_alive(self) -> None:
+        if not await self.km.is_alive():
+            tail = getattr(self.km.provisioner, "log_tail", lambda: "")()
+            raise KernelStartError(
+                f"kernel {self.name!r} exited during start-up (exit code "
+                f"{self._exit_code()})" + (f"; its last output:\n{tail}" if tail else ""))
 
     def _exit_code(self) -> Any:
         prov = self.km.provisioner
