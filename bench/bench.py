@@ -18,7 +18,8 @@ Hydrogen and @jupyterlab/services run; bench/nodeclient.js, needs `./dev test` t
 installed tests/js/node_modules).
 
 Workloads (--only, comma-separated):
-  start       POST /api/kernels -> websocket -> kernel_info_reply; median of N
+  start       POST /api/kernels -> websocket -> kernel_info_reply; median of N after one
+              uncounted warm-up start
   roundtrip   N sequential `pass` executes: execute_request -> execute_reply and iopub idle
   throughput  50 MB printed to stdout, then one 20 MB display_data: MB/s, share delivered
   concurrent  20 kernels started at once: first POST to the last kernel_info_reply
@@ -552,6 +553,8 @@ class Target:
 
 async def w_start(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
     proto = t.protocols[-1]
+    k, _, _ = await t.start(proto)  # warm-up, not counted: first imports, caches, and
+    await k.stop()                  # for a gateway its first kernelspec lookup
     total, post = [], []
     for _ in range(a.starts):
         k, p, e = await t.start(proto)
