@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # A client that stops reading while its kernel prints is cut off past this, rather than
 # letting the gateway's memory grow without bound; it reconnects and gets the replay.
 MAX_PENDING_BYTES = 512 * 1024 * 1024
-FRAGMENT = 4 * 1024 * 1024
 
 
 class KernelWebSocket(websocket.WebSocketHandler):
@@ -121,34 +120,32 @@ class KernelWebSocket(websocket.WebSocketHandler):
             self.close_with(1013, "client too slow")
 
     def _write(self, pieces: list[codec.Part], size: int, binary: bool) -> Any:
-        """One message as websocket frames. Small ones on a deflate connection go through
-        tornado, which compresses them. Everything else is written here uncompressed, header
-        then pieces: tornado assembles frames with `header + data`, a full copy, while its
-        IOStream keeps large writes as views, so a 50 MB output reaches the socket without
-        being copied by the gateway. Above --ws-compress-max nothing is deflated (it costs
-        more CPU than it saves on a LAN); RFC 7692 lets each message choose (RSV1), and the
-        shared window stays in step as neither side sees that message.
-
-        A message over FRAGMENT bytes goes as several frames (RFC 6455 5.4; every client
-        joins them): a client parsing frames in Python then works on each frame as it
-        arrives instead of buffering and copying the whole message after its last byte
-        (the `websockets` client: 50 MB print 0.90-0.93x of direct in one frame, 0.98-1.00x
-        in 4 MiB frames; 1 MiB and 256 KiB were worse)."""
+        """One message as one websocket frame. Small ones on a deflate connection go through
+        tornado, which compresses them. Everything else is written here as an uncompressed
+        frame, header then pieces: tornado assembles frames with `header + data`, a full copy,
+        while its IOStream keeps large writes as views, so a 50 MB output reaches the socket
+        without being copied by the gateway. Above --ws-compress-max nothing is deflated (it
+        costs more CPU than it saves on a LAN); RFC 7692 lets each message choose (RSV1), and
+        the shared window stays in step as neither side sees that message."""
         proto = self.ws_connection
         if proto is None or proto.is_closing():
             raise websocket.WebSocketClosedError()
         if getattr(proto, "_compressor", None) is not None and size <= self.config.ws_compress_max:
             return self.write_message(b"".join(pieces), binary=binary)
+        opcode = 0x82 if binary else 0x81  # FIN, RSV1-3 clear, binary or text (RFC 6455 5.2)
+        if size < 126:
+            header = struct.pack("!BB", opcode, size)
+        elif size <= 0xFFFF:
+            header = struct.pack("!BBH", opcode, 126, size)
+        else:
+            header = struct.pack("!BBQ", opcode, 127, size)
         stream = proto.stream  # type: ignore[attr-defined]
         if stream is None:
             raise websocket.WebSocketClosedError()
-        opcode = 0x2 if binary else 0x1
-        for last, frame_size, chunks in _fragments(pieces, size, FRAGMENT):
-            fut = stream.write(_frame_header(opcode | (0x80 if last else 0), frame_size))
-            for chunk in chunks:
-                fut = stream.write(chunk)
-            opcode = 0x0  # continuation
-        return fut
+        stream.write(header)
+        for piece in pieces[:-1]:
+            stream.write(piece)
+        return stream.write(pieces[-1])
 
     def _written(self, fut: Any, size: int) -> None:
         self._pending -= size
@@ -167,38 +164,6 @@ class KernelWebSocket(websocket.WebSocketHandler):
             self.session.detach(self)
             self.kernel.release(self.session)
             self.session = None
-
-
-def _frame_header(first: int, size: int) -> bytes:
-    """FIN/opcode byte given, RSV1-3 clear, unmasked (RFC 6455 5.2)."""
-    if size < 126:
-        return struct.pack("!BB", first, size)
-    if size <= 0xFFFF:
-        return struct.pack("!BBH", first, 126, size)
-    return struct.pack("!BBQ", first, 127, size)
-
-
-def _fragments(pieces: Sequence[codec.Part], size: int, limit: int
-               ) -> list[tuple[bool, int, list[codec.Part]]]:
-    """The message's pieces cut into frames of at most `limit` bytes, as views (no copy):
-    [(is_last, frame size, chunks)]."""
-    if size <= limit:
-        return [(True, size, list(pieces))]
-    frames: list[tuple[bool, int, list[codec.Part]]] = []
-    chunks: list[codec.Part] = []
-    room = limit
-    for piece in pieces:
-        start, n = 0, len(piece)
-        while start < n:
-            if room == 0:
-                frames.append((False, limit, chunks))
-                chunks, room = [], limit
-            take = min(room, n - start)
-            chunks.append(piece if take == n else memoryview(piece)[start : start + take])
-            start += take
-            room -= take
-    frames.append((True, limit - room, chunks))
-    return frames
 
 
 routes: list[tuple[str, type[web.RequestHandler]]] = [
