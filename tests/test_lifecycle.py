@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import websockets
@@ -155,6 +156,19 @@ async def test_delete_during_auto_restart(gateway):
     status, body = await api(gateway, "DELETE", f"api/kernels/{kid}")
     assert status == 204, body
     assert gateway.kernel_pids() == []
+
+
+async def test_local_kernel_ports_are_outside_the_ephemeral_range(gateway):
+    """Ports from the ephemeral range can be taken as the source port of any outgoing
+    connection before the kernel binds them (the gateway's own connects to starting kernels
+    did: 20 concurrent starts failed now and then with "Address already in use")."""
+    lo, _hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    kid = (await start_kernel(gateway))["id"]
+    info = json.loads((gateway.runtime_dir / f"kernel-{kid}.json").read_text())
+    ports = [info[k] for k in ("shell_port", "iopub_port", "stdin_port", "hb_port",
+                               "control_port")]
+    assert len(set(ports)) == 5 and all(1024 <= p < lo for p in ports), (ports, lo)
+    assert (await api(gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204
 
 
 async def test_starting_kernels_get_few_readiness_requests(gateway):

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning import LocalProvisioner
 
@@ -33,6 +35,44 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+
+
+def ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return lo, hi
+
+
+def kernel_port(ip: str) -> int:
+    """A free port for a kernel to bind, below the ephemeral range when there is room.
+
+    jupyter_client picks ports by binding port 0, i.e. from the ephemeral range, and the
+    kernel binds them only a while later (seconds, when many start at once). In between,
+    any outgoing connection on the machine may be given one as its source port, above all
+    the gateway's own sockets retrying connects to kernels not yet listening, and a connect
+    to an unbound local port can even connect to itself: the kernel then fails with
+    "Address already in use". Ports outside that range are never handed out that way."""
+    lo, _ = ephemeral_range()
+    low = max(1024, lo - 16384)
+    cache = LocalPortCache.instance()
+    if lo - low >= 1024:
+        for _ in range(100):
+            port = low + secrets.randbelow(lo - low)
+            if port in cache.currently_used_ports:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((ip, port))
+                except OSError:
+                    continue
+            cache.currently_used_ports.add(port)  # returned by LocalProvisioner.cleanup
+            return port
+    return int(cache.find_available_port(ip))
+
+
 class DurableLocalProvisioner(LocalProvisioner):  # type: ignore[misc]
     """Registered as `rkg-local-provisioner`; the gateway's default for local kernels."""
 
@@ -43,6 +83,15 @@ class DurableLocalProvisioner(LocalProvisioner):  # type: ignore[misc]
     @property
     def has_process(self) -> bool:
         return self.process is not None or self.attached_pid is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """As jupyter_client's, with the kernel's ports chosen by kernel_port()."""
+        km = self.parent
+        if km is not None and km.transport == "tcp" and km.cache_ports and not self.ports_cached:
+            for name in PORT_NAMES:
+                setattr(km, name, kernel_port(km.ip))
+            self.ports_cached = True
+        return await super().pre_launch(**kwargs)  # type: ignore[no-any-return]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Called by the kernel manager to start the process. As jupyter_client's, but
