@@ -38,12 +38,12 @@ def process_start_time(pid: int) -> int | None:
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 
 
-def ephemeral_range() -> tuple[int, int]:
+def ephemeral_low() -> int:
+    """The first port of the range the system hands out as source ports."""
     try:
-        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-    return lo, hi
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def kernel_port(ip: str) -> int:
@@ -55,7 +55,7 @@ def kernel_port(ip: str) -> int:
     the gateway's own sockets retrying connects to kernels not yet listening, and a connect
     to an unbound local port can even connect to itself: the kernel then fails with
     "Address already in use". Ports outside that range are never handed out that way."""
-    lo, _ = ephemeral_range()
+    lo = ephemeral_low()
     low = max(1024, lo - 16384)
     cache = LocalPortCache.instance()
     if lo - low >= 1024:
