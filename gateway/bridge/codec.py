@@ -7,8 +7,10 @@ without decoding them; only client -> kernel legacy JSON needs a parse (and a re
 - ZMQ:    [*idents, b"<IDS|MSG>", signature, header, parent, metadata, content, *buffers]
 - v1:     uint64 LE n, n uint64 LE offsets, then channel, header, parent, metadata, content,
           *buffers (subprotocol v1.kernel.websocket.jupyter.org)
-- legacy: one JSON object per text frame; a message with buffers as a binary frame:
-          uint32 BE count, count uint32 BE offsets, the JSON, then the raw buffers.
+- legacy: one JSON object per text frame, {header, msg_id, msg_type, parent_header, metadata,
+          content, channel, buffers} as jupyter_server writes it (msg_id and msg_type copied
+          from the header); a message with buffers as a binary frame: uint32 BE count, count
+          uint32 BE offsets, the JSON (without "buffers"), then the raw buffers.
 """
 
 from __future__ import annotations
@@ -111,12 +113,28 @@ def parts_from_v1(frame: bytes) -> tuple[str, list[bytes]]:
 # -- legacy --------------------------------------------------------------------------------
 
 
+def _header_ids(header: Part) -> bytes:
+    """`"msg_id":...,"msg_type":...,` copied from the header, as jupyter_server's serializer
+    (jupyter_client `Session.deserialize`) puts them at the top level of every legacy
+    message; Enterprise Gateway's client and jupyter_server's GatewayKernelClient read them
+    there. Headers are small, so decoding one costs microseconds."""
+    try:
+        parsed = json.loads(bytes(header))
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        parsed = {}
+    ids = {"msg_id": parsed.get("msg_id"), "msg_type": parsed.get("msg_type")}
+    return json.dumps(ids, ensure_ascii=False)[1:-1].encode() + b","
+
+
 def _legacy_json(channel: bytes, parts: Sequence[Part], buffers: list[str] | None
                  ) -> list[Part]:
     h, p, m, c = parts[:4]
     tail = b"" if buffers is None else b',"buffers":' + json.dumps(buffers).encode()
-    return [b'{"header":', h, b',"parent_header":', p, b',"metadata":', m,
-            b',"content":', c, b',"channel":"' + channel + b'"' + tail + b"}"]
+    return [b'{"header":', h, b"," + _header_ids(h) + b'"parent_header":', p,
+            b',"metadata":', m, b',"content":', c,
+            b',"channel":"' + channel + b'"' + tail + b"}"]
 
 
 def legacy_pieces(channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
