@@ -172,3 +172,21 @@ async def start_kernel(gw: Any, name: str = "python3", **body: Any) -> dict[str,
     status, model = await api(gw, "POST", "api/kernels", {"name": name, **body})
     assert status == 201, model
     return model
+
+
+async def input_first(gw: Any, kernel_id: str, *, v1: bool = False, timeout: float = 10
+                      ) -> None:
+    """Open a fresh socket, send a cell calling input() as its first message, answer the
+    input_request, check the output (tests/test_stdin.py says why this can fail)."""
+    ks = await KernelSocket.open(gw, kernel_id, v1=v1)
+    try:
+        msg_id = await ks.send("execute_request", {
+            "code": "print('got', input('name? '))", "silent": False, "allow_stdin": True})
+        got = await ks.until(lambda m: m["header"]["msg_type"] == "input_request", timeout)
+        assert got[-1]["channel"] == "stdin" and got[-1]["content"]["prompt"] == "name? "
+        await ks.send("input_reply", {"value": "ada"}, channel="stdin")
+        msgs = await ks.reply_and_idle(msg_id)
+        assert [m["content"]["text"] for m in msgs if m["header"]["msg_type"] == "stream"] \
+            == ["got ada\n"]
+    finally:
+        await ks.close()

@@ -4,10 +4,10 @@ nothing left behind."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 
-from gwclient import KernelSocket, api, start_kernel
+from conftest import eventually
+from gwclient import KernelSocket, api, input_first, start_kernel
 
 
 async def _open(backend):
@@ -18,11 +18,8 @@ async def _open(backend):
 async def nothing_left(backend) -> None:
     """Wherever the kernel ran, nothing of it remains (within 5 s: containers, jobs and
     services go a moment after the delete)."""
-    for _ in range(20):
-        if not backend.leftovers():
-            break
-        await asyncio.sleep(0.25)
-    assert backend.leftovers() == []
+    await eventually(backend.leftovers, until=lambda left: left == [], timeout=5,
+                     what="nothing of the kernel left")
 
 
 async def test_runs_where_the_backend_says(backend):
@@ -72,4 +69,15 @@ async def test_kernel_survives_a_gateway_crash(backend):
     assert out == "yes\n" and reply["status"] == "ok"
     await ks.close()
     assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    await nothing_left(backend)
+
+
+async def test_input_as_the_first_message(backend):
+    """input() as the very first message on fresh websockets, both protocols: the stdin
+    connection through this backend's path (tunnel, port proxy, node) is up before the cell
+    runs (tests/test_stdin.py has the why, and the same under load)."""
+    model = await start_kernel(backend.gateway, backend.kernel_name)
+    for v1 in (False, True, False, True):
+        await input_first(backend.gateway, model["id"], v1=v1, timeout=20)
+    assert (await api(backend.gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
     await nothing_left(backend)

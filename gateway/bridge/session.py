@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHANNELS = ("shell", "control", "stdin")
+STDIN_CONNECT_TIMEOUT_MS = 10_000
 
 
 class Sink(Protocol):
@@ -58,9 +59,11 @@ class ClientSession:
 
     def open_channels(self) -> None:
         """Connect shell/control/stdin. Shell and stdin share one identity: the kernel sends
-        input_request to the identity that sent the execute_request."""
+        input_request to the identity that sent the execute_request. Stdin and control are
+        connected with IMMEDIATE, so that POLLOUT on them means the handshake completed."""
         for channel in CHANNELS:
-            sock = self.kernel.connect_channel(channel, self.identity)
+            sock = self.kernel.connect_channel(channel, self.identity,
+                                               immediate=channel != "shell")
             self._sockets[channel] = sock
             self._readers.append(asyncio.create_task(self._read(channel.encode(), sock)))
 
@@ -98,9 +101,43 @@ class ClientSession:
         if self.kernel.state == "restarting":
             self._held.append((channel, parts))
             return
+        if channel == "shell":
+            await self.stdin_connected()
+            if self.kernel.state == "restarting":  # it died while we waited
+                self._held.append((channel, parts))
+                return
         sock = self._sockets.get(channel)
         if sock is not None:
             await sock.send_multipart(codec.zmq_from_parts(self.kernel.key, parts))
+
+    async def stdin_connected(self) -> None:
+        """Return once our stdin socket's connection to the kernel is complete.
+
+        The kernel's stdin is a ROUTER: it silently drops an input_request addressed to an
+        identity whose connection it has not seen yet. Shell and stdin connect separately, so
+        an execute_request sent on a fresh (or just reconnected) shell connection could run
+        input() before the stdin handshake finished, and the cell would wait forever. So
+        nothing goes out on shell before stdin is connected: with IMMEDIATE, its POLLOUT is
+        set only once the ZMTP handshake with the kernel completed, i.e. after the kernel's
+        side answered our greeting. Checking costs a getsockopt when connected, as it nearly
+        always is. A kernel whose stdin never answers does not block shell for good."""
+        sock = self._sockets.get("stdin")
+        if sock is None or cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+            return
+        polling = sock.poll(timeout=STDIN_CONNECT_TIMEOUT_MS, flags=zmq.POLLOUT)  # type: ignore[call-arg]
+        try:
+            connected = await polling
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return  # the socket was closed under us: the kernel restarts or goes away
+        except zmq.ZMQError:
+            return
+        if not connected:
+            log.warning("kernel %s: stdin of session %s not connected after %d ms; sending "
+                        "on shell anyway", self.kernel.id, self.session_id,
+                        STDIN_CONNECT_TIMEOUT_MS)
 
     def release_held(self) -> None:
         """Send what was held during a restart, in order. Synchronous on purpose: nothing a

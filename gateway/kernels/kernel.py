@@ -84,9 +84,20 @@ class ManagedKernel:
 
     # -- sockets -----------------------------------------------------------------------
 
-    def connect_channel(self, channel: str, identity: bytes) -> zmq.asyncio.Socket:
+    def connect_channel(self, channel: str, identity: bytes, *, immediate: bool = False
+                        ) -> zmq.asyncio.Socket:
+        """A socket to one of the kernel's channels. `immediate`: its pipe exists only once
+        the ZMTP handshake with the kernel completed, so POLLOUT on it means "connected"
+        (ZMQ reads IMMEDIATE at connect time, hence set on the context for the call)."""
         connect = getattr(self.km, f"connect_{channel}")
-        return cast(zmq.asyncio.Socket, connect(identity=identity))
+        if not immediate:
+            return cast(zmq.asyncio.Socket, connect(identity=identity))
+        ctx = self.km.context
+        ctx.setsockopt(zmq.IMMEDIATE, 1)
+        try:
+            return cast(zmq.asyncio.Socket, connect(identity=identity))
+        finally:
+            ctx.sockopts.pop(zmq.IMMEDIATE, None)
 
     def _open_iopub(self) -> None:
         sock = cast(zmq.asyncio.Socket, self.km.connect_iopub())
@@ -280,7 +291,7 @@ class ManagedKernel:
         iopub_welcome, older kernels with their first status), before that at growing
         intervals, and after that only every 2 s."""
         loop = asyncio.get_running_loop()
-        shell = self._connect_shell_immediate(uuid.uuid4().hex.encode())
+        shell = self.connect_channel("shell", uuid.uuid4().hex.encode(), immediate=True)
         answered: asyncio.Future[None] = loop.create_future()
         sent: list[str] = []
         resend = 0.05  # seconds after a request before another
@@ -318,14 +329,6 @@ class ManagedKernel:
             for msg_id in sent:
                 self._handshakes.pop(msg_id, None)
             shell.close(linger=0)
-
-    def _connect_shell_immediate(self, identity: bytes) -> zmq.asyncio.Socket:
-        ctx = self.km.context
-        ctx.setsockopt(zmq.IMMEDIATE, 1)
-        try:
-            return cast(zmq.asyncio.Socket, self.km.connect_shell(identity=identity))
-        finally:
-            ctx.sockopts.pop(zmq.IMMEDIATE, None)
 
     def _kernel_info_request(self, msg_id: str) -> list[bytes]:
         header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "session": msg_id,
@@ -373,6 +376,8 @@ class ManagedKernel:
                 for session in self.sessions.values():
                     session.reopen_channels()
             await asyncio.wait_for(self._wait_ready(), self.km.shutdown_wait_time + 60)
+            # what was held may ask for input: the new kernel must know our stdin first
+            await asyncio.gather(*(s.stdin_connected() for s in self.sessions.values()))
         except Exception:
             self.state = "dead"
             self.execution_state = "dead"
