@@ -1,12 +1,19 @@
 """Soak: kernels started, used and deleted continuously for a bounded time while the gateway is
 restarted (twice by default: once with SIGTERM and --keep-kernels, once with kill -9).
 
-Reports, and exits non-zero unless both are zero:
+Reports, and exits non-zero unless all are zero:
 - lost: an execute_reply whose output is not exactly what the code printed, or a kernel that
   existed before a gateway restart and is gone after it;
+- server_errors: any 5xx answer to any REST call (each is printed with its body);
+- start_failed: a POST /api/kernels answered with anything but 201;
 - leftover: kernel processes still running after the final shutdown.
 Executes cut by a restart (the socket closed before their reply) are counted as `interrupted`
-and retried: the client sees them fail, nothing is dropped silently.
+and retried: the client sees them fail, nothing is dropped silently. A refused or cut
+connection (the gateway is down) is retried too; an HTTP answer never is.
+
+When the run fails, the gateway's log (all its restarts append to one file) and the kernels'
+logs are copied out of the temporary folder to --keep-logs (default bench/out/soak-<time>/,
+gitignored) and the path is printed.
 
     .venv/bin/python bench/soak.py --seconds 180 --workers 4
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -41,6 +49,13 @@ class Soak:
         self.up.set()
         self.problems: list[str] = []
         self.deleting: set[str] = set()
+        self.t0 = time.monotonic()
+
+    def note(self, text: str) -> None:
+        """A problem, printed at once with the run's clock so it can be matched to the log."""
+        text = f"[{time.monotonic() - self.t0:7.1f}s] {text}"
+        self.problems.append(text)
+        print("problem:", text, flush=True)
 
     async def call(self, method: str, path: str, body=None):
         """REST with retries while the gateway restarts."""
@@ -51,6 +66,9 @@ class Soak:
             except (OSError, HTTPClientError):  # refused, or cut by a restart
                 await asyncio.sleep(0.1)
                 continue
+            if status >= 500 and status != 599:  # 599: tornado's "no answer", i.e. not up
+                self.stats["server_errors"] += 1
+                self.note(f"{method} {path} -> {status} {json.dumps(body_)}")
             if status != 599:
                 return status, body_
             await asyncio.sleep(0.1)
@@ -69,7 +87,7 @@ class Soak:
         while time.monotonic() < self.deadline:
             status, model = await self.call("POST", "api/kernels", {"name": "python3"})
             if status != 201:
-                self.problems.append(f"start failed: {status} {model}")
+                self.note(f"start failed: {status} {json.dumps(model)}")
                 self.stats["start_failed"] += 1
                 await asyncio.sleep(1)
                 continue
@@ -90,7 +108,7 @@ class Soak:
                         status, _ = await self.call("GET", f"api/kernels/{kid}")
                         if status == 404:
                             self.stats["lost"] += 1
-                            self.problems.append(f"kernel {kid} vanished across a restart")
+                            self.note(f"kernel {kid} vanished across a restart")
                             return
                         ks = await self.open(kid, session)
                         # the cut execute may or may not have run: resynchronise the count
@@ -98,7 +116,7 @@ class Soak:
                 self.stats["executes"] += 1
                 if reply.get("status") != "ok" or out != f"w{n}-{i} {i + 1}\n":
                     self.stats["lost"] += 1
-                    self.problems.append(f"kernel {kid} exec {i}: {out!r} {reply.get('status')}")
+                    self.note(f"kernel {kid} exec {i}: {out!r} {reply.get('status')}")
             try:
                 await ks.close()
             except Exception:
@@ -111,7 +129,7 @@ class Soak:
         for k in range(times):
             await asyncio.sleep(seconds / (times + 1))
             _, before = await self.call("GET", "api/kernels")
-            # a start in flight at shutdown is undone (its client gets an error and retries)
+            # a start in flight may not survive (kill -9 before it was recorded): not counted
             ids = {m["id"] for m in before if m["execution_state"] != "starting"}
             self.up.clear()
             how = "SIGTERM with --keep-kernels" if k % 2 == 0 else "kill -9"
@@ -124,10 +142,19 @@ class Soak:
             # kernels their worker deleted since the first listing are not lost
             missing = ids - {m["id"] for m in after} - self.deleting
             self.stats["restarts"] += 1
-            print(f"restart {k + 1} ({how}): {len(ids)} kernels before, {len(after)} after, "
-                  f"{len(missing)} lost", flush=True)
+            print(f"[{time.monotonic() - self.t0:7.1f}s] restart {k + 1} ({how}): {len(ids)} "
+                  f"kernels before, {len(after)} after, {len(missing)} lost", flush=True)
             self.stats["not_back"] += len(missing)
-            self.problems += [f"kernel {k} not back after restart" for k in missing]
+            for kid in missing:
+                self.note(f"kernel {kid} not back after restart")
+
+
+def keep_logs(workdir: Path, dest: Path) -> Path:
+    """Copy what explains a failed run out of the folder about to be deleted."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in [*workdir.glob("gateway-*.log"), *workdir.glob("runtime-*/kernel-*.log")]:
+        shutil.copy2(log, dest / log.name)
+    return dest
 
 
 async def main() -> int:
@@ -135,13 +162,18 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--restarts", type=int, default=2)
+    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                        help="where the logs of a failed run go (default bench/out/soak-TIME/); "
+                             "given explicitly, they are kept whatever the outcome")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="rkg-soak-") as tmp:
-        gw = GatewayProcess(port=free_port(), token="soak", workdir=Path(tmp),
+    failed = True  # until the run got to its verdict: an exception keeps the logs too
+    tmp = Path(tempfile.mkdtemp(prefix="rkg-soak-"))
+    try:
+        gw = GatewayProcess(port=free_port(), token="soak", workdir=tmp,
                             extra_args=["--keep-kernels"])
         gw.start()
         soak = Soak(gw, time.monotonic() + args.seconds)
-        t0 = time.monotonic()
+        t0 = soak.t0
         try:
             async with asyncio.TaskGroup() as tasks:  # one failing cancels and awaits the rest
                 for n in range(args.workers):
@@ -155,13 +187,23 @@ async def main() -> int:
             gw.stop()
             await asyncio.sleep(0.5)
             leftover = gw.kernel_pids()
-    stats = dict(soak.stats, leftover=len(leftover), seconds=round(time.monotonic() - t0, 1))
-    lost = soak.stats["lost"] + soak.stats["not_back"]
-    print(json.dumps(stats, indent=1))
-    for p in soak.problems[:20]:
-        print("problem:", p)
-    print(f"soak: lost {lost}, leftover processes {len(leftover)}")
-    return 0 if lost == 0 and not leftover else 1
+        stats = dict(soak.stats, leftover=len(leftover), seconds=round(time.monotonic() - t0, 1))
+        lost = soak.stats["lost"] + soak.stats["not_back"]
+        errors = soak.stats["server_errors"]
+        failed_starts = soak.stats["start_failed"]
+        print(json.dumps(stats, indent=1))
+        for p in soak.problems[:20]:
+            print("problem:", p)
+        print(f"soak: lost {lost}, 5xx answers {errors}, failed starts {failed_starts}, "
+              f"leftover processes {len(leftover)}")
+        failed = bool(lost or errors or failed_starts or leftover)
+    finally:
+        if failed or args.keep_logs:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            dest = keep_logs(tmp, args.keep_logs or ROOT / "bench" / "out" / f"soak-{stamp}")
+            print(f"soak: logs kept in {dest}", flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@
     │   ├── NotFound                  404 unknown kernel, session, kernelspec or file
     │   ├── Conflict                  409 the kernel is in a state that forbids the action
     │   └── LimitReached              429 a kernel limit (global or per user) is reached
-    └── KernelError                   a kernel could not be started or reached: a 5xx
-        ├── KernelStartError          500 the backend failed to launch it
-        └── KernelTimeout             504 it did not answer within its launch timeout
+    ├── KernelError                   a kernel could not be started or reached: a 5xx
+    │   ├── KernelStartError          500 the backend failed to launch it
+    │   └── KernelTimeout             504 it did not answer within its launch timeout
+    └── Unavailable                   503 the gateway is stopping: the request was undone
 
 Backends translate their own failures (OSError, zmq, asyncssh, aiodocker) into KernelError
 where they enter, with `raise ... from`. The web face turns these into JSON
@@ -75,3 +76,8 @@ class KernelStartError(KernelError):
 class KernelTimeout(KernelError):
     status = 504
     reason = "Kernel Timeout"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    reason = "Service Unavailable"

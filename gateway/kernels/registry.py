@@ -19,7 +19,7 @@ from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 
 from ..config import Config
-from ..errors import KernelStartError, LimitReached, NotFound
+from ..errors import KernelStartError, LimitReached, NotFound, Unavailable
 from ..state import KernelRecord, StateStore
 from . import env as kenv
 from .kernel import ManagedKernel
@@ -122,19 +122,34 @@ class KernelRegistry:
         kernel_id = str(uuid.uuid4())
         kernel = self._managed(self._manager(kernel_id, name), name, user)
         kernel.launch = {"env": extra, "cwd": kenv.working_dir(extra)}
-        task = asyncio.ensure_future(self._start_with_retry(kernel, timeout))
+        task = asyncio.ensure_future(self._start_or_undo(kernel, timeout))
         self._starting.add(task)
         try:
             await task
-        except BaseException:
-            self.kernels.pop(kernel_id, None)
-            self._users.pop(kernel_id, None)
-            await self.store.delete_kernel(kernel_id)
-            raise
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # cancel_starts() cancelled the start, not our caller: a bare CancelledError
+            # would reach Tornado, which answers it with an anonymous 500
+            raise Unavailable("the gateway is shutting down, so this kernel start was undone; "
+                              "start the kernel again once the gateway is back") from None
         finally:
             self._starting.discard(task)
         log.info("kernel %s (%s) started", kernel_id, name)
         return kernel
+
+    async def _start_or_undo(self, kernel: ManagedKernel, launch_timeout: float) -> None:
+        """The undoing is part of the task cancel_starts() waits for: once it returns, every
+        cancelled start's caller only has to answer, which it does before the shutdown
+        goes on to close the connections."""
+        try:
+            await self._start_with_retry(kernel, launch_timeout)
+        except BaseException:
+            self.kernels.pop(kernel.id, None)
+            self._users.pop(kernel.id, None)
+            await self.store.delete_kernel(kernel.id)
+            raise
 
     async def _start_with_retry(self, kernel: ManagedKernel, launch_timeout: float) -> None:
         """jupyter_client picks the ports here and the kernel binds them later; under churn
@@ -269,7 +284,11 @@ class KernelRegistry:
             await self.store.delete_kernel(kernel_id)
 
     async def leave_all(self) -> None:
-        """--keep-kernels: disconnect from every kernel and leave it running and recorded."""
+        """--keep-kernels: disconnect from every kernel and leave it running and recorded.
+        Starts in flight are first let finish, bounded: such a kernel is recorded already and
+        the next gateway re-attaches to it, so its client should get it, not an error."""
+        if self._starting:
+            await asyncio.wait(list(self._starting), timeout=self.config.shutdown_timeout)
         await self.cancel_starts()
         for kernel in list(self.kernels.values()):
             kernel.detach()
