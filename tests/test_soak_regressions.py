@@ -1,4 +1,4 @@
-"""Races that bench/soak.py found, provoked deterministically.
+"""Races around a kernel start in flight, found by bench/soak.py, provoked deterministically.
 
 A kernel start in flight when the gateway is told to stop: the gateway cancels it, and the
 POST used to answer 500 "unexpected error in the gateway" (the CancelledError reached
@@ -72,3 +72,22 @@ async def test_start_undone_by_shutdown_is_503_not_unexpected(gateway_factory):
     assert status == 503, body
     assert body["reason"] == "Service Unavailable" and "shutting down" in body["message"], body
     assert gw.kernel_pids() == []
+
+
+async def test_delete_during_start_undoes_it(gateway):
+    """DELETE of a kernel still starting cancels the start (a queued job is not waited for):
+    204 to the DELETE, a JSON 409 to the POST instead of a 500, and nothing left."""
+    post = asyncio.create_task(api(gateway, "POST", "api/kernels", {
+        "name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}}))
+
+    async def starting():
+        return [k["id"] for k in (await api(gateway, "GET", "api/kernels"))[1]
+                if k["execution_state"] == "starting"]
+
+    (kid,) = await eventually(starting, timeout=30, what="the kernel listed as starting")
+    await eventually(gateway.kernel_pids, timeout=30, what="its process running")
+    assert (await api(gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    status, body = await asyncio.wait_for(post, 30)
+    assert status == 409 and body["reason"] == "Conflict" and "deleted" in body["message"], body
+    assert (await api(gateway, "GET", f"api/kernels/{kid}"))[0] == 404
+    await eventually(lambda: gateway.kernel_pids() == [], timeout=10, what="no kernel process")

@@ -19,7 +19,7 @@ from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 
 from ..config import Config
-from ..errors import KernelStartError, LimitReached, NotFound, Unavailable
+from ..errors import Conflict, KernelStartError, LimitReached, NotFound, Unavailable
 from ..state import KernelRecord, StateStore
 from . import env as kenv
 from .kernel import ManagedKernel
@@ -48,7 +48,8 @@ class KernelRegistry:
         self.store = store
         self.kernels: dict[str, ManagedKernel] = {}
         self._users: dict[str, str] = {}  # kernel id -> KERNEL_USERNAME, for the per-user limit
-        self._starting: set[asyncio.Task[None]] = set()
+        self._starting: dict[str, asyncio.Task[None]] = {}  # by kernel id
+        self._deleted_while_starting: set[str] = set()
         self._context = zmq.asyncio.Context()
         # Options for every kernel socket, set by the context before it connects: ZMQ takes
         # them at connect time, and jupyter_client connects as it creates the socket.
@@ -123,19 +124,23 @@ class KernelRegistry:
         kernel = self._managed(self._manager(kernel_id, name), name, user)
         kernel.launch = {"env": extra, "cwd": kenv.working_dir(extra)}
         task = asyncio.ensure_future(self._start_or_undo(kernel, timeout))
-        self._starting.add(task)
+        self._starting[kernel_id] = task
         try:
             await task
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
+            if kernel_id in self._deleted_while_starting:
+                raise Conflict(f"kernel {kernel_id} was deleted while it was starting; "
+                               "its start was undone") from None
             # cancel_starts() cancelled the start, not our caller: a bare CancelledError
             # would reach Tornado, which answers it with an anonymous 500
             raise Unavailable("the gateway is shutting down, so this kernel start was undone; "
                               "start the kernel again once the gateway is back") from None
         finally:
-            self._starting.discard(task)
+            self._starting.pop(kernel_id, None)
+            self._deleted_while_starting.discard(kernel_id)
         log.info("kernel %s (%s) started", kernel_id, name)
         return kernel
 
@@ -188,7 +193,18 @@ class KernelRegistry:
         log.info("kernel %s (%s) stopped", kernel.id, kernel.name)
 
     async def shutdown(self, kernel_id: str) -> None:
-        await self.get(kernel_id).shutdown()
+        """DELETE. A kernel still starting has its start cancelled and undone (a queued batch
+        job is cancelled at once rather than waited for); its POST answers 409."""
+        kernel = self.get(kernel_id)
+        start = self._starting.get(kernel_id)
+        if start is not None:
+            self._deleted_while_starting.add(kernel_id)
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            if start.cancelled() or start.exception() is not None:
+                return  # undone: nothing of it is left
+            # it had just finished starting: its POST answers 201, and it is stopped here
+        await kernel.shutdown()
         await self.store.delete_kernel(kernel_id)
 
     # -- across gateway restarts -------------------------------------------------------
@@ -262,9 +278,10 @@ class KernelRegistry:
 
     async def cancel_starts(self) -> None:
         """Shutdown, first step: a start no client will hear about is undone."""
-        for task in self._starting:
+        starts = list(self._starting.values())
+        for task in starts:
             task.cancel()
-        await asyncio.gather(*self._starting, return_exceptions=True)
+        await asyncio.gather(*starts, return_exceptions=True)
 
     async def shutdown_all(self, grace: float) -> None:
         await self.cancel_starts()
@@ -288,7 +305,8 @@ class KernelRegistry:
         Starts in flight are first let finish, bounded: such a kernel is recorded already and
         the next gateway re-attaches to it, so its client should get it, not an error."""
         if self._starting:
-            await asyncio.wait(list(self._starting), timeout=self.config.shutdown_timeout)
+            await asyncio.wait(list(self._starting.values()),
+                               timeout=self.config.shutdown_timeout)
         await self.cancel_starts()
         for kernel in list(self.kernels.values()):
             kernel.detach()
