@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
 
+from jupyter_client import protocol_version  # type: ignore[attr-defined]
+
 DELIMITER = b"<IDS|MSG>"
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
 CLIENT_CHANNELS = frozenset({"shell", "control", "stdin"})
@@ -164,8 +166,10 @@ def _parts_from_message(msg: Any, buffers: list[bytes]) -> tuple[str, list[bytes
     if not isinstance(msg, dict):
         raise BadFrame("message is not a JSON object")
     channel = msg.get("channel")
+    if channel is None:  # as jupyter_server: a message that names no channel goes to shell
+        channel = "shell"
     if not isinstance(channel, str):
-        raise BadFrame("message has no channel")
+        raise BadFrame("message channel is not a string")
     header = msg.get("header")
     if not isinstance(header, dict) or not isinstance(header.get("msg_type"), str):
         raise BadFrame("message header has no msg_type")
@@ -213,8 +217,11 @@ def parts_from_legacy_binary(frame: bytes) -> tuple[str, list[bytes]]:
 
 def status_parts(state: str, session: str = "") -> list[bytes]:
     """An iopub status message made by the gateway itself (kernel restarting or dead)."""
+    # date and version as jupyter_client writes them (jsonutil.json_default, protocol_version),
+    # as in the kernel's own messages and in jupyter_server's status messages
     header = {"msg_id": uuid4().hex, "msg_type": "status", "username": "gateway",
-              "session": session, "date": datetime.now(UTC).isoformat(),
-              "version": "5.3"}
+              "session": session,
+              "date": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+              "version": protocol_version}
     return [json.dumps(header).encode(), b"{}", b"{}",
             json.dumps({"execution_state": state}).encode()]
