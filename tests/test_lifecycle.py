@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from conftest import GatewayProcess, free_port, pid_alive
+from conftest import GatewayProcess, eventually, free_port, pid_alive
 from gwclient import KernelSocket, api, start_kernel
 
 
@@ -69,7 +69,8 @@ async def test_kernel_outlives_client_disconnect(gateway):
     ks = await KernelSocket.open(gateway, kid)
     await ks.execute("state = 'kept'")
     await ks.close()
-    await asyncio.sleep(0.5)
+    await eventually(lambda: api(gateway, "GET", f"api/kernels/{kid}"),
+                     until=lambda r: r[1]["connections"] == 0, what="the gateway saw it close")
     ks = await KernelSocket.open(gateway, kid)  # a new client session
     assert (await ks.execute("print(state)"))[0] == "kept\n"
     await ks.close()
@@ -77,23 +78,35 @@ async def test_kernel_outlives_client_disconnect(gateway):
 
 
 async def test_idle_kernels_are_culled_connected_and_busy_spared(gateway_factory):
-    gw = gateway_factory(extra_args=["--cull-idle-timeout", "2", "--cull-interval", "0.5"])
-    idle = (await start_kernel(gw))["id"]
+    # each socket opened as soon as its kernel is up: on a loaded machine the next start
+    # alone can outlast a short idle timeout
+    gw = gateway_factory(extra_args=["--cull-idle-timeout", "4", "--cull-interval", "0.5"])
     connected = (await start_kernel(gw))["id"]
-    busy = (await start_kernel(gw))["id"]
     kc = await KernelSocket.open(gw, connected)
+    busy = (await start_kernel(gw))["id"]
     kb = await KernelSocket.open(gw, busy)
-    await kb.send("execute_request", {"code": "import time; time.sleep(8)", "silent": False})
+    cell = await kb.send("execute_request", {"code": "import time; time.sleep(60)",
+                                             "silent": False})
+    await kb.until(lambda m: m["header"]["msg_type"] == "status"  # the gateway saw it busy
+                   and m["parent_header"].get("msg_id") == cell)
     await kb.close()
-    for _ in range(60):
-        if (await api(gw, "GET", f"api/kernels/{idle}"))[0] == 404:
-            break
-        await asyncio.sleep(0.25)
-    assert (await api(gw, "GET", f"api/kernels/{idle}"))[0] == 404
-    await asyncio.sleep(2)
+    # Started last, so idle no shorter than the other two and after them in the culler's
+    # pass: by the time the culler has stopped it, it has judged the other two as well.
+    idle = (await start_kernel(gw))["id"]
+    await eventually(lambda: api(gw, "GET", f"api/kernels/{idle}"), until=lambda r: r[0] == 404,
+                     timeout=30, what="the idle kernel culled")
     assert (await api(gw, "GET", f"api/kernels/{connected}"))[0] == 200
     assert (await api(gw, "GET", f"api/kernels/{busy}"))[0] == 200
     await kc.close()
+
+
+async def test_a_slow_start_is_not_culled(gateway_factory):
+    """A start (e.g. a job queued for long) is not idleness: the culler leaves it alone, so
+    it ends as its launch timeout says, not as a kernel deleted while starting."""
+    gw = gateway_factory(extra_args=["--cull-idle-timeout", "1", "--cull-interval", "0.2"])
+    status, body = await api(gw, "POST", "api/kernels", {
+        "name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}})
+    assert status == 504, body
 
 
 async def test_generated_token_is_printed_and_works(tmp_path):
@@ -136,14 +149,46 @@ async def test_concurrent_starts_all_succeed(gateway):
     assert gateway.kernel_pids() == []
 
 
-async def test_delete_during_restart(gateway):
+HOLD_EXIT = """import atexit, os, time
+def hold():
+    open({holding!r}, "w").close()
+    while not os.path.exists({release!r}):
+        time.sleep(0.01)
+atexit.register(hold)
+"""
+
+
+async def test_delete_during_restart(gateway, tmp_path):
+    """A DELETE that lands while a restart is in progress waits for it, then stops the
+    kernel: the restart answers 200, the DELETE 204. The old kernel, asked to shut down for
+    the restart, cannot exit until the test lets it (jupyter_client waits 5 s before it
+    kills), so the restart provably cannot finish before the DELETE is in."""
     kid = (await start_kernel(gateway))["id"]
+    holding, release = tmp_path / "old-kernel-exiting", tmp_path / "let-it-exit"
+    ks = await KernelSocket.open(gateway, kid)
+    code = HOLD_EXIT.format(holding=str(holding), release=str(release))
+    assert (await ks.execute(code))[1]["status"] == "ok"
+    await ks.close()
     restart = asyncio.create_task(api(gateway, "POST", f"api/kernels/{kid}/restart", {}))
-    await asyncio.sleep(0.05)
-    deleted = await api(gateway, "DELETE", f"api/kernels/{kid}")
+    await eventually(holding.exists, timeout=20, what="the old kernel exiting for the restart")
+    # by hand, to know the request is in the gateway's socket before the release
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(f"DELETE /api/kernels/{kid} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 f"Authorization: token {gateway.token}\r\nConnection: close\r\n\r\n"
+                 .encode())
+    await writer.drain()
+    # a request sent after the DELETE, and answered: the gateway (one event loop) has read
+    # the DELETE as well, while the restart is still held (and says so: the old kernel's
+    # last statuses must not make it look idle)
+    status, model = await api(gateway, "GET", f"api/kernels/{kid}")
+    assert status == 200 and model["execution_state"] == "restarting", model
+    assert not restart.done()
+    release.touch()
     restarted = await restart
-    assert deleted[0] == 204
+    deleted = await asyncio.wait_for(reader.read(), 60)
+    writer.close()
     assert restarted[0] == 200, restarted
+    assert deleted.startswith(b"HTTP/1.1 204 "), deleted
     assert (await api(gateway, "GET", f"api/kernels/{kid}"))[0] == 404
     assert gateway.kernel_pids() == []
 
@@ -179,14 +224,16 @@ async def test_starting_kernels_get_few_readiness_requests(gateway):
     than without a gateway)."""
     kids = [m["id"] for m in await asyncio.gather(
         *(start_kernel(gateway, "debuglog") for _ in range(8)))]
-    await asyncio.sleep(1)  # ipykernel publishes "busy" before it logs the request
+    for kid in kids:
+        # a kernel handles shell requests in turn: once it answered one sent now, it has
+        # handled (and logged) every request the gateway sent it during the start
+        ks = await KernelSocket.open(gateway, kid)
+        out, reply = await ks.execute("print(6 * 7)")
+        assert out == "42\n" and reply["status"] == "ok"
+        await ks.close()
     handled = [(gateway.runtime_dir / f"kernel-{kid}.log").read_text().count(
         "MESSAGE TYPE:kernel_info_request") for kid in kids]
     assert all(1 <= n <= 3 for n in handled), f"kernel_info requests handled: {handled}"
-    ks = await KernelSocket.open(gateway, kids[0])
-    out, reply = await ks.execute("print(6 * 7)")
-    assert out == "42\n" and reply["status"] == "ok"
-    await ks.close()
     for kid in kids:
         assert (await api(gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204
 
@@ -210,13 +257,8 @@ async def test_configured_by_environment(tmp_path):
     with subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         try:
-            for _ in range(100):
-                try:
-                    if (await api(gw, "GET", "api/kernels"))[0] == 200:
-                        break
-                except OSError:
-                    await asyncio.sleep(0.1)
-            assert (await api(gw, "GET", "api/kernels"))[0] == 200
+            await eventually(lambda: api(gw, "GET", "api/kernels"),
+                             until=lambda r: r[0] == 200, ignore=(OSError,), timeout=20)
             assert (await api(gw, "GET", "api/kernels", token="other"))[0] == 403
         finally:
             proc.terminate()

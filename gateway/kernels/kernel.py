@@ -143,7 +143,8 @@ class ManagedKernel:
             if json.loads(header).get("msg_type") != "status":
                 return
             state = json.loads(bytes(parts[3])).get("execution_state")
-            if isinstance(state, str) and self.state in ("running", "restarting"):
+            # during a restart the old kernel's last statuses must not make it look idle
+            if isinstance(state, str) and self.state == "running":
                 self.execution_state = state
             if self._handshakes:
                 parent = json.loads(bytes(parts[1])).get("msg_id")
@@ -387,6 +388,7 @@ class ManagedKernel:
         for session in self.sessions.values():
             session.release_held()
         self.state = "running"
+        self.execution_state = "idle"
         await self._on_launched(self)
 
     async def _monitor(self) -> None:

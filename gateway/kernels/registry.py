@@ -318,6 +318,8 @@ class KernelRegistry:
             await asyncio.sleep(cfg.cull_interval)
             now = time.time()
             for kernel in self.list():
+                if kernel.state != "running":
+                    continue  # a start (a job queued for long) or a restart is not idleness
                 idle = now - kernel.last_activity
                 if idle < cfg.cull_idle_timeout:
                     continue
