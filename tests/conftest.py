@@ -7,6 +7,8 @@ so the tests exercise the CLI, the config and the signal handling too.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import secrets
 import shutil
@@ -17,9 +19,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,6 +59,52 @@ def processes_matching(needle: str) -> list[int]:
         if needle in cmdline and pid_alive(int(entry)):
             found.append(int(entry))
     return found
+
+
+def _describe(probe: Callable[[], Any], what: str) -> str:
+    return what or getattr(probe, "__qualname__", repr(probe))
+
+
+async def eventually(probe: Callable[[], Any], *, until: Callable[[Any], Any] = bool,
+                     timeout: float = 10, interval: float = 0.05,
+                     ignore: tuple[type[BaseException], ...] = (), what: str = "") -> Any:
+    """Call `probe` (sync or async) until `until(value)` holds, and return that value.
+    On timeout, an AssertionError names the probe and shows the last value (or the last
+    exception among `ignore`), which is what a failed wait needs to be diagnosed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = probe()
+            if inspect.isawaitable(value):
+                value = await value
+        except ignore as e:
+            value = e
+        else:
+            if until(value):
+                return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{_describe(probe, what)}: not so within {timeout:g} s; "
+                                 f"last value: {value!r}")
+        await asyncio.sleep(interval)
+
+
+def eventually_sync(probe: Callable[[], Any], *, until: Callable[[Any], Any] = bool,
+                    timeout: float = 10, interval: float = 0.05,
+                    ignore: tuple[type[BaseException], ...] = (), what: str = "") -> Any:
+    """`eventually` for code outside an event loop (fixtures, sync tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = probe()
+        except ignore as e:
+            value = e
+        else:
+            if until(value):
+                return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{_describe(probe, what)}: not so within {timeout:g} s; "
+                                 f"last value: {value!r}")
+        time.sleep(interval)
 
 
 def pid_alive(pid: int) -> bool:
@@ -106,17 +155,17 @@ class GatewayProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=self.workdir, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+
+        def answers() -> bool:
+            if self.proc.poll() is not None:  # not among `ignore`: ends the wait at once
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "api", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.05)
-        raise RuntimeError(f"gateway did not answer within {timeout}s:\n{self.log()}")
+            with urllib.request.urlopen(self.url + "api", timeout=1) as r:
+                return r.status == 200
+
+        try:
+            eventually_sync(answers, timeout=timeout, ignore=(urllib.error.URLError, OSError))
+        except AssertionError:
+            raise RuntimeError(f"gateway did not answer within {timeout}s:\n{self.log()}") from None
 
     @property
     def runtime_dir(self) -> Path:

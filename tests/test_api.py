@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from gwclient import api, start_kernel
 
@@ -175,12 +176,60 @@ async def test_session_text_plain_body(gateway):
     assert (await api(gateway, "DELETE", f"api/sessions/{s['id']}"))[0] == 204
 
 
-async def test_cors_preflight(gateway_factory):
-    gw = gateway_factory(extra_args=["--allow-origin", "http://lab.example"])
-    status, _ = await api(gw, "OPTIONS", "api/kernels", token="",
-                          headers={"Origin": "http://lab.example",
-                                   "Access-Control-Request-Method": "POST"})
+async def _headers(gw, method, path, origin, token=""):
+    """The response's status and headers (api() decodes only the body)."""
+    hdrs = {"Origin": origin}
+    if method == "OPTIONS":
+        hdrs |= {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    if token:
+        hdrs["Authorization"] = f"token {token}"
+    resp = await AsyncHTTPClient().fetch(
+        HTTPRequest(gw.url + path, method=method, headers=hdrs, allow_nonstandard_methods=True),
+        raise_error=False)
+    return resp.code, resp.headers
+
+
+def _cors(headers):
+    return {k: v for k, v in headers.get_all() if k.lower().startswith("access-control-")}
+
+
+async def test_cors_for_the_allowed_origin_only(gateway_factory):
+    lab = "http://lab.example"
+    gw = gateway_factory(extra_args=["--allow-origin", lab])
+    status, headers = await _headers(gw, "OPTIONS", "api/kernels", lab)
     assert status == 204
+    assert headers["Access-Control-Allow-Origin"] == lab
+    methods = {m.strip() for m in headers["Access-Control-Allow-Methods"].split(",")}
+    assert {"GET", "POST", "PATCH", "DELETE"} <= methods
+    allowed = {h.strip().lower() for h in headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "content-type"} <= allowed
+    assert "Origin" in headers.get_list("Vary")  # a cache must not serve it to another origin
+    # the request itself carries the header too, or the browser hides the response
+    status, headers = await _headers(gw, "GET", "api/kernels", lab, token=gw.token)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == lab
+    status, headers = await _headers(gw, "GET", "api/kernels", lab)
+    assert status == 401 and headers["Access-Control-Allow-Origin"] == lab
+
+    for method, token in (("OPTIONS", ""), ("GET", gw.token)):
+        status, headers = await _headers(gw, method, "api/kernels", "http://evil.example",
+                                         token=token)
+        assert status in (200, 204)
+        assert _cors(headers) == {}, f"{method} from another origin: {_cors(headers)}"
+
+
+async def test_cors_any_origin(gateway_factory):
+    gw = gateway_factory(extra_args=["--allow-origin", "*"])
+    status, headers = await _headers(gw, "OPTIONS", "api/kernels", "http://any.example")
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_no_cors_headers_unless_configured(gateway):
+    for method, token in (("OPTIONS", ""), ("GET", gateway.token), ("GET", "")):
+        status, headers = await _headers(gateway, method, "api/kernels", "http://lab.example",
+                                         token=token)
+        assert status in (200, 204, 401)
+        assert _cors(headers) == {}, f"{method}: {_cors(headers)}"
 
 
 async def test_base_url(gateway_factory):

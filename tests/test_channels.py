@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import uuid
 
 import pytest
 import websockets
 
-from gwclient import V1, KernelSocket, api, start_kernel
+from conftest import eventually
+from gwclient import V1, KernelSocket, api, legacy_decode, start_kernel
 
 PROTOCOLS = [pytest.param(False, id="legacy"), pytest.param(True, id="v1")]
 
@@ -24,6 +26,26 @@ async def kernel(gateway):
 
 def of_type(msgs, msg_type):
     return [m for m in msgs if m["header"]["msg_type"] == msg_type]
+
+
+def idle_after(msg_id):
+    return lambda m: (m["header"]["msg_type"] == "status"
+                      and m["parent_header"].get("msg_id") == msg_id
+                      and m["content"]["execution_state"] == "idle")
+
+
+def gated(flag, code):
+    """`code` run once the test creates `flag`: output the test decides the timing of, e.g.
+    only after the gateway saw a socket go, which no delay in the kernel can promise."""
+    return (f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n"
+            f"    time.sleep(0.01)\n{code}")
+
+
+async def connections(gw, kernel_id, n):
+    """Until the gateway counts `n` attached sockets (a closed one is detached by then)."""
+    await eventually(lambda: api(gw, "GET", f"api/kernels/{kernel_id}"),
+                     until=lambda r: r[0] == 200 and r[1]["connections"] == n,
+                     what=f"kernel {kernel_id} with {n} connection(s)")
 
 
 @pytest.mark.parametrize("v1", PROTOCOLS)
@@ -80,30 +102,74 @@ async def test_iopub_reaches_every_socket(gateway, kernel):
     await b.close()
 
 
-async def test_reconnect_with_same_session_replays_missed_output(gateway, kernel):
+async def test_reconnect_with_same_session_replays_missed_output(gateway, kernel, tmp_path):
+    watcher = await KernelSocket.open(gateway, kernel, session="watcher")
     a = await KernelSocket.open(gateway, kernel, session="replay-me")
+    flag = tmp_path / "a-is-gone"
     msg_id = await a.send("execute_request", {
-        "code": "import time\nfor i in range(3):\n    time.sleep(0.3); print('tick', i)",
+        "code": gated(flag, "for i in range(3):\n    print('tick', i, flush=True)"),
         "silent": False})
-    await a.close()  # gone before any tick is printed
-    await asyncio.sleep(1.5)
+    await a.close()
+    await connections(gateway, kernel, 1)
+    flag.touch()  # every tick is printed after the gateway detached A's socket
+    # iopub goes to every session in one pass, so once the watcher has the cell's idle,
+    # A's session holds all of the cell's output
+    await watcher.until(idle_after(msg_id))
     b = await KernelSocket.open(gateway, kernel, session="replay-me")
     msgs = await b.reply_and_idle(msg_id)
     text = "".join(m["content"]["text"] for m in of_type(msgs, "stream"))
     assert text == "tick 0\ntick 1\ntick 2\n"
     assert of_type(msgs, "execute_reply")[0]["content"]["status"] == "ok"
     await b.close()
+    await watcher.close()
 
 
-async def test_other_session_does_not_get_replay(gateway, kernel):
+async def test_other_session_does_not_get_replay(gateway, kernel, tmp_path):
+    """What a detached session kept is replayed to that session only. A socket of another
+    session gets, from the moment it attaches, live iopub (whoever caused it) and its own
+    replies; every raw frame it receives is checked, so a leak cannot hide in a filter."""
+    watcher = await KernelSocket.open(gateway, kernel, session="watcher")
     a = await KernelSocket.open(gateway, kernel, session="first")
-    await a.send("execute_request", {"code": "print('missed')", "silent": False})
+    missed, live = f"missed-{uuid.uuid4().hex}", f"live-{uuid.uuid4().hex}"
+    flag = tmp_path / "a-is-gone"
+    a_req = await a.send("execute_request", {"code": gated(flag, f"print({missed!r})"),
+                                             "silent": False})
     await a.close()
-    await asyncio.sleep(0.5)
+    await connections(gateway, kernel, 1)
+    flag.touch()
+    await watcher.until(idle_after(a_req))  # A's session now holds the output and the reply
+
     b = await KernelSocket.open(gateway, kernel, session="second")
-    out, _ = await b.execute("print('fresh')")
-    assert out == "fresh\n"
-    await b.close()
+    b_req = await b.send("kernel_info_request", {})
+    w_req = await watcher.send("execute_request", {"code": f"print({live!r})", "silent": False})
+    frames, msgs = [], []
+    got_live = got_reply = got_idle = False
+    async with asyncio.timeout(30):
+        while not (got_live and got_reply and got_idle):
+            frame = await b.ws.recv()
+            frames.append(frame if isinstance(frame, bytes) else frame.encode())
+            msg = legacy_decode(frame)
+            msgs.append(msg)
+            parent = msg["parent_header"].get("msg_id")
+            got_live = got_live or (msg["header"]["msg_type"] == "stream"
+                                    and msg["content"]["text"] == live + "\n")
+            got_reply = got_reply or (msg["header"]["msg_type"] == "kernel_info_reply"
+                                      and parent == b_req)
+            got_idle = got_idle or idle_after(w_req)(msg)
+    leaked = [f for f in frames if missed.encode() in f or a_req.encode() in f]
+    assert not leaked, (f"{len(leaked)} frame(s) of session A's replay reached session B, "
+                        f"the first: {leaked[0][:400]!r}")
+    # B saw another session's cell live, and no one else's reply
+    assert of_type(msgs, "execute_reply") == []
+    assert {m["channel"] for m in msgs if m["parent_header"].get("msg_id") == w_req} == {"iopub"}
+
+    # and the replay existed: A, back, gets what B must not have had
+    a = await KernelSocket.open(gateway, kernel, session="first")
+    msgs = await a.reply_and_idle(a_req)
+    assert [m["content"]["text"] for m in of_type(msgs, "stream")] == [missed + "\n"]
+    assert of_type(msgs, "execute_reply")[0]["content"]["status"] == "ok"
+    for ks in (a, b, watcher):
+        await ks.close()
 
 
 @pytest.mark.parametrize("v1", PROTOCOLS)
@@ -132,9 +198,14 @@ async def test_rest_restart_then_execute_at_once_on_same_socket(gateway, kernel)
 async def test_crash_is_reported_and_kernel_restarted(gateway, kernel, v1):
     ks = await KernelSocket.open(gateway, kernel, v1=v1)
     await ks.execute("x = 1")
-    await ks.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
+    crash = await ks.send("execute_request", {"code": "import os; os._exit(1)",
+                                              "silent": False})
     seen = await ks.until_status("restarting", timeout=20)
-    assert seen
+    # the gateway says so on iopub, as jupyter_server does, and the dead cell never answered
+    assert seen[-1]["channel"] == "iopub"
+    assert seen[-1]["content"] == {"execution_state": "restarting"}
+    assert [m for m in of_type(seen, "execute_reply")
+            if m["parent_header"].get("msg_id") == crash] == []
     out, reply = await ks.execute("print('x' in globals())", timeout=30)
     assert out == "False\n" and reply["status"] == "ok"
     status, model = await api(gateway, "GET", f"api/kernels/{kernel}")

@@ -15,8 +15,8 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from test_jupyter_server_client import (  # noqa: F401  (collected again, agains
     upstream,
 )
 
-from conftest import ROOT, free_port, require_infra
+from conftest import ROOT, eventually_sync, free_port, require_infra
 from gwclient import KernelSocket, api
 
 pytestmark = pytest.mark.deploy
@@ -90,13 +90,15 @@ def compose_up(docker: Docker, ctx: Path, base_image: str, base_url: str = "/", 
     dep = Deployed(docker, ctx, env, f"http://127.0.0.1:{port}{base_url}", token)
     dep.compose(*(["--profile", profile] if profile else []), "up", "-d", "--build")
     dep.container = dep.compose("ps", "-q", service).stdout.strip()
-    for _ in range(120):
-        health = docker.run("docker", "inspect", "--format", "{{.State.Health.Status}}",
-                            dep.container).stdout.strip()
-        if health == "healthy":
-            return dep
-        time.sleep(0.5)
-    pytest.fail(f"the container never became healthy ({health}):\n{dep.log()}")
+    try:
+        eventually_sync(lambda: docker.run("docker", "inspect", "--format",
+                                           "{{.State.Health.Status}}", dep.container
+                                           ).stdout.strip(),
+                        until=lambda health: health == "healthy", timeout=60, interval=0.5,
+                        what="the container healthy")
+    except AssertionError as e:
+        pytest.fail(f"{e}\n{dep.log()}")
+    return dep
 
 
 def compose_down(dep: Deployed, profile: str = "") -> None:
@@ -227,8 +229,13 @@ def nginx_gateway(docker, base_image, build_context, tmp_path_factory) -> Iterat
     (prefix / "nginx.conf").write_text(nginx_conf(gateway_port, port, prefix))
     proc = subprocess.Popen(["/usr/sbin/nginx", "-c", str(prefix / "nginx.conf"), "-p",
                              str(prefix), "-g", "daemon off;"])
-    time.sleep(0.5)
-    assert proc.poll() is None, (prefix / "error.log").read_text()
+
+    def listening() -> bool:
+        assert proc.poll() is None, (prefix / "error.log").read_text()
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    eventually_sync(listening, ignore=(OSError,), what="nginx listening")
     dep.url = f"http://127.0.0.1:{port}/gw/"
     try:
         yield dep

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from conftest import pid_alive
+from conftest import eventually, pid_alive
 from gwclient import KernelSocket, api, start_kernel
 
 
@@ -83,10 +83,7 @@ async def test_kernel_gone_while_gateway_down_is_forgotten(gateway_factory):
     pids = gw.kernel_pids()
     gw.stop(signal.SIGKILL)
     os.kill(pids[0], signal.SIGKILL)  # one kernel dies while no gateway watches
-    for _ in range(50):
-        if not pid_alive(pids[0]):
-            break
-        await asyncio.sleep(0.1)
+    await eventually(lambda: not pid_alive(pids[0]), what="the killed kernel gone")
     gw.start()
     status, listed = await api(gw, "GET", "api/kernels")
     assert status == 200 and len(listed) == 1

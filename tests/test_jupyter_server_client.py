@@ -8,100 +8,20 @@ the same tests then show where the peer falls short (see the notes in PROTOCOL.m
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
+from jsserver import BIN, Served, jupyter_server_args
 
-from conftest import free_port, processes_matching
+from conftest import eventually, free_port, processes_matching
 from gwclient import KernelSocket, api
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def _clean_env(root: Path) -> dict[str, str]:
-    """Nothing from this machine's Jupyter set-up: own config, data and runtime dirs, and no
-    JUPYTER_GATEWAY_* / JUPYTER_TOKEN variables that would override the command line."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JUPYTER_", "JPY_", "KERNEL_", "KG_"))}
-    for name in ("config", "data", "runtime"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-    env.update(JUPYTER_CONFIG_DIR=str(root / "config"), JUPYTER_DATA_DIR=str(root / "data"),
-               JUPYTER_RUNTIME_DIR=str(root / "runtime"), PYTHONUNBUFFERED="1")
-    return env
-
-
-@dataclass
-class Served:
-    """A server subprocess on 127.0.0.1 with token auth (.url, .ws_url, .token for gwclient)."""
-
-    port: int
-    token: str
-    root: Path
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "server.log"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def start(self, args: list[str], ready_path: str, timeout: float = 60) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         env=_clean_env(self.root), cwd=self.root,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{args[0]} exited with {self.proc.returncode}:\n{self.log()}")
-            req = urllib.request.Request(self.url + ready_path,
-                                         headers={"Authorization": f"token {self.token}"})
-            try:
-                with urllib.request.urlopen(req, timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{args} did not answer within {timeout}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        """SIGTERM, then whatever is left of its process group gets SIGKILL."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
 
 
 class KernelGatewayPeer(Served):
@@ -135,13 +55,9 @@ def upstream(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def jupyter_server(upstream, tmp_path_factory) -> Iterator[Served]:
     js = Served(free_port(), secrets.token_hex(16), tmp_path_factory.mktemp("jupyter-server"))
-    js.start([str(BIN / "jupyter-server"), "--no-browser", "--allow-root",
-              "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={js.port}",
-              "--ServerApp.port_retries=0", f"--ServerApp.root_dir={js.root}",
-              f"--IdentityProvider.token={js.token}",
-              f"--gateway-url={upstream.url.rstrip('/')}",
-              f"--GatewayClient.auth_token={upstream.token}",
-              "--GatewayClient.request_timeout=60"], "api/status")
+    js.start(jupyter_server_args(js, f"--gateway-url={upstream.url.rstrip('/')}",
+                                 f"--GatewayClient.auth_token={upstream.token}",
+                                 "--GatewayClient.request_timeout=60"), "api/status")
     try:
         yield js
     finally:
@@ -235,21 +151,12 @@ async def test_notebook_flow(jupyter_server, upstream, v1):
         with step("DELETE /api/sessions/ID", js, upstream):
             status, body = await api(js, "DELETE", f"api/sessions/{session['id']}")
             assert status == 204, (status, body)
-            kernels: Any = None
-            for _ in range(40):
-                status, kernels = await api(upstream, "GET", "api/kernels")
-                if status == 200 and kernels == []:
-                    break
-                await asyncio.sleep(0.25)
-            assert (status, kernels) == (200, []), "the gateway still lists kernels"
+            await eventually(lambda: api(upstream, "GET", "api/kernels"),
+                             until=lambda r: r == (200, []), what="the gateway lists no kernel")
             status, sessions = await api(js, "GET", "api/sessions")
             assert status == 200 and sessions == [], sessions
-            pids: list[int] = []
-            for _ in range(40):
-                if not (pids := upstream.kernel_pids()):
-                    break
-                await asyncio.sleep(0.25)
-            assert pids == [], f"kernel processes still alive: {pids}"
+            await eventually(upstream.kernel_pids, until=lambda pids: pids == [],
+                             what="no kernel process alive")
     finally:  # a failed flow must not leave its kernel to the next test
         if ks is not None:
             await ks.close()

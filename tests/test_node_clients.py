@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import eventually_sync
+
 JS = Path(__file__).resolve().parent / "js"
 V1 = "v1.kernel.websocket.jupyter.org"
 pytestmark = pytest.mark.node
@@ -45,10 +47,11 @@ def run_flow(node: str, gateway, script: str, *args: str, token: str | None = No
 
 
 def assert_no_kernel_left(gateway, grace: float = 5) -> None:
-    deadline = time.monotonic() + grace
-    while (pids := gateway.kernel_pids()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert pids == [], f"kernel processes left after the flow: {pids}\n{_tail(gateway.log())}"
+    try:
+        eventually_sync(gateway.kernel_pids, until=lambda pids: pids == [], timeout=grace,
+                        what="no kernel process left after the flow")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_tail(gateway.log())}") from None
 
 
 def test_services7_flow(node, gateway):

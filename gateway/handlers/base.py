@@ -22,17 +22,30 @@ class APIHandler(web.RequestHandler):
     def initialize(self, **collaborators: Any) -> None:
         for name, value in collaborators.items():
             setattr(self, name, value)
+        # Tornado sets the default headers before initialize(), when there is no config yet
+        self._set_cors_headers()
 
     def set_default_headers(self) -> None:
+        """Called by Tornado at construction and again when an error clears the headers."""
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
-        origin = getattr(self, "config", None) and self.config.allow_origin
-        if origin:
-            self.set_header("Access-Control-Allow-Origin", origin)
-            self.set_header("Access-Control-Allow-Headers",
-                            "Authorization, Content-Type, X-Requested-With, X-XSRFToken")
-            self.set_header("Access-Control-Allow-Methods",
-                            "GET, POST, PATCH, PUT, DELETE, OPTIONS")
+        self._set_cors_headers()
+
+    def _set_cors_headers(self) -> None:
+        """Allow headers only for the configured origin (or any, with '*'): a browser page
+        from another origin must not be told it may read the answers."""
+        allowed = self.config.allow_origin if hasattr(self, "config") else ""
+        if not allowed:
+            return
+        if allowed != "*":
+            self.set_header("Vary", "Origin")  # the answer depends on who asks
+            if self.request.headers.get("Origin") != allowed:
+                return
+        self.set_header("Access-Control-Allow-Origin", allowed)
+        self.set_header("Access-Control-Allow-Headers",
+                        "Authorization, Content-Type, X-Requested-With, X-XSRFToken")
+        self.set_header("Access-Control-Allow-Methods",
+                        "GET, POST, PATCH, PUT, DELETE, OPTIONS")
 
     def prepare(self) -> None:
         if self.request.method != "OPTIONS":
