@@ -3,7 +3,10 @@ socket, no iptables, no IP forwarding, addresses in the test range), plus the of
 image and wheels the Dockerfile is built from (no registry can be reached here).
 
 The daemon's data root is kept between runs on one machine (/var/lib/rkg-test-docker), so the
-base image is built once per machine (~1 min with debootstrap), not once per run.
+base image is built once per machine (~1 min with debootstrap), not once per run. What else an
+earlier run left there (it was killed before its teardown) is removed when the daemon starts:
+its dockerd if still running, the containers, services, networks, volumes and swarm state the
+tests make (tests/sweep.py reports each).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sweep
 
 from conftest import ROOT, require_infra
 
@@ -74,6 +79,7 @@ def running_dockerd(tmp: Path, data_root: Path | str, netns: str = "") -> Iterat
         **DAEMON, "data-root": str(data_root), "exec-root": str(tmp / "exec"),
         "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}))
     enter = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+    _sweep_daemons(Path(data_root))
     with open(tmp / "dockerd.log", "wb") as log:
         proc = subprocess.Popen([*enter, "dockerd", "--config-file", str(tmp / "daemon.json")],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -87,6 +93,7 @@ def running_dockerd(tmp: Path, data_root: Path | str, netns: str = "") -> Iterat
             time.sleep(0.1)
         else:
             pytest.fail(f"dockerd did not answer in 10 s:\n{(tmp / 'dockerd.log').read_text()}")
+        _sweep_engine(dk, str(data_root))
         yield dk
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -129,6 +136,133 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
             subprocess.run(["ip", "route", "del", "blackhole", net, "metric", metric],
                            check=False, capture_output=True)
         lock.close()
+
+
+def _sweep_daemons(data_root: Path) -> None:
+    """Before starting a dockerd on `data_root` (the caller holds it: see the lock in
+    `docker`): stop the dockerd of an earlier run still using it (its pytest was killed; the
+    daemon, in a session of its own, lives on), with its containerd and shims, and unmount
+    what killed daemons of ended runs left mounted under their exec roots."""
+    stray = []
+    for p in sweep.processes():
+        if p.comm != "dockerd":
+            continue
+        conf = re.search(r"--config-file (\S+)", p.cmdline)
+        try:
+            config = json.loads(Path(conf.group(1)).read_text()) if conf else {}
+        except (OSError, ValueError):
+            config = {}
+        if config.get("data-root") == str(data_root) or _holds_files_in(p.pid, data_root):
+            stray.append((p, config))
+    for p, config in stray:
+        exec_root = config.get("exec-root", "")
+        # containerd and the shims are found by the exec root in their command lines
+        helpers = [q for q in sweep.processes() if exec_root and f"{exec_root}/" in q.cmdline]
+        sweep.kill([p], grace=30)
+        sweep.kill([q for q in helpers if sweep.pid_alive(q.pid)])
+        if exec_root:
+            _unmount_namespaces(Path(exec_root))
+        with contextlib.suppress(OSError):
+            Path(config.get("pidfile", "")).unlink()
+        sweep.report(f"dockerd on {data_root}", [f"dockerd {p.pid} ({exec_root or '?'})"])
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    exec_mounts = re.compile(rf"({sweep.BASETEMP})/(remote-)?dockerd\d*/exec/")
+    gone = []
+    for line in mounts:
+        target = line.split()[1]
+        m = exec_mounts.match(target)
+        if m and sweep.run_over(m.group(1)):
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+            gone.append(target)
+    sweep.report("mounts of a killed dockerd", gone)
+
+
+def _holds_files_in(pid: int, root: Path) -> bool:
+    """Covers a daemon whose daemon.json went with its run's temporary directory."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{root}/"):
+                return True
+    return False
+
+
+def _sweep_engine(dk: Docker, data_root: str) -> None:
+    """What the tests make on the engine, left by an earlier run: the gateway's labelled
+    kernel containers and services, the compose projects rkgtest* (containers, networks,
+    volumes), the names the Docker tests give (rkg-test-*, the compose profile's
+    rkg-kernels) and a swarm not left. Images stay: they are the reason the root is kept."""
+    removed = []
+    if dk.run("docker", "info", "--format", "{{.Swarm.LocalNodeState}}", check=False
+              ).stdout.strip() == "active":
+        services = dk.run("docker", "service", "ls", "--format", "{{.Name}}", check=False
+                          ).stdout.split()
+        if services:
+            dk.run("docker", "service", "rm", *services, check=False)
+            removed += [f"service {s}" for s in services]
+        dk.run("docker", "swarm", "leave", "--force")
+        removed.append("swarm (left)")
+
+    def listed(kind: str, fmt: str) -> list[list[str]]:
+        out = dk.run("docker", *kind.split(), "--format", fmt, check=False).stdout
+        return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+    project = '{{.Label "com.docker.compose.project"}}'
+    containers = [name for name, app, proj in listed(
+        "ps -a", '{{.Names}}\t{{.Label "app"}}\t' + project)
+        if app == "remote-kernel-gateway" or proj.startswith("rkgtest")
+        or name.startswith("rkg-test-")]
+    if containers:
+        dk.run("docker", "rm", "-f", "-v", *containers)
+        removed += [f"container {c}" for c in containers]
+    networks = [name for name, proj in listed("network ls", "{{.Name}}\t" + project)
+                if proj.startswith("rkgtest") or name.startswith("rkg-test-")
+                or name == "rkg-kernels"]
+    for net in networks:
+        dk.run("docker", "network", "rm", net)
+        removed.append(f"network {net}")
+    volumes = [name for name, proj in listed("volume ls", "{{.Name}}\t" + project)
+               if proj.startswith("rkgtest") or name.startswith("rkgtest")]
+    if volumes:
+        dk.run("docker", "volume", "rm", *volumes)
+        removed += [f"volume {v}" for v in volumes]
+    sweep.report(f"Docker engine on {data_root}", removed)
+
+
+# What the first test that needs an image may take: on a fresh machine it builds the base
+# image (debootstrap), the kernel image and the gateway's wheels, minutes on a busy 2-core
+# machine, far past the per-test timeout meant for the test itself.
+BUILD_TIMEOUT = 1800
+BUILDERS = ({"base_image", "kernel_image"}, {"gateway_image", "build_context"})
+
+
+def _needs(item: pytest.Item, fixtures: set[str]) -> bool:
+    if fixtures & set(getattr(item, "fixturenames", ())):
+        return True
+    # the contract suite's backends are looked up by name at run time
+    spec = getattr(item, "callspec", None)
+    return (spec is not None and "kernel_image" in fixtures
+            and spec.params.get("backend") in ("docker", "swarm"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The first test to need each kind of image gets the time to build it; later ones find
+    it built (the data root is kept), and keep the ordinary timeout."""
+    for fixtures in BUILDERS:
+        first = next((item for item in items if _needs(item, fixtures)), None)
+        if first is not None:
+            first.add_marker(pytest.mark.timeout(BUILD_TIMEOUT))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The sweeps' lines again where they are read after a run (tests/sweep.py)."""
+    if sweep.swept:
+        terminalreporter.section("leftovers of earlier runs removed")
+        for line in sweep.swept:
+            terminalreporter.write_line(line)
 
 
 def _unmount_namespaces(exec_root: Path) -> None:

@@ -3,13 +3,15 @@
 temporary directory, so nothing of the machine's own configuration is used or changed.
 
 Clients find the cluster through SLURM_CONF (set in the gateway's environment). Teardown cancels
-every job, stops the three daemons by their pids and checks that `squeue` is empty.
+every job, stops the three daemons by their pids and checks that `squeue` is empty. A run killed
+before its teardown leaves all of that running; the next run stops it first (`_sweep`).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sweep
 
 from conftest import free_port, pid_alive, processes_matching, require_infra
 
@@ -174,6 +177,26 @@ def _wait(ready, proc: subprocess.Popen, what: str, log: Path, timeout: float = 
     raise RuntimeError(f"{what} did not start:\n{text}")
 
 
+def _sweep() -> None:
+    """What a killed run's cluster left: its munged, slurmctld and slurmd, the slurmstepds and
+    the jobs' processes (kernels) they ran, found by the run's SLURM_CONF in their environment,
+    and its login node's sshd with its sessions; then those clusters' state and spool
+    directories, so nothing can bring their jobs back."""
+    procs = sweep.of_ended_runs(
+        cmd=rf"({sweep.BASETEMP})/slurm(\d+/slurm\.conf|\d+/munge/|-login\d+/sshd\.conf)",
+        comms=("munged", "slurmctld", "slurmd", "sshd"),
+        env=rf"^SLURM_CONF=({sweep.BASETEMP})/slurm\d+/")
+    sweep.kill(procs)
+    sweep.report("SLURM", [p.describe() for p in procs])
+    works = {m.group(1) for p in procs
+             if (m := re.search(rf"({sweep.BASETEMP}/slurm\d+)/slurm\.conf", p.cmdline))}
+    dirs = [f"{w}/{d}" for w in sorted(works) for d in ("state", "spool")
+            if os.path.isdir(f"{w}/{d}")]
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    sweep.report("SLURM state and spool directories", dirs)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -199,6 +222,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
         pwd.getpwnam("munge")
     except KeyError:
         require_infra("no user munge (apt-get install munge)")
+    _sweep()
     work = tmp_path_factory.mktemp("slurm")
     # munged runs as munge and must traverse to its directory
     for parent in [work, *work.parents]:

@@ -9,11 +9,16 @@ and hostname (../shared/INFRA.md), for the SSH backend's tests.
 Network safety: a blackhole route for this run's /20 (B is picked free) is added before the
 first namespace and removed after the last one is gone, so nothing addressed to a test host
 ever leaves the machine. Keys and known_hosts are per test session, in a temporary directory.
+
+A run killed before its teardown leaves its namespaces, their sshds and kernels, the veths and
+its blackhole: the next run removes them first (`_sweep`), in the same order as the teardown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -24,10 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sweep
 
 from conftest import pid_alive, require_infra
 
 SSHD = "/usr/sbin/sshd"
+HOSTS = ["rhost1", "rhost2", "rdown", "rjump", "rinner"]
+# a lab's namespaces: rkg + its tag (6 hex digits) + the host's name
+LAB_NS = re.compile(rf"^rkg([0-9a-f]{{6}})({'|'.join(HOSTS)})$")
+# a namespace with no process left, no claim, and older than this is no live run's: a live
+# lab's sshds run from its first second to its teardown
+UNCLAIMED_AGE = 120
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 REMOTE_PYTHON = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python")
 
@@ -200,7 +212,7 @@ def _write_sshd_config(lab: SSHLab, host: RemoteHost) -> None:
         "SetEnv SHLVL=1", ""]))
 
 
-def _teardown(lab: SSHLab, blackhole: str | None) -> None:
+def _teardown(lab: SSHLab, blackhole: str | None, claim: Path | None = None) -> None:
     for host in lab.hosts.values():
         if host.proc is not None and host.proc.poll() is None:
             host.proc.kill()
@@ -224,6 +236,100 @@ def _teardown(lab: SSHLab, blackhole: str | None) -> None:
                  if h.ns in sh("ip", "netns", "list", check=False).split()]
     if blackhole and not remaining:  # only once the last namespace is gone
         sh("ip", "route", "del", "blackhole", blackhole, check=False)
+    if claim and not remaining:  # else the next run's sweep finishes the job
+        claim.unlink(missing_ok=True)
+
+
+def _lab_namespaces() -> dict[str, list[str]]:
+    """Namespaces named like a lab's, by tag."""
+    groups: dict[str, list[str]] = {}
+    for line in sh("ip", "netns", "list", check=False).splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if m := LAB_NS.match(name):
+            groups.setdefault(m.group(1), []).append(name)
+    return groups
+
+
+def _ns_pids(ns: str) -> list[int]:
+    return [int(p) for p in sh("ip", "netns", "pids", ns, check=False).split()]
+
+
+def _lab_over(names: list[str], claim: dict | None) -> bool:
+    """Whether the run that made these namespaces has ended: by its claim, or (a lab made
+    before claims) by the temporary directory its sshds' configs are in, or by age."""
+    if claim is not None:
+        return sweep.owner_over(int(claim["pid"]))
+    cmdlines = [_cmdline(p) for ns in names for p in _ns_pids(ns)]
+    runs = {m.group(1) for c in cmdlines for m in re.finditer(rf"({sweep.BASETEMP})/", c)}
+    if runs:
+        return all(sweep.run_over(r) for r in runs)
+    if any(cmdlines):
+        return False  # someone's processes, whose we cannot tell: leave them
+    ages = []
+    for ns in names:
+        with contextlib.suppress(OSError):
+            ages.append(time.time() - os.stat(f"/run/netns/{ns}").st_mtime)
+    return bool(ages) and min(ages) > UNCLAIMED_AGE
+
+
+def _blocks_in(ns: str) -> set[int]:
+    """The lab's /20 blocks (10.200.B.0/20) an ended lab's namespace has addresses in."""
+    out = sh("ip", "netns", "exec", ns, "ip", "-4", "-o", "addr", check=False)
+    return {int(m.group(1)) // 16 * 16 for m in re.finditer(r"\b10\.200\.(\d+)\.\d+/", out)}
+
+
+def _blocks_in_use(tag: str) -> set[int]:
+    """Blocks another lab uses or has claimed: an ended run killed between deleting its
+    blackhole and its claim may see its block taken again since."""
+    used = {int(rec["block"]) for rec in sweep.claims("sshlab-").values()
+            if rec.get("tag") != tag and not sweep.owner_over(int(rec["pid"]))}
+    out = sh("ip", "-4", "-o", "addr", check=False)
+    return used | {int(m.group(1)) // 16 * 16
+                   for m in re.finditer(r"\b10\.200\.(\d+)\.\d+/", out)}
+
+
+def _sweep() -> None:
+    """Labs of ended runs: every process in their namespaces (sshds, kernels, a remote
+    dockerd) killed, the veths and namespaces deleted, and only then their blackholes."""
+    claims = {str(rec.get("tag")): (path, rec) for path, rec in sweep.claims("sshlab-").items()}
+    groups = _lab_namespaces()
+    for tag in claims:
+        groups.setdefault(tag, [])
+    for tag, names in sorted(groups.items()):
+        path, rec = claims.get(tag, (None, None))
+        over = _lab_over(names, rec) if names else sweep.owner_over(int(rec["pid"]))
+        if not over:
+            continue
+        blocks = {b for ns in names for b in _blocks_in(ns)}
+        if rec is not None:
+            blocks.add(int(rec["block"]))
+        procs = [sweep.Proc(p, 0, (_ppid_and_comm(p) or (0, "?"))[1], "", "")
+                 for ns in names for p in _ns_pids(ns)]
+        sweep.kill(procs)
+        links = [line.split(":")[1].strip().split("@")[0]
+                 for line in sh("ip", "-o", "link", "show", check=False).splitlines()
+                 if line.split(":")[1].strip().startswith(f"va{tag}")]
+        for link in links:
+            sh("ip", "link", "del", link, check=False)
+        inner_first = sorted(names, key=lambda n: -HOSTS.index(LAB_NS.match(n).group(2)))
+        for ns in inner_first:
+            sh("ip", "netns", "del", ns, check=False)
+        left = _lab_namespaces().get(tag, [])
+        routes = []
+        if not left:  # the blackholes only once the last namespace is gone
+            for block in sorted(blocks - _blocks_in_use(tag)):
+                net = f"10.200.{block}.0/20"
+                if sh("ip", "route", "show", "exact", net, "type", "blackhole", check=False):
+                    sh("ip", "route", "del", "blackhole", net, check=False)
+                    routes.append(f"blackhole {net}")
+            if path is not None:
+                path.unlink(missing_ok=True)
+        sweep.report(f"SSH lab {tag}", [*(f"process {p.describe()}" for p in procs),
+                                        *(f"veth {link}" for link in links),
+                                        *(f"namespace {ns}" for ns in names if ns not in left),
+                                        *routes])
+        if left:
+            raise RuntimeError(f"namespaces of an ended run do not go: {left}")
 
 
 @pytest.fixture(scope="session")
@@ -236,6 +342,7 @@ def ssh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHLab]:
     for tool in ("ip", "unshare", "ss", "ssh-keygen"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
             require_infra(f"{tool} is missing (apt-get install iproute2 openssh-client)")
+    _sweep()
     workdir = tmp_path_factory.mktemp("sshlab")
     os.makedirs("/run/sshd", exist_ok=True)
     client_key = workdir / "client_key"
@@ -243,8 +350,10 @@ def ssh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHLab]:
     lab = SSHLab(workdir, client_key, workdir / "known_hosts")
     lab.block = _free_block()
     blackhole = f"10.200.{lab.block}.0/20"
-    sh("ip", "route", "replace", "blackhole", blackhole)  # before any namespace
     tag = secrets.token_hex(3)
+    # claimed before made: a run killed from here on leaves nothing the next one cannot place
+    claim = sweep.claim(f"sshlab-{tag}", tag=tag, block=lab.block)
+    sh("ip", "route", "replace", "blackhole", blackhole)  # before any namespace
     try:
         for i, name in enumerate(["rhost1", "rhost2", "rdown", "rjump", "rinner"]):
             subnet = f"10.200.{lab.block + i}"
@@ -260,4 +369,4 @@ def ssh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHLab]:
             f"{h.addr} {h.host_pub}\n" for h in lab.hosts.values() if h.host_pub))
         yield lab
     finally:
-        _teardown(lab, blackhole)
+        _teardown(lab, blackhole, claim)
