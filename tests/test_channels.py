@@ -166,7 +166,7 @@ async def test_other_session_does_not_get_replay(gateway, kernel, tmp_path):
     # and the replay existed: A, back, gets what B must not have had
     a = await KernelSocket.open(gateway, kernel, session="first")
     msgs = await a.reply_and_idle(a_req)
-    assert [m["content"]["text"] for m in of_type(msgs, "stream")] == [missed + "\n"]
+    assert "".join(m["content"]["text"] for m in of_type(msgs, "stream")) == missed + "\n", msgs
     assert of_type(msgs, "execute_reply")[0]["content"]["status"] == "ok"
     for ks in (a, b, watcher):
         await ks.close()
@@ -235,7 +235,7 @@ async def test_stdin_round_trip(gateway, kernel):
     assert req["channel"] == "stdin" and req["content"]["prompt"] == "name? "
     await ks.send("input_reply", {"value": "ada"}, channel="stdin")
     msgs = await ks.reply_and_idle(msg_id)
-    assert "got ada\n" in [m["content"]["text"] for m in of_type(msgs, "stream")]
+    assert "".join(m["content"]["text"] for m in of_type(msgs, "stream")) == "got ada\n", msgs
     await ks.close()
 
 
