@@ -71,7 +71,7 @@ class LocalDockerd:
         write_spec(KERNEL_NAME, {
             "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python in Docker", "language": "python",
-            "metadata": {"kernel_provisioner": {"provisioner_name": "docker-provisioner",
+            "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-docker",
                                                 "config": config}},
         }, str(directory))
 

@@ -39,7 +39,7 @@ def ssh_spec(host: str, *, jump: list[str] | None = None, python: str = "python3
         "display_name": display_name or f"Python ({host.rpartition('@')[2]})",
         "language": "python",
         "interrupt_mode": "signal",
-        "metadata": {"kernel_provisioner": {"provisioner_name": "ssh-provisioner",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-ssh",
                                             "config": config}},
     }
 
@@ -71,12 +71,12 @@ def batch_spec(scheduler: str, *, partition: str = "", cpus: int = 0, memory: st
         "language": "python",
         # Grid Engine cannot signal a job: ipykernel interrupts itself on a control message
         "interrupt_mode": "message" if scheduler == "sge" else "signal",
-        "metadata": {"kernel_provisioner": {"provisioner_name": "slurm-provisioner",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-batch",
                                             "config": config}},
     }
 
 
-CONTAINER_BACKENDS = {"docker": "docker-provisioner", "swarm": "swarm-provisioner"}
+CONTAINER_BACKENDS = {"docker": "rkg-docker", "swarm": "rkg-swarm"}
 
 
 def pairs(items: list[str], what: str) -> dict[str, str]:

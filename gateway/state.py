@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import GatewayError
+from .errors import StateError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kernels (
@@ -38,10 +38,6 @@ CREATE TABLE IF NOT EXISTS sessions (
     kernel_id TEXT NOT NULL
 );
 """
-
-
-class StateError(GatewayError):
-    reason = "State Store Error"
 
 
 @dataclass

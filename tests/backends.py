@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from conftest import GatewayProcess, _cleanup, free_port
+from conftest import GatewayProcess, _cleanup, eventually_sync, free_port
 
 BACKENDS = ["local", "ssh", "slurm", "slurm_login", "docker", "swarm"]
 
@@ -90,7 +89,7 @@ def backend_slurm_login(slurm, slurm_login, tmp_path_factory: pytest.TempPathFac
 
 def docker_spec(directory, name: str, **config) -> None:
     """A kernelspec for the Docker (or, with provisioner=, Swarm) backend."""
-    provisioner = config.pop("provisioner", "docker-provisioner")
+    provisioner = config.pop("provisioner", "rkg-docker")
     (directory / name).mkdir(parents=True, exist_ok=True)
     (directory / name / "kernel.json").write_text(json.dumps({
         "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -122,7 +121,7 @@ def backend_swarm(swarm, kernel_image, tmp_path_factory: pytest.TempPathFactory
     """Kernels as services of a one-node Swarm on the test dockerd, ports published in host
     mode; a labelled service or task container left after the gateway stopped is a leftover."""
     specs = tmp_path_factory.mktemp("swarm-kernelspecs")
-    docker_spec(specs, "swarm-python", provisioner="swarm-provisioner", image=kernel_image,
+    docker_spec(specs, "swarm-python", provisioner="rkg-swarm", image=kernel_image,
                 docker_host=swarm.host, hostname="rkg-swarm", memory="512m")
     gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
                         extra_args=["--kernelspec-dir", str(specs)],
@@ -131,11 +130,9 @@ def backend_swarm(swarm, kernel_image, tmp_path_factory: pytest.TempPathFactory
     leftovers = lambda: swarm.ours("service") + swarm.ours()  # noqa: E731
     yield Backend("swarm", gw, "swarm-python", "rkg-swarm", leftovers)
     _cleanup(gw)
-    for _ in range(40):  # task containers go a moment after their service
-        if not leftovers():
-            break
-        time.sleep(0.25)
-    assert not leftovers(), f"services or containers left behind: {leftovers()}"
+    # task containers go a moment after their service
+    eventually_sync(leftovers, until=lambda left: not left, timeout=10, interval=0.25,
+                    what="no service or container left behind")
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -21,7 +21,7 @@ import pytest
 from dockerinfra import running_dockerd
 
 from backends import docker_spec
-from conftest import free_port
+from conftest import eventually, eventually_sync, free_port
 from gwclient import KernelSocket, api, start_kernel
 
 
@@ -66,11 +66,7 @@ print(first(cg + 'memory.max', cg + 'memory/memory.limit_in_bytes'),
 
 
 async def until(check, timeout: float = 15) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("not within the timeout")
+    await eventually(check, timeout=timeout, interval=0.1)
 
 
 def crash_before_recording(gw, kernel_id: str) -> None:
@@ -172,7 +168,7 @@ async def test_reached_on_the_container_network(gw, docker):
 
 @pytest.mark.parametrize(("spec", "env", "status", "words"), [
     ("dk-noimage", {}, 500, ["rkg-test-absent:nope", "build it there or pull it"]),
-    ("dk-nodaemon", {}, 500, ["unreachable", "none.sock"]),
+    ("dk-nodaemon", {}, 503, ["unreachable", "none.sock"]),
     ("dk-crash", {}, 500, ["exit", "no kernel today"]),
     ("dk-hang", {"KERNEL_LAUNCH_TIMEOUT": "4"}, 504, ["within 4 s"]),
     ("dk-root", {}, 403, ["uid 0"]),
@@ -232,7 +228,7 @@ async def test_gateway_shutdown_removes_every_container(gateway_factory, specs, 
 @pytest.fixture
 def swarm_gw(gateway_factory, tmp_path, swarm, kernel_image):
     d = tmp_path / "swarm-kernelspecs"
-    base = {"provisioner": "swarm-provisioner", "image": kernel_image, "docker_host": swarm.host}
+    base = {"provisioner": "rkg-swarm", "image": kernel_image, "docker_host": swarm.host}
     docker_spec(d, "sw", **base, memory="256m", pids_limit=64)
     docker_spec(d, "sw-noimage", **base | {"image": "rkg-test-absent:nope"})
     docker_spec(d, "sw-nowhere", **base, constraints=["node.labels.rkg-test-nowhere==true"])
@@ -243,11 +239,9 @@ def swarm_gw(gateway_factory, tmp_path, swarm, kernel_image):
 
 
 def wait_none_left(swarm) -> None:
-    for _ in range(40):  # a service's task container goes a moment after the service
-        if not swarm.ours("service") + swarm.ours():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"left behind: {swarm.ours('service') + swarm.ours()}")
+    # a service's task container goes a moment after the service
+    eventually_sync(lambda: swarm.ours("service") + swarm.ours(), until=lambda left: left == [],
+                    timeout=10, interval=0.25, what="no service or container left behind")
 
 
 async def test_swarm_kernel_is_a_service_task_with_limits(swarm_gw, swarm):
@@ -359,7 +353,7 @@ async def test_rkg_spec_add_docker_and_swarm(gateway_factory, tmp_path, docker, 
     bad = rkg("add", "docker", "bad", "--image", kernel_image, "--env", "NOEQUALS")
     assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
     listed = rkg("list").stdout
-    assert "cli-docker\tdocker-provisioner" in listed and "cli-swarm\tswarm-provisioner" in listed
+    assert "cli-docker\trkg-docker" in listed and "cli-swarm\trkg-swarm" in listed
 
     gw = gateway_factory(extra_args=["--kernelspec-dir", str(d)])
     for name in ("cli-docker", "cli-swarm"):
@@ -408,7 +402,7 @@ async def test_swarm_reached_on_an_attachable_overlay(swarm, kernel_image, gatew
     address there (the routing mesh and VIPs are not used: no IPVS here)."""
     net, name = "rkg-test-overlay", "rkg-test-overlay-gateway"
     d = tmp_path / "overlay-kernelspecs"
-    docker_spec(d, "sw-overlay", provisioner="swarm-provisioner", image=kernel_image,
+    docker_spec(d, "sw-overlay", provisioner="rkg-swarm", image=kernel_image,
                 docker_host="unix:///var/run/docker.sock", network=net, reach="network")
     d.chmod(0o755)
     port, token = free_port(), secrets.token_hex(16)
@@ -421,13 +415,12 @@ async def test_swarm_reached_on_an_attachable_overlay(swarm, kernel_image, gatew
                   gateway_image)
         gw = SimpleNamespace(url=f"http://127.0.0.1:{port}/", ws_url=f"ws://127.0.0.1:{port}/",
                              token=token)
-        for _ in range(100):
-            with contextlib.suppress(Exception):  # refused, or closed by the port proxy
-                if (await api(gw, "GET", "api"))[0] == 200:
-                    break
-            await asyncio.sleep(0.2)
-        else:
-            raise AssertionError(swarm.run("docker", "logs", name, check=False).stderr)
+        try:  # refused, or closed by the port proxy, until it serves
+            await eventually(lambda: api(gw, "GET", "api"), until=lambda r: r[0] == 200,
+                             timeout=20, interval=0.2, ignore=(Exception,))
+        except AssertionError as e:
+            raise AssertionError(
+                f"{e}\n{swarm.run('docker', 'logs', name, check=False).stderr}") from None
         kid = (await start_kernel(gw, "sw-overlay"))["id"]
         service = json.loads(swarm.run("docker", "service", "inspect", f"kernel-{kid}").stdout)[0]
         assert service["Spec"]["EndpointSpec"]["Mode"] == "dnsrr"
@@ -440,8 +433,10 @@ async def test_swarm_reached_on_an_attachable_overlay(swarm, kernel_image, gatew
         wait_none_left(swarm)
     finally:
         swarm.run("docker", "rm", "-f", name, check=False)
-        for _ in range(40):  # the service's task may still hold the network a moment
-            if swarm.run("docker", "network", "rm", net, check=False).returncode == 0:
-                break
-            time.sleep(0.25)
+        # the service's task may still hold the network a moment; a network left here
+        # must not hide why the test failed
+        with contextlib.suppress(AssertionError):
+            eventually_sync(
+                lambda: swarm.run("docker", "network", "rm", net, check=False).returncode == 0,
+                timeout=10, interval=0.25)
     wait_none_left(swarm)

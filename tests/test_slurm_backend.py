@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import GatewayProcess, _cleanup, free_port
+from conftest import GatewayProcess, _cleanup, eventually, free_port
 from gwclient import KernelSocket, api, start_kernel
 
 
@@ -61,12 +61,9 @@ def _job_of(slurm, kernel_id: str) -> list[str]:
     return [j for j in slurm.jobs() if j.endswith(f"rkg-{kernel_id}")]
 
 
-async def _gone(slurm, kernel_id: str, timeout: float = 15) -> bool:
-    for _ in range(int(timeout / 0.2)):
-        if not _job_of(slurm, kernel_id):
-            return True
-        await asyncio.sleep(0.2)
-    return False
+async def _gone(slurm, kernel_id: str, timeout: float = 15) -> None:
+    await eventually(lambda: _job_of(slurm, kernel_id), until=lambda jobs: jobs == [],
+                     timeout=timeout, interval=0.2, what=f"no job of kernel {kernel_id}")
 
 
 async def test_kernel_runs_inside_its_job_and_delete_cancels_it(slurm, slurm_gateway):
@@ -91,7 +88,7 @@ async def test_kernel_runs_inside_its_job_and_delete_cancels_it(slurm, slurm_gat
     assert _record(slurm_gateway, model["id"])["job_id"] == job.split()[0]
     await ks.close()
     assert (await api(slurm_gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
-    assert await _gone(slurm, model["id"]), slurm.jobs()
+    await _gone(slurm, model["id"])
     assert not slurm.leftovers(slurm_gateway)
 
 
@@ -103,19 +100,17 @@ async def test_workdir_pre_command_and_env(slurm, slurm_gateway, specs):
     assert out.split() == [str(specs / "wd"), "done", "yes", model["id"]]
     await ks.close()
     assert (await api(slurm_gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
-    assert await _gone(slurm, model["id"])
+    await _gone(slurm, model["id"])
 
 
 async def test_queued_job_is_cancelled_after_the_launch_timeout(slurm, slurm_gateway):
     """The partition is DOWN, so the job stays PENDING; the kernel is `starting` meanwhile."""
     post = asyncio.ensure_future(api(slurm_gateway, "POST", "api/kernels", {
         "name": "slurm-closed", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}}))
-    listed: list = []
-    for _ in range(30):
-        await asyncio.sleep(0.1)
-        listed = (await api(slurm_gateway, "GET", "api/kernels"))[1]
-        if listed and any(j.split()[1] == "PENDING" for j in slurm.jobs()):
-            break
+    _, listed = await eventually(
+        lambda: api(slurm_gateway, "GET", "api/kernels"),
+        until=lambda r: r[1] and any(j.split()[1] == "PENDING" for j in slurm.jobs()),
+        timeout=3, what="the kernel listed and its job pending")
     assert [k["execution_state"] for k in listed] == ["starting"]
     assert any("PENDING" in j for j in slurm.jobs())
     status, body = await post
@@ -125,7 +120,7 @@ async def test_queued_job_is_cancelled_after_the_launch_timeout(slurm, slurm_gat
     assert "within 4 s (KERNEL_LAUNCH_TIMEOUT)" in message, message
     assert "still queued" in message and "PENDING" in message, message
     assert "PartitionDown" in message and "cancelled" in message, message
-    assert await _gone(slurm, listed[0]["id"]), slurm.jobs()
+    await _gone(slurm, listed[0]["id"])
     assert (await api(slurm_gateway, "GET", "api/kernels"))[1] == []
 
 
@@ -159,10 +154,8 @@ async def test_gateway_shutdown_cancels_running_and_queued_jobs(slurm, specs, tm
     try:
         model = await start_kernel(gw, "slurm-debug")
         pending = asyncio.ensure_future(api(gw, "POST", "api/kernels", {"name": "slurm-closed"}))
-        for _ in range(50):
-            if any("PENDING" in j for j in slurm.jobs()):
-                break
-            await asyncio.sleep(0.1)
+        await eventually(slurm.jobs, until=lambda jobs: any("PENDING" in j for j in jobs),
+                         timeout=5, what="the second job pending")
         assert len(slurm.jobs()) == 2, slurm.jobs()
         assert await asyncio.to_thread(gw.stop, signal.SIGTERM) == 0
         await asyncio.gather(pending, return_exceptions=True)
@@ -184,7 +177,7 @@ def test_spec_cli(tmp_path):
                     "--dir", str(tmp_path)], check=True)
     spec = json.loads((tmp_path / "gpu-a100" / "kernel.json").read_text())
     prov = spec["metadata"]["kernel_provisioner"]
-    assert prov["provisioner_name"] == "slurm-provisioner"
+    assert prov["provisioner_name"] == "rkg-batch"
     assert prov["config"] == {"scheduler": "slurm", "python": "python3", "partition": "gpu",
                               "cpus": 8, "memory": "32G", "gpus": 1, "walltime": "04:00:00",
                               "account": "proj42", "submit_args": ["--qos=short"],
@@ -196,7 +189,7 @@ def test_spec_cli(tmp_path):
     assert sge["interrupt_mode"] == "message"
     listed = subprocess.run([sys.executable, "-m", "gateway", "spec", "list", "--dir",
                              str(tmp_path)], check=True, capture_output=True, text=True).stdout
-    assert "gpu-a100\tslurm-provisioner slurm me@login1" in listed
+    assert "gpu-a100\trkg-batch slurm me@login1" in listed
 
 
 async def test_through_a_login_node_the_ports_are_forwarded(slurm, slurm_login, tmp_path):
@@ -218,7 +211,7 @@ async def test_through_a_login_node_the_ports_are_forwarded(slurm, slurm_login, 
         assert out.strip() == job.split()[0]
         await ks.close()
         assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
-        assert await _gone(slurm, model["id"])
+        await _gone(slurm, model["id"])
         assert not (slurm_login.runtime_dir / f"batch-kernel-{model['id']}.json").exists()
     finally:
         _cleanup(gw)
@@ -257,7 +250,7 @@ async def test_login_node_in_its_own_network_namespace(slurm, ssh_lab, tmp_path)
         assert out == "restarted\n"
         await ks.close()
         assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
-        assert await _gone(slurm, model["id"]), slurm.jobs()
+        await _gone(slurm, model["id"])
         assert not slurm.leftovers(gw, runtime)
     finally:
         _cleanup(gw)

@@ -1,9 +1,9 @@
 """Kernels as batch jobs: SLURM (sbatch), and SGE/PBS (qsub) and LSF (bsub) by template.
 
-Registered as `slurm-provisioner` (the scheduler is a config value, so one provisioner serves
-all four); a kernelspec chooses it with
+Registered as `rkg-batch` (and `slurm-provisioner`, its old name; the scheduler is a config
+value, so one provisioner serves all four); a kernelspec chooses it with
 
-    "metadata": {"kernel_provisioner": {"provisioner_name": "slurm-provisioner", "config": {
+    "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-batch", "config": {
         "scheduler": "slurm", "partition": "gpu", "cpus": 4, "memory": "16G", "gpus": 1,
         "walltime": "08:00:00", "account": "proj42", "submit_args": ["--qos=interactive"],
         "python": "/opt/conda/bin/python", "pre_command": "module load cuda",
@@ -29,30 +29,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shlex
 import signal
 import socket
 import time
-from typing import Any, cast
+from typing import Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
-from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Dict, Float, Integer, List, Unicode
 
-from ..errors import KernelError, KernelStartError, KernelTimeout
+from ..errors import KernelError, KernelStartError, KernelTimeout, SchedulerError
 from . import sshpool
 from .batchlogin import LocalSite, LoginSite
+from .common import CHANNELS, RemoteProvisioner
 from .schedulers import FINISHED, PENDING, SCHEDULERS, JobRequest, JobState, Scheduler
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
-DEFAULT_CMD = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 FILE_STEP = 0.1  # seconds between looks at the connection file during a start
-# never sent to the job: they describe the gateway's process, not the kernel's
-_LOCAL_ONLY = frozenset({"JPY_PARENT_PID", "PATH", "HOME", "PWD", "SHELL", "USER", "LOGNAME"})
 
 
 class StatusCache:
@@ -87,8 +82,8 @@ class StatusCache:
         # squeue exits 1 with "Invalid job id" when none of the jobs is known any more
         if code and "nvalid job id" not in err and "not found" not in err + out \
                 and "Unknown Job" not in err:
-            raise KernelError(f"{shlex.join(self.scheduler.status(ids)[:1])} failed: "
-                              f"{err.strip() or out.strip()}")
+            raise SchedulerError(f"{shlex.join(self.scheduler.status(ids)[:1])} failed: "
+                                 f"{err.strip() or out.strip()}")
         self.states = self.scheduler.parse_status(out)
         self.read_at = time.monotonic()
 
@@ -103,15 +98,6 @@ def status_cache(scheduler: Scheduler, site: Site) -> StatusCache:
     if key not in _caches:
         _caches[key] = StatusCache(scheduler)
     return _caches[key]
-
-
-def job_env(env: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
-    """What the job script exports: KERNEL_* and what the kernelspec or the client set
-    (entries that differ from the gateway's own environment), plus the config's env."""
-    out = {k: v for k, v in env.items()
-           if k not in _LOCAL_ONLY and (k.startswith("KERNEL_") or os.environ.get(k) != v)}
-    out.update(extra)
-    return {k: v for k, v in out.items() if k.isidentifier()}
 
 
 def job_script(*, cmd: list[str], env: dict[str, str], workdir: str, pre_command: str) -> str:
@@ -130,10 +116,8 @@ def job_script(*, cmd: list[str], env: dict[str, str], workdir: str, pre_command
     return "\n".join(lines) + "\n"
 
 
-class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
-    """Registered as `slurm-provisioner`. Called by jupyter_client's KernelManager: pre_launch
-    and launch_kernel to submit the job, poll/wait/send_signal/kill/terminate while it runs,
-    cleanup after it stopped (restart=True between the two jobs of a restart)."""
+class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
+    """Registered as `rkg-batch`: a kernel as a batch job (one job per launch)."""
 
     scheduler = Unicode("slurm", config=True, help="slurm, sge, pbs or lsf")
     partition = Unicode("", config=True, help="SLURM partition, or the SGE/PBS/LSF queue")
@@ -143,11 +127,8 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     walltime = Unicode("", config=True, help="HH:MM:SS")
     account = Unicode("", config=True)
     submit_args = List(Unicode(), config=True, help="more arguments for sbatch/qsub/bsub")
-    python = Unicode("python3", config=True, help="python on the compute nodes")
-    kernel_cmd = List(Unicode(), config=True, help="kernel command with {connection_file}")
     pre_command = Unicode("", config=True, help="shell run first: module load, conda activate")
     workdir = Unicode("", config=True, help="the kernel's working directory on the node")
-    env = Dict(config=True)
     ip = Unicode("0.0.0.0", config=True,
                  help="what the kernel binds on its node; the gateway connects to the node")
     runtime_dir = Unicode("", config=True, help="directory for connection files and job "
@@ -163,22 +144,25 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                          "the kernel), e.g. {\"SLURM_CONF\": \"/etc/slurm/other.conf\"}")
     poll_interval = Float(2.0, config=True, help="seconds a job state is reused by poll()")
     launch_timeout = Float(0, config=True, help="give a start up after this (0: the gateway's "
-                           "KERNEL_LAUNCH_TIMEOUT, else 600 s)")
+                           "launch timeout, else KERNEL_LAUNCH_TIMEOUT, else 600 s)")
+
+    restored: ClassVar[dict[str, str]] = {
+        "scheduler": "scheduler", "job_id": "job_id", "node": "node", "ports": "ports",
+        "local_ports": "local_ports", "connection_file": "conn_file"}
+    noted = ("login",)
+    wait_step = 0.2  # a scheduler is asked at most this often while the job ends
 
     job_id: str | None = None
     node = ""
-    ports: dict[str, int]  # on the node
-    local_ports: dict[str, int]  # what the gateway connects to (forwards via a login node)
+    ports: dict[str, int]  # on the node; local_ports: where the gateway connects
     conn_file = ""
     _last: JobState | None = None
     _note = ""
-    _tail = ""
-    _exit: int | None = None
     _site: Site | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.ports, self.local_ports = {}, {}
+        self.ports = {}
 
     async def _open_site(self) -> Site:
         if self._site is None:
@@ -197,6 +181,7 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return {str(k): str(v) for k, v in self.scheduler_env.items()}
 
     def _close_site(self) -> None:
+        self.forwards.close()
         if self._site is not None:
             self._site.close()
             self._site = None
@@ -224,12 +209,6 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def has_process(self) -> bool:
         return self.job_id is not None
 
-    def _command(self) -> list[str]:
-        cmd = list(self.kernel_cmd) or DEFAULT_CMD
-        cmd = [a.replace("{connection_file}", self.conn_file).replace("{python}", self.python)
-               for a in cmd]
-        return cmd
-
     def _script_cds(self) -> bool:
         """Whether the job script changes directory itself: PBS has no option for it, and
         `~` is the home directory where the job runs, which only its shell knows."""
@@ -244,21 +223,10 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             walltime=self.walltime, account=self.account, extra_args=tuple(self.submit_args))
 
     def launch_note(self) -> str:
-        """Where the last start stood, for the gateway's launch-timeout message."""
+        """Where the last start stood: not submitted, queued (and why), running."""
         return self._note
 
-    def log_tail(self) -> str:
-        return self._tail
-
     # -- launch --------------------------------------------------------------------------
-
-    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        """Called by the kernel manager before launch_kernel: connection info without ports
-        (the kernel picks them on its node)."""
-        km = self.parent
-        kwargs.pop("extra_arguments", None)
-        self.connection_info = km.get_connection_info() if km is not None else {}
-        return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Called by the kernel manager (start and restart): submit, wait in the queue, read
@@ -284,13 +252,7 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return self.connection_info
 
     def _deadline(self, env: dict[str, str], started: float) -> float:
-        timeout = self.launch_timeout
-        if not timeout:
-            try:
-                timeout = float(env.get("KERNEL_LAUNCH_TIMEOUT") or 600)
-            except ValueError:
-                timeout = 600
-        return started + timeout
+        return started + (self.launch_timeout or self.gateway_timeout(env, 600))
 
     async def _submit(self, env: dict[str, str], cwd: str) -> None:
         assert self._site is not None
@@ -298,8 +260,7 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         runtime = await self._site.realpath(self.runtime_dir or default_runtime)
         self.conn_file = f"{runtime}/batch-kernel-{self.kernel_id}.json"
         await self._site.write_private(self.conn_file, self._conn_text())
-        script = job_script(cmd=self._command(),
-                            env=job_env(env, {k: str(v) for k, v in self.env.items()}),
+        script = job_script(cmd=self._command(self.conn_file), env=self._env(env),
                             workdir=self.workdir if self._script_cds() else "",
                             pre_command=self.pre_command)
         argv = self.sched.submit(self._request(cwd))
@@ -309,18 +270,14 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                                    f"{err.strip() or out.strip() or f'exit code {code}'}")
         try:
             self.job_id = self.sched.parse_submit(out)
-        except Exception as e:
-            raise KernelStartError(str(e)) from e
+        except SchedulerError as e:
+            raise KernelStartError(e.message) from e
         self._note = f"{self.job_label} was submitted"
         log.info("kernel %s submitted as %s", self.kernel_id, self.job_label)
 
     def _conn_text(self) -> str:
         """The connection file the job starts with: every port 0."""
-        info = dict(self.connection_info)
-        info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip=self.ip, transport="tcp")
-        key = info.get("key", b"")
-        info["key"] = key.decode() if isinstance(key, bytes) else key
-        return json.dumps(info, indent=2)
+        return json.dumps(self._connection_file({}, self.ip), indent=2)
 
     async def _read_ports(self) -> dict[str, int] | None:
         assert self._site is not None
@@ -370,11 +327,9 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.ports = ports
         state = await cache.get(self.job_id, 0, site)
         self.node = state.node if state and state.node else socket.gethostname().split(".")[0]
-        host, self.local_ports = await site.connect(self.node, self.ip, ports)
-        info: dict[str, Any] = dict(self.connection_info)
-        info.update({f"{ch}_port": p for ch, p in self.local_ports.items()}, ip=host,
-                    transport="tcp")
-        self.connection_info = cast(KernelConnectionInfo, info)
+        self.local_ports = {}  # a new job: new forwards, if any
+        host, self.local_ports = await site.connect(self.node, self.ip, ports, self.forwards)
+        self._connect_to(host, self.local_ports)
 
     async def _read_tail(self, size: int = 4096) -> str:
         text = ""
@@ -385,17 +340,9 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     # -- while it runs -------------------------------------------------------------------
 
-    async def poll(self) -> int | None:
-        """Called by the kernel manager's is_alive() (the gateway: every 0.5 s per kernel);
-        answered from the shared job states, read at most every poll_interval. A scheduler
-        that does not answer leaves the kernel counted as running."""
-        if self.job_id is None:
-            return 0
-        if self._exit is not None:
-            return self._exit
-        return await self._poll(self.poll_interval)
-
-    async def _poll(self, max_age: float) -> int | None:
+    async def probe(self, max_age: float) -> int | None:
+        """Answered from the job states shared by the scheduler's kernels. A scheduler that
+        does not answer leaves the kernel counted as running."""
         assert self.job_id is not None
         try:
             site = await self._attach()
@@ -410,14 +357,6 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await self._read_tail()
         return self._exit
 
-    async def wait(self) -> int | None:
-        """Called during shutdown; the caller bounds it with a timeout."""
-        if self.job_id is None:
-            return 0
-        while (status := self._exit) is None and (status := await self._poll(0.2)) is None:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)
-        return status
-
     async def send_signal(self, signum: int) -> None:
         """To the kernel inside its job (interrupt: SIGINT); SIGKILL cancels the job."""
         if self.job_id is None:
@@ -428,7 +367,7 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         name = signal.Signals(signum).name.removeprefix("SIG")
         try:
             argv = self.sched.signal(self.job_id, name)
-        except Exception as e:
+        except SchedulerError as e:
             log.warning("%s: %s", self.job_label, e)
             return
         site = await self._attach()
@@ -436,10 +375,8 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if code:
             log.warning("%s failed for %s: %s", argv[0], self.job_label, (err or out).strip())
 
-    async def kill(self, restart: bool = False) -> None:
-        await self._cancel_job(forget_files=False)
-
     async def terminate(self, restart: bool = False) -> None:
+        """A job is cancelled, never asked: kill sends SIGKILL, which cancels it too."""
         await self._cancel_job(forget_files=False)
 
     # -- stop ----------------------------------------------------------------------------
@@ -464,7 +401,7 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 argv = self.sched.cancel(job_id)
                 try:
                     code, out, err = await site.run(argv)
-                except (KernelError, TimeoutError) as e:
+                except KernelError as e:
                     code, out, err = -1, "", str(e)
                 done = "the job has been cancelled"
                 if code and "already completed" not in err and "nvalid job id" not in err:
@@ -490,27 +427,14 @@ class BatchProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return self._site
         site = await self._open_site()
         if isinstance(site, LoginSite) and self.job_id is not None and self.ports:
-            await site.reattach(self.node, self.ip, self.ports, self.local_ports)
+            await site.connect(self.node, self.ip, self.ports, self.forwards)  # recorded ports
         return site
 
     # -- re-attach -----------------------------------------------------------------------
 
     async def get_provisioner_info(self) -> dict[str, Any]:
-        """Called when the gateway records the kernel: what a restarted gateway needs."""
-        info: dict[str, Any] = await super().get_provisioner_info()
-        key = self.connection_info.get("key", b"")
-        info.update(scheduler=self.scheduler, job_id=self.job_id, node=self.node,
-                    ports=self.ports, local_ports=self.local_ports, login=self.login,
-                    connection_file=self.conn_file,
-                    key=key.decode() if isinstance(key, bytes) else key)
+        """Called when the gateway records the kernel; poll() of a restarted gateway asks
+        the scheduler about the recorded job."""
+        info = await super().get_provisioner_info()
+        info["key"] = self._key()
         return info
-
-    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        """Called when a restarted gateway re-attaches: poll() asks the scheduler."""
-        await super().load_provisioner_info(provisioner_info)
-        self.scheduler = provisioner_info.get("scheduler", self.scheduler)
-        self.job_id = provisioner_info.get("job_id")
-        self.node = provisioner_info.get("node", "")
-        self.ports = dict(provisioner_info.get("ports") or {})
-        self.local_ports = dict(provisioner_info.get("local_ports") or {})
-        self.conn_file = provisioner_info.get("connection_file", "")

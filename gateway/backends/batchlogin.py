@@ -5,7 +5,9 @@
                  commands run there, files go over SFTP, and the kernel's five ports are
                  forwarded from 127.0.0.1 here to the compute node through the login node
 
-Both have the same methods: run, write_private, read, remove, connect, close.
+Both have the same methods: run, write_private, read, remove, connect, close. A command that
+cannot be run there, or does not answer, is a BackendUnavailable on either (command_errors here,
+sshpool.ssh_errors over SSH); one that runs and fails is the caller's to read from its exit code.
 """
 
 from __future__ import annotations
@@ -16,17 +18,29 @@ import logging
 import os
 import shlex
 import socket
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
-from ..errors import KernelError, KernelStartError
+from ..errors import BackendUnavailable, KernelError, KernelStartError
 from . import sshpool
-
-if TYPE_CHECKING:
-    import asyncssh
+from .common import PortForwards
 
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 30.0  # for one sbatch / squeue / scancel
+
+
+@contextlib.contextmanager
+def command_errors(argv: list[str], where: str) -> Iterator[None]:
+    """A local subprocess's failures in the block as gateway errors: one that cannot be
+    started or does not finish in time means the scheduler cannot be reached from here."""
+    try:
+        yield
+    except TimeoutError as e:
+        raise BackendUnavailable(f"{argv[0]} did not answer within {COMMAND_TIMEOUT:g} s on "
+                                 f"{where}") from e
+    except OSError as e:
+        raise BackendUnavailable(f"cannot run {argv[0]} on {where}: {e.strerror or e} (is the "
+                                 "scheduler's client on the gateway's PATH?)") from e
 
 
 class LocalSite:
@@ -40,21 +54,19 @@ class LocalSite:
 
     async def run(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
         """A scheduler command as an asyncio subprocess: (exit code, stdout, stderr)."""
-        try:
+        with command_errors(argv, self.name):
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True,
                 env={**os.environ, **self.env} if self.env else None)
-        except OSError as e:
-            raise KernelStartError(f"cannot run {argv[0]}: {e.strerror or e} (is the "
-                                   "scheduler's client on the gateway's PATH?)") from e
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), COMMAND_TIMEOUT)
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(stdin.encode()),
+                                                  COMMAND_TIMEOUT)
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                raise
         return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
     async def realpath(self, path: str) -> str:
@@ -91,7 +103,7 @@ class LocalSite:
             with contextlib.suppress(OSError):
                 os.remove(path)
 
-    async def connect(self, node: str, ip: str, ports: dict[str, int]
+    async def connect(self, node: str, ip: str, ports: dict[str, int], forwards: PortForwards
                       ) -> tuple[str, dict[str, int]]:
         """(address, ports) the gateway's ZMQ sockets connect to: the node itself."""
         if ip not in ("0.0.0.0", "*", ""):
@@ -109,18 +121,13 @@ class LocalSite:
 
 
 class LoginSite:
-    """A lease on the shared SSH connection to the login node, and the kernel's forwards."""
-
-    pid: int | None = None  # no process of ours on the login node for sshpool to probe
+    """A lease on the shared SSH connection to the login node."""
 
     def __init__(self, host: sshpool.SSHHost, env: dict[str, str] | None = None) -> None:
         self.host = host
         self.name = host.name
         self.env = dict(env or {})
         self.key = f"{self.name} {sorted(self.env.items())}"
-        self.local_ports: dict[str, int] = {}
-        self._dest: tuple[str, dict[str, int]] | None = None
-        self._listeners: list[Any] = []
 
     @classmethod
     async def open(cls, target: sshpool.Target, env: dict[str, str] | None = None
@@ -128,32 +135,28 @@ class LoginSite:
         return cls(await sshpool.acquire(target), env)
 
     async def run(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
-        mod = sshpool.require_asyncssh()
-        try:
-            conn = await self.host.connection()
-            async with self.host.sessions:
-                prefix = ["env", *[f"{k}={v}" for k, v in sorted(self.env.items())]]
-                command = shlex.join(prefix + argv if self.env else argv)
-                result = await conn.run(command, input=stdin, check=False,
-                                        timeout=COMMAND_TIMEOUT)
-        except (OSError, mod.Error) as e:
-            raise KernelError(f"running {argv[0]} on {self.name}: {e}") from e
+        prefix = ["env", *[f"{k}={v}" for k, v in sorted(self.env.items())]]
+        command = shlex.join(prefix + argv if self.env else argv)
+        result = await self.host.exec(command, what=f"running {argv[0]} on {self.name}",
+                                      stdin=stdin, limit=COMMAND_TIMEOUT)
         code = result.exit_status if result.exit_status is not None else -1
         return code, str(result.stdout or ""), str(result.stderr or "")
 
     async def realpath(self, path: str) -> str:
         sftp = await self.host.sftp()
         rel = path[2:] if path.startswith("~/") else path
-        await sftp.makedirs(rel, exist_ok=True)
-        return str(await sftp.realpath(rel))
+        with sshpool.ssh_errors(self.host.target, f"making the directory {path}"):
+            await sftp.makedirs(rel, exist_ok=True)
+            return str(await sftp.realpath(rel))
 
     async def write_private(self, path: str, text: str) -> None:
         import asyncssh
 
         sftp = await self.host.sftp()
-        async with sftp.open(path, "w", asyncssh.SFTPAttrs(permissions=0o600)) as f:
-            await f.write(text)
-        await sftp.chmod(path, 0o600)
+        with sshpool.ssh_errors(self.host.target, f"writing {path}"):
+            async with sftp.open(path, "w", asyncssh.SFTPAttrs(permissions=0o600)) as f:
+                await f.write(text)
+            await sftp.chmod(path, 0o600)
 
     async def read(self, path: str, tail: int = 0) -> str | None:
         mod = sshpool.require_asyncssh()
@@ -176,41 +179,12 @@ class LoginSite:
                 with contextlib.suppress(mod.SFTPError):
                     await sftp.remove(path)
 
-    async def connect(self, node: str, ip: str, ports: dict[str, int]
+    async def connect(self, node: str, ip: str, ports: dict[str, int], forwards: PortForwards
                       ) -> tuple[str, dict[str, int]]:
-        """Forwards from 127.0.0.1 here through the login node to the compute node."""
-        self._dest = (node if ip in ("0.0.0.0", "*", "") else ip, ports)
-        self.local_ports = {}
-        await self.reforward(await self.host.connection())
-        self.host.watch(self)
-        return "127.0.0.1", dict(self.local_ports)
-
-    async def reattach(self, node: str, ip: str, ports: dict[str, int],
-                       local_ports: dict[str, int]) -> None:
-        """After a gateway restart: the same local ports as recorded."""
-        self._dest = (node if ip in ("0.0.0.0", "*", "") else ip, ports)
-        self.local_ports = dict(local_ports)
-        await self.reforward(await self.host.connection())
-        self.host.watch(self)
-
-    async def reforward(self, conn: asyncssh.SSHClientConnection) -> None:
-        """Called by the shared connection after it reconnected, too: the same local ports."""
-        if self._dest is None:
-            return
-        dest, ports = self._dest
-        self._close_listeners()
-        for ch, port in ports.items():
-            listener = await conn.forward_local_port("127.0.0.1", self.local_ports.get(ch, 0),
-                                                     dest, port)
-            self._listeners.append(listener)
-            self.local_ports[ch] = listener.get_port()
-
-    def _close_listeners(self) -> None:
-        for listener in self._listeners:
-            listener.close()
-        self._listeners = []
+        """Forwards from 127.0.0.1 here through the login node to the compute node, on the
+        local ports `forwards` had (after a gateway restart: the recorded ones), else new."""
+        dest = node if ip in ("0.0.0.0", "*", "") else ip
+        return "127.0.0.1", await forwards.open(self.host, dest, ports)
 
     def close(self) -> None:
-        self._close_listeners()
-        self.host.unwatch(self)
         sshpool.release(self.host)

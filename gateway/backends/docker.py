@@ -1,8 +1,9 @@
 """Kernels in Docker containers, one container per kernel, through aiodocker.
 
-Registered as `docker-provisioner`; a kernelspec chooses it with
+Registered as `rkg-docker` (and `docker-provisioner`, its old name); a kernelspec chooses it
+with
 
-    "metadata": {"kernel_provisioner": {"provisioner_name": "docker-provisioner", "config": {
+    "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-docker", "config": {
         "image": "my/kernel:1", "docker_host": "unix:///var/run/docker.sock",
         "network": "", "reach": "published", "volumes": ["/data:/data:ro"],
         "mirror_working_dir": false, "workdir": "", "env": {"A": "1"},
@@ -30,23 +31,20 @@ import logging
 import re
 import signal
 from collections.abc import Container
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from jupyter_client.connect import KernelConnectionInfo
-from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Dict, Float, Integer, List, Unicode
 
-from ..errors import Forbidden, KernelStartError
+from ..errors import EngineError, Forbidden, KernelError, KernelStartError
 from . import dockerengine
-from .dockerengine import APP, LABEL_APP, LABEL_GATEWAY, LABEL_KERNEL, Engine, EngineError
-from .ssh import remote_env
+from .common import CHANNELS, RemoteProvisioner
+from .dockerengine import APP, LABEL_APP, LABEL_GATEWAY, LABEL_KERNEL, Engine
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 # inside the container's own network namespace: nothing else binds there
 CONTAINER_PORTS = dict(zip(CHANNELS, range(52700, 52705), strict=True))
-DEFAULT_CMD = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 # Writes the connection file (mode 0600) from the environment, then becomes the kernel.
 BOOT = ("import os,sys\n"
         "p=os.environ.pop('RKG_CONNECTION_FILE');i=os.environ.pop('RKG_CONNECTION_INFO')\n"
@@ -86,10 +84,8 @@ def container_name(username: str, kernel_id: str) -> str:
     return f"{user}-{kernel_id}" if user else f"kernel-{kernel_id}"
 
 
-class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
-    """Registered as `docker-provisioner`. Called by jupyter_client's KernelManager: pre_launch
-    and launch_kernel to start, poll/wait/send_signal/kill/terminate while it runs, cleanup
-    after it stopped (restart=True between the two launches of a restart)."""
+class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
+    """Registered as `rkg-docker`: a kernel in a container of its own."""
 
     image = Unicode("", config=True, help="the kernel image; it must be on the engine already")
     docker_host = Unicode("", config=True, help="engine URL; default: DOCKER_HOST, the socket")
@@ -100,7 +96,6 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     mirror_working_dir = Bool(False, config=True,
                               help="bind KERNEL_WORKING_DIR at the same path and start there")
     workdir = Unicode("", config=True, help="working directory inside the container")
-    env = Dict(config=True)
     uid = Integer(1000, config=True, help="default user; KERNEL_UID overrides")
     gid = Integer(100, config=True, help="default group; KERNEL_GID overrides")
     prohibited_uids = List(Integer(), [0], config=True, help="refused users (root by default)")
@@ -110,8 +105,6 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     gpus = Unicode("", config=True, help="docker run --gpus: 'all', a count, 'device=0,1'")
     labels = Dict(config=True, help="extra container labels")
     hostname = Unicode("", config=True, help="the container's hostname; default: its id")
-    python = Unicode("python3", config=True, help="the image's python, runs the boot step")
-    kernel_cmd = List(Unicode(), config=True, help="command with {connection_file}")
     poll_interval = Float(0.5, config=True, help="seconds a liveness listing is reused")
     reap_orphans = Bool(True, config=True,
                         help="at gateway start, remove our containers no kernel owns")
@@ -119,24 +112,23 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     ssh_known_hosts = Unicode("~/.ssh/known_hosts", config=True, help="for an ssh:// docker_host")
     ssh_jump_hosts = List(Unicode(), config=True, help="for an ssh:// docker_host, like ssh -J")
 
+    restored: ClassVar[dict[str, str]] = {
+        "docker_host": "docker_host", "container_id": "container_id",
+        "container_name": "container_name", "remote_addr": "remote_addr",
+        "remote_ports": "remote_ports"}
+
     container_id: str | None = None
     container_name = ""
-    pid: int | None = None  # an SSH connection watcher without a process to probe
     # an ssh:// engine: the kernel's address and ports there, tunnelled to local ports
     remote_addr = ""
     remote_ports: dict[str, int]
-    local_ports: dict[str, int]
-    _listeners: list[Any]
-    _tunnelled = False
     _engine: Engine | None = None
-    _exit: int | None = None
-    _tail = ""
 
     # -- configuration -------------------------------------------------------------------
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.remote_ports, self.local_ports, self._listeners = {}, {}, []
+        self.remote_ports = {}
 
     @property
     def engine(self) -> Engine:
@@ -150,10 +142,6 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                        jump_hosts: list[str] | None = None) -> Engine:
         return dockerengine.acquire(url, identity_file=identity_file, known_hosts=known_hosts,
                                     jump_hosts=tuple(jump_hosts or ()))
-
-    @property
-    def gateway_id(self) -> str:
-        return str(getattr(self.parent, "rkg_gateway_id", "") or "")
 
     @property
     def has_process(self) -> bool:
@@ -171,29 +159,21 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return f"{uid}:{gid}"
 
     def _command(self, conn_file: str) -> list[str]:
-        cmd = list(self.kernel_cmd) or DEFAULT_CMD
-        argv = [a.replace("{connection_file}", conn_file).replace("{python}", self.python)
-                for a in cmd]
-        return [self.python, "-c", BOOT, *argv]
-
-    def _connection_json(self) -> str:
-        info = dict(self.connection_info)
-        info.update({f"{ch}_port": p for ch, p in CONTAINER_PORTS.items()},
-                    ip="0.0.0.0", transport="tcp")  # the container's own namespace
-        key = info.get("key", b"")
-        info["key"] = key.decode() if isinstance(key, bytes) else key
-        return json.dumps(info)
+        """The kernel command behind the boot step (run by the image's python)."""
+        return [self.python, "-c", BOOT, *super()._command(conn_file)]
 
     def container_config(self, env: dict[str, str]) -> dict[str, Any]:
         """The Engine API's POST /containers/create body for this kernel."""
         if not self.image:
             raise KernelStartError(f"kernelspec {self.kernel_spec.display_name!r} uses the "
-                                   "docker-provisioner but its config names no image")
+                                   "rkg-docker provisioner but its config names no image")
         if self.reach not in ("published", "network"):
             raise KernelStartError(f"reach {self.reach!r}: use 'published' or 'network'")
         conn_file = f"/tmp/rkg-kernel-{self.kernel_id}.json"  # noqa: S108 - in the container
-        kenv = remote_env(env, {k: str(v) for k, v in self.env.items()})
-        kenv.update(RKG_CONNECTION_FILE=conn_file, RKG_CONNECTION_INFO=self._connection_json(),
+        kenv = self._env(env)
+        # the container's own network namespace: bind everything there
+        info = json.dumps(self._connection_file(CONTAINER_PORTS, "0.0.0.0"))
+        kenv.update(RKG_CONNECTION_FILE=conn_file, RKG_CONNECTION_INFO=info,
                     KERNEL_ID=self.kernel_id)
         binds = list(self.volumes)
         workdir = self.workdir
@@ -227,13 +207,6 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     # -- launch --------------------------------------------------------------------------
 
-    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        """Called by the kernel manager before launch_kernel: the key, no ports yet."""
-        km = self.parent
-        kwargs.pop("extra_arguments", None)
-        self.connection_info = km.get_connection_info() if km is not None else {}
-        return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
-
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Called by the kernel manager (start and restart): create and start the container,
         learn where its ports are. `cmd` (the spec's argv) is unused: kernel_cmd runs."""
@@ -244,7 +217,7 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         try:
             await self._create(config)
             await self._locate()
-            await self._tunnel()
+            await self._tunnel(launched=True)
         except BaseException:
             await asyncio.shield(self._remove())
             raise
@@ -316,50 +289,26 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     # -- an engine over SSH: its 127.0.0.1 (or the container network) is over there ---------
 
-    async def _tunnel(self) -> None:
+    async def _tunnel(self, *, launched: bool = False) -> None:
         """With an ssh:// engine, forward local ports over the host's shared connection to
-        where the kernel listens there; the connection info points at the local ends."""
+        where the kernel listens there (`launched`: as the connection info says, else as
+        recorded); the connection info points at the local ends."""
         await self.engine.open()
         ssh = self.engine.ssh
         if ssh is None:
             return
-        info: dict[str, Any] = dict(self.connection_info)
-        if not self._tunnelled:
+        if launched:
+            info: dict[str, Any] = dict(self.connection_info)
             self.remote_addr = str(info["ip"])
             self.remote_ports = {ch: int(info[f"{ch}_port"]) for ch in CHANNELS}
-        await self.reforward(await ssh.connection())
-        ssh.watch(self)
-        self._tunnelled = True
-
-    async def reforward(self, conn: Any) -> None:
-        """Called by the shared SSH connection after it reconnected (and by _tunnel)."""
-        self._close_listeners()
-        for ch in CHANNELS:
-            want = self.local_ports.get(ch, 0)
-            try:
-                listener = await conn.forward_local_port("127.0.0.1", want, self.remote_addr,
-                                                         self.remote_ports[ch])
-            except OSError:
-                if not want:
-                    raise
-                listener = await conn.forward_local_port("127.0.0.1", 0, self.remote_addr,
-                                                         self.remote_ports[ch])
-            self._listeners.append(listener)
-            self.local_ports[ch] = listener.get_port()
-        info: dict[str, Any] = dict(self.connection_info)
-        info.update({f"{ch}_port": p for ch, p in self.local_ports.items()}, ip="127.0.0.1")
-        self.connection_info = cast(KernelConnectionInfo, info)
-
-    def _close_listeners(self) -> None:
-        for listener in self._listeners:
-            listener.close()
-        self._listeners = []
+        ports = await self.forwards.open(ssh, self.remote_addr, self.remote_ports)
+        self._connect_to("127.0.0.1", ports)
 
     async def _read_tail(self) -> str:
         cid = self.container_id
         if cid is None:
             return self._tail
-        with contextlib.suppress(KernelStartError):
+        with contextlib.suppress(KernelError):
             lines = await self.engine.call("reading the kernel's log", lambda c: (
                 c.containers.container(cid).log(stdout=True, stderr=True, tail=40)))
             self._tail = dockerengine.log_text(lines)
@@ -367,18 +316,14 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     # -- while it runs -------------------------------------------------------------------
 
-    async def poll(self) -> int | None:
-        """Called by the kernel manager's is_alive() (the gateway: every 0.5 s per kernel);
-        one container listing per engine answers every kernel's poll."""
-        if self.container_id is None:
-            return 0
-        if self._exit is not None:
-            return self._exit
+    async def probe(self, max_age: float) -> int | None:
+        """One container listing per engine answers every kernel's probe."""
+        assert self.container_id is not None
         try:
-            if self.remote_ports and not self._tunnelled:  # re-attached: tunnels first
+            if self.remote_ports and not self.forwards.is_open:  # re-attached: tunnels first
                 await self._tunnel()
-            states = await self.engine.states(self.poll_interval)
-        except KernelStartError as e:
+            states = await self.engine.states(max_age)
+        except KernelError as e:
             log.warning("kernel %s: %s", self.kernel_id, e.message)
             return None  # the engine is unreachable, not the kernel known dead
         if states.get(self.container_id) == "running":
@@ -397,19 +342,10 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             info = await self._inspect()
         except EngineError as e:
             return -1 if e.code == 404 else None
-        except KernelStartError:
+        except KernelError:
             return None  # unreachable engine: not known dead
         state = info.get("State", {})
         return None if state.get("Running") else int(state.get("ExitCode", -1))
-
-    async def wait(self) -> int | None:
-        """Called during shutdown; the caller bounds it with a timeout."""
-        while True:
-            self.engine.forget_states()
-            status = await self.poll()
-            if status is not None:
-                return status
-            await asyncio.sleep(0.1)
 
     async def send_signal(self, signum: int) -> None:
         """To the container's init, which passes it to the kernel (interrupt: SIGINT)."""
@@ -430,26 +366,14 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.engine.forget_states()
         return found
 
-    async def kill(self, restart: bool = False) -> None:
-        await self.send_signal(signal.SIGKILL)
-
-    async def terminate(self, restart: bool = False) -> None:
-        await self.send_signal(signal.SIGTERM)
-
-    def log_tail(self) -> str:
-        """The container's last output (read when it was found dead), for error messages."""
-        return self._tail
-
     # -- stop ----------------------------------------------------------------------------
 
     async def cleanup(self, restart: bool = False) -> None:
         """Called by the kernel manager once the kernel stopped: the container is removed
         (a restart creates a new one); the engine lease ends unless restarting."""
         await self._remove()
-        self._close_listeners()
-        if self._engine is not None and self._engine.ssh is not None:
-            self._engine.ssh.unwatch(self)
-        self.remote_ports, self.local_ports, self._tunnelled = {}, {}, False
+        self.forwards.close()
+        self.remote_ports, self.local_ports = {}, {}
         if not restart and self._engine is not None:
             engine, self._engine = self._engine, None
             await dockerengine.release(engine)
@@ -465,26 +389,11 @@ class DockerProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     # -- re-attach and orphans -----------------------------------------------------------
 
-    async def get_provisioner_info(self) -> dict[str, Any]:
-        """Called when the gateway records the kernel: what a restarted gateway needs."""
-        info: dict[str, Any] = await super().get_provisioner_info()
-        info.update(docker_host=self.docker_host, container_id=self.container_id,
-                    container_name=self.container_name, remote_addr=self.remote_addr,
-                    remote_ports=self.remote_ports)
-        return info
-
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         """Called when a restarted gateway re-attaches (the connection info comes from its
-        record: ports, key)."""
+        record: ports, key); an ssh:// engine's tunnels reopen on the recorded local ports."""
         await super().load_provisioner_info(provisioner_info)
-        self.docker_host = provisioner_info.get("docker_host", self.docker_host)
-        self.container_id = provisioner_info.get("container_id")
-        self.container_name = provisioner_info.get("container_name", "")
-        self.remote_addr = provisioner_info.get("remote_addr", "")
-        self.remote_ports = dict(provisioner_info.get("remote_ports") or {})
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            recorded: dict[str, Any] = dict(self.connection_info)
-            self.local_ports = {ch: int(recorded[f"{ch}_port"]) for ch in CHANNELS}
+        self.local_ports = self._recorded_ports() or self.local_ports
 
     @classmethod
     async def reap(cls, config: dict[str, Any], owned: Container[str], gateway_id: str

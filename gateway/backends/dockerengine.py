@@ -19,13 +19,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import KernelError, KernelStartError
+from ..errors import BackendUnavailable, EngineError, KernelError, KernelStartError
 from . import sshpool
-from .sshpool import Hop, Target
+from .sshpool import Hop, Target, ssh_errors
 
 if TYPE_CHECKING:
     import asyncssh
@@ -49,6 +49,25 @@ def require_aiodocker() -> None:
     if aiodocker is None:
         raise KernelStartError("the Docker backends need aiodocker: "
                                "pip install 'remote-kernel-gateway[docker]'")
+
+
+@contextlib.contextmanager
+def docker_errors(engine: str, what: str) -> Iterator[None]:
+    """aiodocker's failures in the block as gateway errors: a request the engine refused is an
+    EngineError with its status; an engine that cannot be reached or does not answer is a
+    BackendUnavailable."""
+    unreachable = (f"the Docker engine at {engine} is unreachable ({{}}); is dockerd running, "
+                   "and is DOCKER_HOST / docker_host right?")
+    try:
+        yield
+    except aiodocker.DockerError as e:
+        if e.status < 900:  # aiodocker's 900: it could not connect
+            raise EngineError(e.status, f"{what} on {engine}: {e.message}") from e
+        raise BackendUnavailable(unreachable.format(e.message)) from e
+    except TimeoutError as e:
+        raise BackendUnavailable(f"the Docker engine at {engine} did not answer ({what})") from e
+    except (aiohttp.ClientConnectionError, OSError) as e:
+        raise BackendUnavailable(unreachable.format(e)) from e
 
 
 def our_labels(kernel_id: str, gateway_id: str) -> dict[str, str]:
@@ -123,31 +142,16 @@ class Engine:
         sock = f"{self._sock_dir}/docker.sock"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
-        try:
+        with ssh_errors(self._ssh_target[0], f"forwarding the Docker socket "
+                        f"{self._ssh_target[1]} of {self.name}"):
             self._listener = await conn.forward_local_path(sock, self._ssh_target[1])
-        except Exception as e:
-            raise KernelStartError(f"cannot forward the Docker socket {self._ssh_target[1]} "
-                                   f"of {self.name}: {e}") from e
 
     async def call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """fn(client), with the engine's failures as KernelError: unreachable daemon,
-        refused request (with the engine's own message)."""
+        """fn(client), `what` saying what it does, with the engine's failures translated
+        (docker_errors)."""
         client = await self.open()
-        try:
+        with docker_errors(self.name, what):
             return await fn(client)
-        except aiodocker.DockerError as e:
-            if e.status < 900:  # aiodocker's 900: it could not connect
-                raise EngineError(e.status, f"{what} on {self.name}: {e.message}") from e
-            raise self._unreachable(e.message) from e
-        except (aiohttp.ClientConnectionError, OSError) as e:
-            raise self._unreachable(str(e)) from e
-        except TimeoutError as e:
-            raise KernelStartError(f"the Docker engine at {self.name} did not answer "
-                                   f"({what})") from e
-
-    def _unreachable(self, detail: str) -> KernelStartError:
-        return KernelStartError(f"the Docker engine at {self.name} is unreachable ({detail}); "
-                                "is dockerd running, and is DOCKER_HOST / docker_host right?")
 
     async def states(self, max_age: float) -> dict[str, str]:
         """container id -> state ('running', 'exited', ...) of every container we labelled,
@@ -209,14 +213,6 @@ class Engine:
         if self._sock_dir:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             self._sock_dir = ""
-
-
-class EngineError(KernelStartError):
-    """The engine refused a request; `code` is its HTTP status (404: no such object)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 _engines: dict[str, Engine] = {}

@@ -22,6 +22,8 @@ from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning import LocalProvisioner
 
+from .contract import GatewayHooks
+
 
 def process_start_time(pid: int) -> int | None:
     """Start time of a live, non-zombie process in clock ticks since boot (from /proc)."""
@@ -73,8 +75,9 @@ def kernel_port(ip: str) -> int:
     return int(cache.find_available_port(ip))
 
 
-class DurableLocalProvisioner(LocalProvisioner):  # type: ignore[misc]
-    """Registered as `rkg-local-provisioner`; the gateway's default for local kernels."""
+class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):  # type: ignore[misc]
+    """Registered as `rkg-local` (and `rkg-local-provisioner`, its old name); the gateway's
+    default for local kernels."""
 
     attached_pid: int | None = None
     start_time: int | None = None
@@ -112,7 +115,7 @@ class DurableLocalProvisioner(LocalProvisioner):  # type: ignore[misc]
         return self.connection_info
 
     def log_tail(self, lines: int = 15) -> str:
-        """The last lines the kernel wrote, for error messages."""
+        """The last lines the kernel wrote (from its log file)."""
         if not self.log_path or self.log_path == os.devnull:
             return ""
         try:

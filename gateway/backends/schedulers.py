@@ -18,6 +18,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from ..errors import SchedulerError
+
 PENDING, RUNNING, FINISHED = "pending", "running", "finished"
 
 
@@ -47,10 +49,6 @@ class JobState:
 
     def describe(self) -> str:
         return f"{self.state} ({self.reason})" if self.reason else self.state
-
-
-class SchedulerError(Exception):
-    """A scheduler's answer that cannot be read."""
 
 
 def _memory(value: str, *, suffix: str = "") -> str:

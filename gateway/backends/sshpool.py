@@ -1,7 +1,8 @@
 """SSH connections shared by the kernels of the SSH backend: one per (host, port, user, jump
 chain), counted by leases, kept alive by keepalives, and re-established after a drop.
 
-    acquire(target) -> SSHHost        a lease; connects on first use (errors translated here)
+    acquire(target) -> SSHHost        a lease; connects on first use
+    ssh_errors(target, what)          asyncssh's failures as gateway errors, wherever they enter
     SSHHost.connection(timeout)       the live connection, waiting out a reconnect
     SSHHost.watch(kernel)             re-forward it after a reconnect, include it in probes
     SSHHost.alive(pid, max_age)       one batched `kill -0` per host for all its kernels
@@ -19,10 +20,11 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import KernelError, KernelStartError
+from ..errors import BackendUnavailable, KernelError, KernelStartError
 
 if TYPE_CHECKING:
     import asyncssh
@@ -87,27 +89,37 @@ ALIVE_FN = ('alive() { kill -0 "$1" 2>/dev/null || return 1; [ -r "/proc/$1/stat
             'case "$(sed "s/.*) //" "/proc/$1/stat")" in Z*|X*) return 1;; esac; }')
 
 
-def translate(e: BaseException, hop: Hop, target: Target) -> KernelStartError:
-    """A failed connect, as a message the user can act on."""
+@contextlib.contextmanager
+def ssh_errors(target: Target, what: str, hop: Hop | None = None) -> Iterator[None]:
+    """asyncssh's and the network's failures in the block as gateway errors, `what` saying
+    what was being done: a refused host key or login is the kernelspec's to fix
+    (KernelStartError), a host that cannot be reached now or a dropped connection is a
+    BackendUnavailable, any other SSH failure a KernelError."""
     mod = require_asyncssh()
+    hop = hop or target.hop
     kh = target.known_hosts
-    if isinstance(e, mod.HostKeyNotVerifiable):
+    try:
+        yield
+    except mod.HostKeyNotVerifiable as e:
         scan = f"ssh-keyscan -p {hop.port} {hop.host} >> {kh}"
-        return KernelStartError(f"the SSH host key of {hop.host}:{hop.port} is not known "
-                                f"(unknown host keys are refused; checked {kh}). If you trust "
-                                f"this host, accept its key with: {scan}")
-    if isinstance(e, mod.PermissionDenied):
+        raise KernelStartError(f"the SSH host key of {hop.host}:{hop.port} is not known "
+                               f"(unknown host keys are refused; checked {kh}). If you trust "
+                               f"this host, accept its key with: {scan}") from e
+    except mod.PermissionDenied as e:
         ident = target.identity_file or "ssh-agent / ~/.ssh/id_*"
-        return KernelStartError(f"SSH authentication to {hop} was refused ({e.reason}); "
-                                f"check the username and the key ({ident})")
-    if isinstance(e, mod.Error):
-        return KernelStartError(f"SSH connection to {hop} failed: {e.reason}")
-    if isinstance(e, TimeoutError):
-        return KernelStartError(f"SSH host {hop} did not answer within "
-                                f"{target.connect_timeout:g} s (host unreachable?)")
-    if isinstance(e, OSError):
-        return KernelStartError(f"cannot reach SSH host {hop}: {e.strerror or e}")
-    return KernelStartError(f"SSH connection to {hop} failed: {type(e).__name__}: {e}")
+        raise KernelStartError(f"SSH authentication to {hop} was refused ({e.reason}); "
+                               f"check the username and the key ({ident})") from e
+    except TimeoutError as e:
+        raise BackendUnavailable(f"{what}: SSH host {hop} did not answer in time (host "
+                                 "unreachable?)") from e
+    except (mod.DisconnectError, mod.ChannelOpenError) as e:
+        raise BackendUnavailable(f"{what}: the SSH connection to {hop} failed: "
+                                 f"{e.reason}") from e
+    except OSError as e:
+        raise BackendUnavailable(f"{what}: cannot reach SSH host {hop}: "
+                                 f"{e.strerror or e}") from e
+    except mod.Error as e:
+        raise KernelError(f"{what} on {hop}: {e.reason}") from e
 
 
 def _read_credentials(target: Target) -> tuple[Any, Any]:
@@ -153,7 +165,6 @@ class SSHHost:
     async def _connect(self) -> asyncssh.SSHClientConnection:
         mod = require_asyncssh()
         t = self.target
-        hop = t.hop
         opened: list[asyncssh.SSHClientConnection] = []
         try:
             known, keys = await asyncio.to_thread(_read_credentials, t)
@@ -170,14 +181,11 @@ class SSHHost:
                     opts["username"] = hop.username
                 if keys is not None:
                     opts["client_keys"] = keys
-                conn = await asyncio.wait_for(mod.connect(hop.host, hop.port, **opts),
-                                              t.connect_timeout)
+                with ssh_errors(t, "connecting", hop):
+                    conn = await asyncio.wait_for(mod.connect(hop.host, hop.port, **opts),
+                                                  t.connect_timeout)
                 opened.append(conn)
                 tunnel = conn
-        except Exception as e:
-            for c in opened:
-                c.close()
-            raise translate(e, hop, t) from e
         except BaseException:
             for c in opened:
                 c.close()
@@ -197,14 +205,14 @@ class SSHHost:
     async def connection(self, wait: float = 30.0) -> asyncssh.SSHClientConnection:
         """The live connection; waits (bounded) while a dropped one is re-established."""
         if self.lost:
-            raise KernelError(self.lost)
+            raise BackendUnavailable(self.lost)
         if not self._connected.is_set():
             try:
                 await asyncio.wait_for(self._connected.wait(), wait)
             except TimeoutError:
-                raise KernelError(f"the SSH connection to {self.name} is down") from None
+                raise BackendUnavailable(f"the SSH connection to {self.name} is down") from None
         if self.lost or self._conn is None:
-            raise KernelError(self.lost or f"the SSH connection to {self.name} is closed")
+            raise BackendUnavailable(self.lost or f"the SSH connection to {self.name} is closed")
         return self._conn
 
     @property
@@ -215,7 +223,8 @@ class SSHHost:
         conn = await self.connection()
         async with self._lock:  # one SFTP session, however many kernels start at once
             if self._sftp is None:
-                self._sftp = await conn.start_sftp_client()
+                with ssh_errors(self.target, "opening SFTP"):
+                    self._sftp = await conn.start_sftp_client()
             return self._sftp
 
     async def _supervise(self) -> None:
@@ -233,7 +242,7 @@ class SSHHost:
                 try:
                     self._conn = await self._connect()
                     break
-                except KernelStartError as e:
+                except KernelError as e:
                     if loop.time() + delay > deadline:
                         self.lost = (f"lost the SSH connection to {self.name} and could not "
                                      f"reconnect within {self.target.reconnect_timeout:g} s: "
@@ -284,14 +293,11 @@ class SSHHost:
         return status.get(pid)
 
     async def _run_probe(self, pids: list[int]) -> dict[int, bool]:
-        mod = require_asyncssh()
         started = asyncio.get_running_loop().time()
         script = f"{ALIVE_FN}; for p in {' '.join(map(str, pids))}; do alive $p && echo $p; done"
         try:
-            conn = await self.connection(wait=0)
-            async with self.sessions:
-                result = await conn.run(script, check=False, timeout=10)
-        except (KernelError, OSError, TimeoutError, mod.Error):
+            result = await self.exec(script, wait=0, limit=10)
+        except KernelError:
             return {}
         if result.exit_status not in (0, 1):
             return {}
@@ -305,15 +311,22 @@ class SSHHost:
     async def run(self, command: str, limit: float = 15.0) -> str:
         """Run a short command, waiting at most `limit` s for the connection and again for
         the command; its stdout (empty when the host cannot be reached now)."""
-        mod = require_asyncssh()
         try:
-            conn = await self.connection(wait=limit)
-            async with self.sessions:
-                result = await conn.run(command, check=False, timeout=limit)
-        except (KernelError, OSError, TimeoutError, mod.Error) as e:
+            result = await self.exec(command, wait=limit, limit=limit)
+        except KernelError as e:
             log.debug("on %s, %r failed: %s", self.name, command, e)
             return ""
         return str(result.stdout or "")
+
+    async def exec(self, command: str, *, what: str = "", wait: float = 30.0,
+                   limit: float | None = None, stdin: str | None = None
+                   ) -> asyncssh.SSHCompletedProcess:
+        """Run `command` on one of the host's sessions (waiting at most `wait` s for the
+        connection, `limit` s for the command); its failures as gateway errors."""
+        conn = await self.connection(wait=wait)
+        with ssh_errors(self.target, what or f"running {command.split(maxsplit=1)[0]}"):
+            async with self.sessions:
+                return await conn.run(command, input=stdin, check=False, timeout=limit)
 
     # -- leases --------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Kernels as Docker Swarm services, one service per kernel, placed by Swarm on any node.
 
-Registered as `swarm-provisioner`; the kernelspec config is the Docker backend's (docker.py)
-plus `constraints` (placement, e.g. "node.labels.gpu==true"); `docker_host` must be a manager.
+Registered as `rkg-swarm` (and `swarm-provisioner`, its old name); the kernelspec config is
+the Docker backend's (docker.py) plus `constraints` (placement, e.g. "node.labels.gpu==true");
+`docker_host` must be a manager.
 Each service has one task and restart condition none: a kernel that dies is restarted by the
 gateway (which tells its clients), never silently by Swarm. Two ways to reach it, since the
 routing mesh and virtual IPs need IPVS, which not every host has:
@@ -21,15 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from traitlets import List, Unicode
 
-from ..errors import KernelStartError
+from ..errors import EngineError, KernelError, KernelStartError
 from . import dockerengine
 from .docker import CONTAINER_PORTS, DockerProvisioner, container_name
-from .dockerengine import LABEL_KERNEL, Engine, EngineError
+from .dockerengine import LABEL_KERNEL, Engine
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,12 @@ def endpoint_spec(reach: str) -> dict[str, Any]:
 
 
 class SwarmProvisioner(DockerProvisioner):
-    """Registered as `swarm-provisioner`. The Docker provisioner's life cycle, with a service
-    where it has a container."""
+    """Registered as `rkg-swarm`. The Docker provisioner's life cycle, with a service where
+    it has a container."""
 
     constraints = List(Unicode(), config=True, help="placement constraints")
+
+    restored: ClassVar[dict[str, str]] = {**DockerProvisioner.restored, "service_id": "service_id"}
 
     service_id: str | None = None
     _status = ""
@@ -127,7 +130,7 @@ class SwarmProvisioner(DockerProvisioner):
             self.service_id = created["ID"]
             task = await self._running_task()
             await self._locate_task(task)
-            await self._tunnel()
+            await self._tunnel(launched=True)
         except BaseException:
             await asyncio.shield(self._remove())
             raise
@@ -207,22 +210,18 @@ class SwarmProvisioner(DockerProvisioner):
             text = await self.engine.call("reading the kernel's log", lambda c: c.services.logs(
                 sid, stdout=True, stderr=True, tail="40"))
             self._tail = dockerengine.log_text(text)
-        except KernelStartError as e:
+        except KernelError as e:
             log.debug("service logs of %s: %s", self.container_name, e.message)
         return self._tail
 
     # -- while it runs -------------------------------------------------------------------
 
-    async def poll(self) -> int | None:
-        """Called by the kernel manager's is_alive(); one task listing per engine answers
-        every kernel's poll."""
-        if self.service_id is None:
-            return 0
-        if self._exit is not None:
-            return self._exit
+    async def probe(self, max_age: float) -> int | None:
+        """One task listing per engine answers every kernel's probe."""
+        assert self.service_id is not None
         try:
-            tasks = await self.engine.task_states(self.poll_interval)
-        except KernelStartError as e:
+            tasks = await self.engine.task_states(max_age)
+        except KernelError as e:
             log.warning("kernel %s: %s", self.kernel_id, e.message)
             return None
         task = tasks.get(self.service_id)
@@ -243,7 +242,7 @@ class SwarmProvisioner(DockerProvisioner):
             return
         if not await self._signal(cid, signum, f"service {self.container_name}") \
                 and signum == signal.SIGINT:
-            raise KernelStartError(
+            raise KernelError(
                 f"the kernel of service {self.container_name} runs on another node; use "
                 '"interrupt_mode": "message" in its kernelspec to interrupt it')
 
@@ -256,15 +255,6 @@ class SwarmProvisioner(DockerProvisioner):
             self.engine.forget_states()
 
     # -- re-attach and orphans -----------------------------------------------------------
-
-    async def get_provisioner_info(self) -> dict[str, Any]:
-        info = await super().get_provisioner_info()
-        info.update(service_id=self.service_id)
-        return info
-
-    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        await super().load_provisioner_info(provisioner_info)
-        self.service_id = provisioner_info.get("service_id")
 
     @classmethod
     async def _labelled(cls, engine: Engine, labels: list[str]) -> list[tuple[str, str, str]]:
