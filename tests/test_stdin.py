@@ -1,7 +1,7 @@
 """No lost stdin: a cell that calls input() as the very first message on a fresh websocket
 gets its input_request. The kernel's stdin is a ROUTER, which drops a message for a peer whose
 connection it has not seen yet, so the gateway must not forward shell before its stdin
-connection to the kernel is complete (gateway/bridge/session.py, stdin_connected).
+connection to the kernel is complete (gateway/kernels/session.py, stdin_connected).
 
 The same check runs on every backend in test_contract.py; here it is made certain to fail
 without that wait (a kernel whose stdin link is slow to connect) and run many times on a

@@ -1,2 +1,3 @@
-"""The websocket <-> ZMQ bridge: `codec` turns frames into message parts and back (pure
-functions), `session` keeps one client's channel sockets, `connection` pumps a websocket."""
+"""The websocket side of the bridge: `codec` turns message parts into websocket frames and back
+(pure functions), `connection` pumps one websocket to and from a kernel's client session. The
+ZMQ side is the kernel's (kernels/session.py, wire.py); nothing there imports this package."""

@@ -1,10 +1,10 @@
-"""Frame codecs between the kernel's ZMQ wire format and the two websocket protocols.
+"""Frame codecs between message parts and the two websocket protocols (pure functions).
 
-A message travels as *parts*: [header, parent_header, metadata, content, *buffers], each the
-kernel's own JSON bytes (buffers raw). Kernel -> client frames are assembled from those bytes
-without decoding them; only client -> kernel legacy JSON needs a parse (and a re-serialisation).
+A message travels as *parts* (gateway/wire.py): [header, parent_header, metadata, content,
+*buffers], each the kernel's own JSON bytes (buffers raw). Kernel -> client frames are
+assembled from those bytes without decoding them; only client -> kernel legacy JSON needs a
+parse (and a re-serialisation).
 
-- ZMQ:    [*idents, b"<IDS|MSG>", signature, header, parent, metadata, content, *buffers]
 - v1:     uint64 LE n, n uint64 LE offsets, then channel, header, parent, metadata, content,
           *buffers (subprotocol v1.kernel.websocket.jupyter.org)
 - legacy: one JSON object per text frame, {header, msg_id, msg_type, parent_header, metadata,
@@ -16,62 +16,17 @@ without decoding them; only client -> kernel legacy JSON needs a parse (and a re
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import struct
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
-from uuid import uuid4
 
-from jupyter_client import protocol_version  # type: ignore[attr-defined]
+from ..errors import BadFrame as BadFrame  # what every parser here raises
+from ..wire import Part
 
-DELIMITER = b"<IDS|MSG>"
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
 CLIENT_CHANNELS = frozenset({"shell", "control", "stdin"})
 _MSG_KEYS = ("header", "parent_header", "metadata", "content")
-
-
-class BadFrame(ValueError):
-    """A websocket frame from a client that is not a valid kernel message."""
-
-
-Part = bytes | memoryview  # large parts stay views of the received ZMQ frames: no copy
-
-
-def frames_as_parts(frames: list[Any]) -> list[Part]:
-    """zmq.Frame objects (recv_multipart(copy=False)) as bytes, or as views when large."""
-    return [f.buffer if len(f) >= LARGE else f.bytes for f in frames]
-
-
-LARGE = 64 * 1024
-
-
-def parts_from_zmq(frames: list[Part]) -> list[Part]:
-    """The message parts of a ZMQ multipart message (idents and signature dropped)."""
-    try:
-        i = frames.index(DELIMITER)
-    except ValueError:
-        raise BadFrame("ZMQ message without delimiter") from None
-    parts = frames[i + 2 :]
-    if len(parts) < 4:
-        raise BadFrame("ZMQ message with fewer than four parts")
-    return parts
-
-
-def sign(key: bytes, parts: list[bytes]) -> bytes:
-    """HMAC-SHA256 hex digest over header, parent, metadata and content, as the kernel checks."""
-    if not key:
-        return b""
-    mac = hmac.new(key, digestmod=hashlib.sha256)
-    for part in parts[:4]:
-        mac.update(part)
-    return mac.hexdigest().encode()
-
-
-def zmq_from_parts(key: bytes, parts: list[bytes]) -> list[bytes]:
-    return [DELIMITER, sign(key, parts), *parts]
 
 
 # -- v1 ------------------------------------------------------------------------------------
@@ -213,15 +168,3 @@ def parts_from_legacy_binary(frame: bytes) -> tuple[str, list[bytes]]:
     except (ValueError, UnicodeDecodeError):
         raise BadFrame("binary frame does not start with JSON") from None
     return _parts_from_message(msg, chunks[1:])
-
-
-def status_parts(state: str, session: str = "") -> list[bytes]:
-    """An iopub status message made by the gateway itself (kernel restarting or dead)."""
-    # date and version as jupyter_client writes them (jsonutil.json_default, protocol_version),
-    # as in the kernel's own messages and in jupyter_server's status messages
-    header = {"msg_id": uuid4().hex, "msg_type": "status", "username": "gateway",
-              "session": session,
-              "date": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-              "version": protocol_version}
-    return [json.dumps(header).encode(), b"{}", b"{}",
-            json.dumps({"execution_state": state}).encode()]

@@ -1,4 +1,5 @@
-"""The kernel websocket /api/kernels/ID/channels: one client socket bridged to a ClientSession.
+"""The kernel websocket /api/kernels/ID/channels: one client socket bridged to a ClientSession
+(kernels/session.py), for which it is the `Sink`.
 
 States: handshake (auth and kernel checked before the upgrade) -> open (attached to its
 session; frames flow both ways) -> closed (detached; the session keeps collecting output for
@@ -20,8 +21,9 @@ from ..config import Config
 from ..errors import GatewayError
 from ..kernels.kernel import ManagedKernel
 from ..kernels.registry import KernelRegistry
+from ..kernels.session import ClientSession
+from ..wire import Part
 from . import codec
-from .session import ClientSession
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
             return
         await self.session.send_to_kernel(channel, parts)
 
-    def send(self, channel: bytes, parts: Sequence[codec.Part]) -> None:
+    def send(self, channel: bytes, parts: Sequence[Part]) -> None:
         """Sink.send: one kernel message to this client, in its protocol."""
         if self.v1:
             pieces, binary = codec.v1_pieces(channel, parts), True
@@ -119,7 +121,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
                         self.kernel.id if self.kernel else "?")
             self.close_with(1013, "client too slow")
 
-    def _write(self, pieces: list[codec.Part], size: int, binary: bool) -> Any:
+    def _write(self, pieces: list[Part], size: int, binary: bool) -> Any:
         """One message as one websocket frame. Small ones on a deflate connection go through
         tornado, which compresses them. Everything else is written here as an uncompressed
         frame, header then pieces: tornado assembles frames with `header + data`, a full copy,

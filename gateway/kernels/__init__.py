@@ -1,2 +1,5 @@
-"""Kernels: `kernel.ManagedKernel` runs one kernel through its provisioner, `registry` keeps
-them all, `env` decides what a client may put in a kernel's environment."""
+"""Kernels: `kernel.ManagedKernel` runs one kernel through its provisioner (lifecycle),
+`fanout` shares its iopub among its client sessions (`session`: each client's ZMQ sockets),
+`readiness` proves a launch answers, `registry` keeps them all, `env` decides what a client may
+put in a kernel's environment, `jc` holds every use of jupyter_client's private API.
+Nothing here imports bridge/ or handlers/: `session.Sink` is what a websocket must be."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest
@@ -50,3 +51,19 @@ def working_dir(env: Mapping[str, str]) -> str | None:
     if path and os.path.isdir(os.path.expanduser(path)):
         return os.path.expanduser(path)
     return None
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """A client's start request, checked once: what its kernel is given explicitly. The
+    registry hands `env` and `timeout` to the kernel's manager for the backends, and `env`
+    (over this process's environment) and `cwd` to jupyter_client's start_kernel."""
+
+    env: Mapping[str, str]  # KERNEL_* and allow-listed names (client_env)
+    timeout: float  # the client's KERNEL_LAUNCH_TIMEOUT, else the gateway's
+    cwd: str | None  # KERNEL_WORKING_DIR when it names a directory here
+
+    @classmethod
+    def from_client(cls, env: Any, allowlist: Iterable[str], timeout: float) -> LaunchRequest:
+        extra = client_env(env, allowlist)
+        return cls(extra, launch_timeout(extra, timeout), working_dir(extra))

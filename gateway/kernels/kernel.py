@@ -1,6 +1,7 @@
-"""One kernel: its jupyter_client manager (and so its provisioner, the backend), one iopub
-subscription shared by all its clients, the client sessions, and the lifecycle operations,
-serialised by a lock so a delete during a restart waits instead of failing.
+"""One kernel: its jupyter_client manager (and so its provisioner, the backend), and the
+lifecycle operations, serialised by a lock so a delete during a restart waits instead of
+failing. Its clients are in `fanout` (fanout.py); readiness after each launch is proved by
+`readiness.Handshake`.
 
 States: starting -> running <-> restarting -> running | dead; any -> stopping -> (removed)
 """
@@ -9,30 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-import zmq
 import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 
-from ..bridge import codec
-from ..bridge.session import ClientSession
+from .. import wire
+from ..backends.contract import hooks
 from ..errors import ClientError, KernelError, KernelStartError, KernelTimeout
+from . import jc
+from .fanout import Fanout
+from .readiness import Handshake
+from .session import ClientSession
 
 log = logging.getLogger(__name__)
-
-_ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime(_ISO)
 
 
 class ManagedKernel:
@@ -46,9 +42,8 @@ class ManagedKernel:
         self.state = "starting"
         self.execution_state = "starting"
         self.last_activity = time.time()
-        self.sessions: dict[str, ClientSession] = {}
-        self._replay_seconds = replay_seconds
-        self._replay_max_bytes = replay_max_bytes
+        self.fanout = Fanout(self, replay_seconds=replay_seconds,
+                             replay_max_bytes=replay_max_bytes, on_iopub=self._on_iopub)
         self._autorestart = autorestart
         self._restart_limit = restart_limit
         self._restarts: list[float] = []
@@ -57,138 +52,63 @@ class ManagedKernel:
         self.created = time.time()
         self.launch: dict[str, Any] = {"env": {}, "cwd": None}  # what the registry relaunches
         self._lock = asyncio.Lock()
-        self._iopub: zmq.asyncio.Socket | None = None
-        self._iopub_task: asyncio.Task[None] | None = None
-        self._iopub_live: asyncio.Future[None] | None = None  # done at its first message
         self._monitor_task: asyncio.Task[None] | None = None
         self._shutdown: asyncio.Task[None] | None = None
-        self._handshakes: dict[str, asyncio.Future[None]] = {}
+        self._handshake = Handshake()
         self._conn_info: dict[str, Any] = {}
 
     # -- model -------------------------------------------------------------------------
 
     @property
     def key(self) -> bytes:
-        return self.km.session.key
+        key: bytes = self.km.session.key
+        return key
 
     @property
     def connections(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.attached)
+        return self.fanout.connections
 
     def model(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "last_activity": iso(self.last_activity),
+        return {"id": self.id, "name": self.name, "last_activity": wire.iso(self.last_activity),
                 "execution_state": self.execution_state, "connections": self.connections}
 
     def touch(self) -> None:
         self.last_activity = time.time()
 
-    # -- sockets -----------------------------------------------------------------------
+    def connect(self, channel: str, identity: bytes | None = None, *, immediate: bool = False
+                ) -> zmq.asyncio.Socket:
+        """KernelLink.connect: a socket to one of the kernel's channels."""
+        return jc.connect(self.km, channel, identity, immediate=immediate)
 
-    def connect_channel(self, channel: str, identity: bytes, *, immediate: bool = False
-                        ) -> zmq.asyncio.Socket:
-        """A socket to one of the kernel's channels. `immediate`: its pipe exists only once
-        the ZMTP handshake with the kernel completed, so POLLOUT on it means "connected"
-        (ZMQ reads IMMEDIATE at connect time, hence set on the context for the call)."""
-        connect = getattr(self.km, f"connect_{channel}")
-        if not immediate:
-            return cast(zmq.asyncio.Socket, connect(identity=identity))
-        ctx = self.km.context
-        ctx.setsockopt(zmq.IMMEDIATE, 1)
+    def _on_iopub(self, parts: Sequence[wire.Part]) -> None:
+        """Called by the fan-out for each iopub message: track execution_state, and complete
+        readiness handshakes."""
+        self.last_activity = time.time()
         try:
-            return cast(zmq.asyncio.Socket, connect(identity=identity))
-        finally:
-            ctx.sockopts.pop(zmq.IMMEDIATE, None)
-
-    def _open_iopub(self) -> None:
-        sock = cast(zmq.asyncio.Socket, self.km.connect_iopub())
-        self._iopub = sock
-        self._iopub_live = asyncio.get_running_loop().create_future()
-        self._iopub_task = asyncio.create_task(self._pump_iopub(sock))
-
-    def _close_iopub(self) -> None:
-        if self._iopub_task:
-            self._iopub_task.cancel()
-            self._iopub_task = None
-        if self._iopub is not None:
-            self._iopub.close(linger=0)
-            self._iopub = None
-
-    async def _pump_iopub(self, sock: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                frames = codec.frames_as_parts(await sock.recv_multipart(copy=False))
-                try:
-                    parts = codec.parts_from_zmq(frames)
-                except codec.BadFrame as e:
-                    log.warning("kernel %s sent a bad iopub message: %s", self.id, e)
-                    continue
-                self.last_activity = time.time()
-                if self._iopub_live is not None and not self._iopub_live.done():
-                    self._iopub_live.set_result(None)
-                self._observe(parts)
-                for session in list(self.sessions.values()):
-                    session.deliver(b"iopub", parts)
-        except (asyncio.CancelledError, zmq.ContextTerminated):
-            pass
-        except zmq.ZMQError as e:
-            log.debug("iopub pump of %s stopped: %s", self.id, e)
-
-    def _observe(self, parts: Sequence[codec.Part]) -> None:
-        """Track execution_state, and complete readiness handshakes (only status messages,
-        which are small, are decoded)."""
-        header = bytes(parts[0])  # headers are small: bytes already, so no copy
-        if b'"status"' not in header:
-            return
-        try:
-            if json.loads(header).get("msg_type") != "status":
+            content = wire.status_content(parts)
+            if content is None:
                 return
-            state = json.loads(bytes(parts[3])).get("execution_state")
+            state = content.get("execution_state")
             # during a restart the old kernel's last statuses must not make it look idle
             if isinstance(state, str) and self.state == "running":
                 self.execution_state = state
-            if self._handshakes:
-                parent = json.loads(bytes(parts[1])).get("msg_id")
-                fut = self._handshakes.get(parent)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
+            if self._handshake.waiting:
+                self._handshake.answered(wire.parent_msg_id(parts))
         except (ValueError, AttributeError):
             log.warning("kernel %s sent an undecodable status message", self.id)
 
     def broadcast_status(self, state: str) -> None:
-        parts = codec.status_parts(state)
-        for session in list(self.sessions.values()):
-            session.deliver(b"iopub", parts)
+        self.fanout.broadcast(wire.status_parts(state))
 
-    # -- client sessions -----------------------------------------------------------------
+    # -- client sessions (the bridge's side) ---------------------------------------------
 
     def session_for(self, session_id: str) -> ClientSession:
-        """The session with this id (reused across reconnects), created when new. Sessions
-        without an id are not kept after their socket closes."""
-        self.expire_sessions()
-        session = self.sessions.get(session_id) if session_id else None
-        if session is None:
-            session = ClientSession(self, session_id, max_bytes=self._replay_max_bytes)
-            session.open_channels()
-            self.sessions[session_id or uuid.uuid4().hex] = session
-        return session
+        """Called by the websocket handler when a client connects; see Fanout.session_for."""
+        return self.fanout.session_for(session_id)
 
     def release(self, session: ClientSession) -> None:
-        """Called when a session's socket closed."""
-        if not session.session_id and not session.attached:
-            self._drop_session(session)
-        self.expire_sessions()
-
-    def expire_sessions(self) -> None:
-        now = time.monotonic()
-        for session in list(self.sessions.values()):
-            if session.detached_at is not None and now - session.detached_at > self._replay_seconds:
-                self._drop_session(session)
-
-    def _drop_session(self, session: ClientSession) -> None:
-        session.close_channels()
-        for key, value in list(self.sessions.items()):
-            if value is session:
-                del self.sessions[key]
+        """Called by the websocket handler when a session's socket closed."""
+        self.fanout.release(session)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -202,7 +122,7 @@ class ManagedKernel:
                 await self.km.start_kernel(**kwargs)
                 await self._on_launched(self)
                 self._conn_info = dict(self.km.get_connection_info())
-                self._open_iopub()
+                self.fanout.open()
                 await self._wait_ready()
         except asyncio.CancelledError:
             await self._abandon()
@@ -210,7 +130,7 @@ class ManagedKernel:
         except TimeoutError:
             await self._abandon()
             # a backend that queues its kernels says where the start stood (batch.py)
-            note = getattr(self.km.provisioner, "launch_note", lambda: "")()
+            note = hooks(self.km.provisioner).launch_note()
             raise KernelTimeout(f"kernel {self.name!r} did not become ready within "
                                 f"{launch_timeout:g} s (KERNEL_LAUNCH_TIMEOUT)"
                                 + (f": {note}" if note else "")) from None
@@ -229,10 +149,10 @@ class ManagedKernel:
         """Take over a kernel a previous gateway process started (its manager and provisioner
         already loaded from the state store): reconnect and prove it answers."""
         self._conn_info = dict(self.km.get_connection_info())
-        self._open_iopub()
+        self.fanout.open()
         # jupyter_client opens its control socket in start_kernel(), which was not called
         # here; shutdown and restart requests need it.
-        self.km._connect_control_socket()
+        jc.connect_control(self.km)
         try:
             await asyncio.wait_for(self._wait_ready(), launch_timeout)
         except (TimeoutError, KernelError):
@@ -258,19 +178,11 @@ class ManagedKernel:
         self.state = "stopping"
         if self._monitor_task:
             self._monitor_task.cancel()
-        self._close_sessions(1001, "gateway restarting; the kernel keeps running")
-        self._close_iopub()
-
-    def _close_sessions(self, code: int, reason: str) -> None:
-        """Close every client's socket with `code` and drop the sessions' ZMQ sockets."""
-        for session in list(self.sessions.values()):
-            if session.sink is not None:
-                session.sink.close_with(code, reason)
-            session.close_channels()
-        self.sessions.clear()
+        self.fanout.close_sessions(1001, "gateway restarting; the kernel keeps running")
+        self.fanout.close()
 
     async def _abandon(self) -> None:
-        self._close_iopub()
+        self.fanout.close()
         try:
             if self.km.has_kernel:
                 await self.km.shutdown_kernel(now=True)
@@ -279,74 +191,18 @@ class ManagedKernel:
         self.state = "dead"
 
     async def _wait_ready(self) -> None:
-        """Send kernel_info_request until an iopub status answering it arrives: proves the
-        kernel runs and that our iopub subscription is live, so no early output is lost.
-
-        Requests go only over a completed connection (IMMEDIATE, set before connecting:
-        ZMQ reads it at connect time), so a kernel not listening yet, still starting or
-        waiting in a batch queue, finds none piled up: each queued request costs a starting
-        kernel a reply and two statuses, which with 20 kernels starting at once on 2 cores
-        cost more than the gateway itself. A request goes when the connection completes
-        (the socket turns writable), again as soon as our iopub subscription proves live
-        (a status published before it was is lost; ipykernel 7 says so at once with
-        iopub_welcome, older kernels with their first status), before that at growing
-        intervals, and after that only every 2 s."""
-        loop = asyncio.get_running_loop()
-        shell = self.connect_channel("shell", uuid.uuid4().hex.encode(), immediate=True)
-        answered: asyncio.Future[None] = loop.create_future()
-        sent: list[str] = []
-        resend = 0.05  # seconds after a request before another
-        last_sent = -1.0
-        live_when_sent = False
-        alive_checked = loop.time()
-        try:
-            while not answered.done():
-                now = loop.time()
-                if now - alive_checked >= 0.1:
-                    alive_checked = now
-                    await self._check_alive()
-                live = self._iopub_live is not None and self._iopub_live.done()
-                # sent while our subscription was live, its status cannot be missed: only
-                # a lost connection could lose it, so the next try is much later
-                wait = max(resend, 2.0) if live_when_sent else resend
-                if last_sent < 0 or now - last_sent >= wait or (live and not live_when_sent):
-                    if not await shell.poll(timeout=100, flags=zmq.POLLOUT):  # type: ignore[call-arg]
-                        continue  # not connected yet
-                    msg_id = uuid.uuid4().hex
-                    with contextlib.suppress(zmq.Again):
-                        await shell.send_multipart(self._kernel_info_request(msg_id),
-                                                   flags=zmq.NOBLOCK)
-                        self._handshakes[msg_id] = answered  # any of them will do
-                        sent.append(msg_id)
-                        if last_sent >= 0:
-                            resend = min(resend * 2, 1.0)
-                        last_sent, live_when_sent = loop.time(), live
-                waits: set[asyncio.Future[Any]] = {answered}
-                if self._iopub_live is not None and not live_when_sent:
-                    waits.add(self._iopub_live)
-                await asyncio.wait(waits, timeout=min(resend, 0.1),
-                                   return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for msg_id in sent:
-                self._handshakes.pop(msg_id, None)
-            shell.close(linger=0)
-
-    def _kernel_info_request(self, msg_id: str) -> list[bytes]:
-        header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "session": msg_id,
-                  "username": "gateway", "date": iso(time.time()), "version": "5.3"}
-        return codec.zmq_from_parts(self.key, [json.dumps(header).encode(), b"{}", b"{}", b"{}"])
+        """Until the kernel answers a kernel_info_request through our iopub (readiness.py)."""
+        await self._handshake.wait(
+            connect_shell=lambda: self.connect("shell", uuid.uuid4().hex.encode(), immediate=True),
+            key=self.key, iopub_live=lambda: self.fanout.live, check_alive=self._check_alive)
 
     async def _check_alive(self) -> None:
         if not await self.km.is_alive():
-            tail = getattr(self.km.provisioner, "log_tail", lambda: "")()
+            tail = hooks(self.km.provisioner).log_tail()
             raise KernelStartError(
                 f"kernel {self.name!r} exited during start-up (exit code "
-                f"{self._exit_code()})" + (f"; its last output:\n{tail}" if tail else ""))
-
-    def _exit_code(self) -> Any:
-        prov = self.km.provisioner
-        proc = getattr(prov, "process", None)
-        return getattr(proc, "returncode", "unknown")
+                f"{jc.exit_code(self.km.provisioner)})"
+                + (f"; its last output:\n{tail}" if tail else ""))
 
     async def interrupt(self) -> None:
         if self.state not in ("running",):
@@ -372,21 +228,18 @@ class ManagedKernel:
             info = dict(self.km.get_connection_info())
             if info != self._conn_info or now:
                 self._conn_info = info
-                self._close_iopub()
-                self._open_iopub()
-                for session in self.sessions.values():
-                    session.reopen_channels()
+                self.fanout.close()
+                self.fanout.open()
+                self.fanout.reopen_channels()
             await asyncio.wait_for(self._wait_ready(), self.km.shutdown_wait_time + 60)
             # what was held may ask for input: the new kernel must know our stdin first
-            await asyncio.gather(*(s.stdin_connected() for s in self.sessions.values()))
+            await self.fanout.stdin_connected()
         except Exception:
             self.state = "dead"
             self.execution_state = "dead"
-            for session in self.sessions.values():
-                session.discard_held()
+            self.fanout.discard_held()
             raise
-        for session in self.sessions.values():
-            session.release_held()
+        self.fanout.release_held()
         self.state = "running"
         self.execution_state = "idle"
         await self._on_launched(self)
@@ -440,7 +293,7 @@ class ManagedKernel:
             finally:
                 self.execution_state = "dead"
                 self.broadcast_status("dead")
-                self._close_sessions(1000, "kernel deleted")
-                self._close_iopub()
+                self.fanout.close_sessions(1000, "kernel deleted")
+                self.fanout.close()
                 self.state = "dead"
                 self._on_gone(self)

@@ -14,31 +14,20 @@ from typing import Any, cast
 import zmq.asyncio
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 
+from ..backends.contract import GatewayHooks, GatewayKernelManager
 from ..config import Config
 from ..errors import Conflict, KernelStartError, LimitReached, NotFound, Unavailable
 from ..state import KernelRecord, StateStore
 from . import env as kenv
+from . import jc
 from .kernel import ManagedKernel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROVISIONER = "rkg-local-provisioner"
-
-
-def _provisioner_class(name: str) -> Any:
-    """The class a kernelspec's provisioner_name stands for, or None."""
-    if not name:
-        return None
-    factory = KernelProvisionerFactory.instance()
-    ep = factory.provisioners.get(name)
-    try:
-        return ep.load() if ep is not None else None
-    except Exception:
-        return None
+DEFAULT_PROVISIONER = "rkg-local"
 
 
 class KernelRegistry:
@@ -93,17 +82,18 @@ class KernelRegistry:
                 raise LimitReached(f"user {user or 'anonymous'!r} may run at most "
                                    f"{cfg.max_kernels_per_user} kernels; shut one down first")
 
-    def _manager(self, kernel_id: str, name: str) -> AsyncKernelManager:
-        km = AsyncKernelManager(
+    def _manager(self, kernel_id: str, name: str, client_env: dict[str, str],
+                 launch_timeout: float) -> GatewayKernelManager:
+        km = GatewayKernelManager(
             kernel_name=name, kernel_spec_manager=self.specs, context=self._context,
             connection_file=os.path.join(self._runtime_dir, f"kernel-{kernel_id}.json"),
+            gateway_id=self.gateway_id,  # container backends label what they create with it
+            client_env={**client_env, "KERNEL_ID": kernel_id}, launch_timeout=launch_timeout,
         )
         km.kernel_id = kernel_id
-        # container backends label what they create with it
-        km.rkg_gateway_id = self.gateway_id  # type: ignore[attr-defined]
         return km
 
-    def _managed(self, km: AsyncKernelManager, name: str, user: str) -> ManagedKernel:
+    def _managed(self, km: GatewayKernelManager, name: str, user: str) -> ManagedKernel:
         cfg = self.config
         kernel = ManagedKernel(km, name=name, replay_seconds=cfg.replay_seconds,
                                replay_max_bytes=cfg.replay_max_bytes, autorestart=cfg.autorestart,
@@ -116,14 +106,15 @@ class KernelRegistry:
     async def start(self, name: str | None, env: Any = None) -> ManagedKernel:
         name = name or self.config.default_kernel_name
         self.spec_exists(name)
-        extra = kenv.client_env(env, self.config.env_allowlist)
-        timeout = kenv.launch_timeout(extra, self.config.kernel_launch_timeout)
-        user = extra.get("KERNEL_USERNAME", "")
+        req = kenv.LaunchRequest.from_client(env, self.config.env_allowlist,
+                                             self.config.kernel_launch_timeout)
+        user = req.env.get("KERNEL_USERNAME", "")
         self._check_limits(user)
         kernel_id = str(uuid.uuid4())
-        kernel = self._managed(self._manager(kernel_id, name), name, user)
-        kernel.launch = {"env": extra, "cwd": kenv.working_dir(extra)}
-        task = asyncio.ensure_future(self._start_or_undo(kernel, timeout))
+        km = self._manager(kernel_id, name, dict(req.env), req.timeout)
+        kernel = self._managed(km, name, user)
+        kernel.launch = {"env": dict(req.env), "cwd": req.cwd}
+        task = asyncio.ensure_future(self._start_or_undo(kernel, req.timeout))
         self._starting[kernel_id] = task
         try:
             await task
@@ -237,15 +228,14 @@ class KernelRegistry:
             except Exception as e:  # a broken kernelspec is reported again when it is used
                 log.debug("kernelspec %s: %s", name, e)
                 continue
-            cls = _provisioner_class(str(meta.get("provisioner_name", "")))
-            reap = getattr(cls, "reap", None)
+            cls = jc.provisioner_class(str(meta.get("provisioner_name", "")))
             config = dict(meta.get("config") or {})
             key = f"{cls.__name__ if cls else ''} {config.get('docker_host', '')}"
-            if reap is None or key in seen:
+            if not (isinstance(cls, type) and issubclass(cls, GatewayHooks)) or key in seen:
                 continue
             seen.add(key)
             try:
-                gone = await reap(config, owned, self.gateway_id)
+                gone = await cls.reap(config, owned, self.gateway_id)
             except Exception as e:
                 log.warning("looking for orphans of kernelspec %s: %s", name, e)
                 continue
@@ -254,7 +244,9 @@ class KernelRegistry:
                             ", ".join(gone))
 
     async def _restore_one(self, rec: KernelRecord) -> None:
-        km = self._manager(rec.id, rec.name)
+        # a restart relaunches with what the client first asked for
+        km = self._manager(rec.id, rec.name, dict(rec.launch.get("env") or {}),
+                           self.config.kernel_launch_timeout)
         info = cast(KernelConnectionInfo, rec.connection_info)
         km.load_connection_info(info)
         prov = KernelProvisionerFactory.instance(parent=km).create_provisioner_instance(
@@ -264,11 +256,9 @@ class KernelRegistry:
         km.provisioner = prov
         kernel = self._managed(km, rec.name, rec.username)
         kernel.launch, kernel.created = rec.launch, rec.created
-        # jupyter_client sets these in start_kernel(), which a previous gateway process called:
-        # what restart_kernel() relaunches with, and that a start was made (without it, a
-        # restart reuses a settled `ready` future and fails with InvalidStateError).
-        km._launch_args = self._launch_kwargs(kernel)
-        km._attempted_start = True
+        # a previous gateway process called start_kernel(), so this manager must be told what
+        # restart_kernel() relaunches with, and that a start was made (jc.py says why)
+        jc.mark_started(km, self._launch_kwargs(kernel))
         if not await km.is_alive():
             await kernel.discard()
             raise RuntimeError("its process is gone")

@@ -1,0 +1,132 @@
+"""Fan-out: one iopub subscription per kernel, shared by all its client sessions, and the
+sessions themselves, kept for a reconnect (replay) until they expire."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+
+import zmq
+import zmq.asyncio
+
+from .. import wire
+from ..errors import BadFrame
+from .session import ClientSession, KernelLink
+
+log = logging.getLogger(__name__)
+
+
+class Fanout:
+    def __init__(self, kernel: KernelLink, *, replay_seconds: float, replay_max_bytes: int,
+                 on_iopub: Callable[[Sequence[wire.Part]], None]) -> None:
+        self.kernel = kernel
+        self.sessions: dict[str, ClientSession] = {}
+        self.live: asyncio.Future[None] | None = None  # done at iopub's first message
+        self._replay_seconds = replay_seconds
+        self._replay_max_bytes = replay_max_bytes
+        self._on_iopub = on_iopub
+        self._iopub: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connections(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.attached)
+
+    # -- iopub ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Subscribe to the kernel's iopub (again, after a restart)."""
+        sock = self.kernel.connect("iopub")
+        self._iopub = sock
+        self.live = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._pump(sock))
+
+    def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            self._task = None
+        if self._iopub is not None:
+            self._iopub.close(linger=0)
+            self._iopub = None
+
+    async def _pump(self, sock: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                frames = wire.frames_as_parts(await sock.recv_multipart(copy=False))
+                try:
+                    parts = wire.parts_from_zmq(frames)
+                except BadFrame as e:
+                    log.warning("kernel %s sent a bad iopub message: %s", self.kernel.id, e)
+                    continue
+                if self.live is not None and not self.live.done():
+                    self.live.set_result(None)
+                self._on_iopub(parts)
+                for session in list(self.sessions.values()):
+                    session.deliver(b"iopub", parts)
+        except (asyncio.CancelledError, zmq.ContextTerminated):
+            pass
+        except zmq.ZMQError as e:
+            log.debug("iopub pump of %s stopped: %s", self.kernel.id, e)
+
+    def broadcast(self, parts: Sequence[wire.Part]) -> None:
+        """An iopub message of the gateway's own (a status) to every session."""
+        for session in list(self.sessions.values()):
+            session.deliver(b"iopub", parts)
+
+    # -- across a restart ----------------------------------------------------------------
+
+    def reopen_channels(self) -> None:
+        """The kernel's ports moved (or it died with requests queued): new sockets."""
+        for session in self.sessions.values():
+            session.reopen_channels()
+
+    async def stdin_connected(self) -> None:
+        await asyncio.gather(*(s.stdin_connected() for s in self.sessions.values()))
+
+    def release_held(self) -> None:
+        for session in self.sessions.values():
+            session.release_held()
+
+    def discard_held(self) -> None:
+        for session in self.sessions.values():
+            session.discard_held()
+
+    # -- client sessions -----------------------------------------------------------------
+
+    def session_for(self, session_id: str) -> ClientSession:
+        """The session with this id (reused across reconnects), created when new. Sessions
+        without an id are not kept after their socket closes."""
+        self.expire()
+        session = self.sessions.get(session_id) if session_id else None
+        if session is None:
+            session = ClientSession(self.kernel, session_id, max_bytes=self._replay_max_bytes)
+            session.open_channels()
+            self.sessions[session_id or uuid.uuid4().hex] = session
+        return session
+
+    def release(self, session: ClientSession) -> None:
+        """Called when a session's socket closed."""
+        if not session.session_id and not session.attached:
+            self._drop(session)
+        self.expire()
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if session.detached_at is not None and now - session.detached_at > self._replay_seconds:
+                self._drop(session)
+
+    def _drop(self, session: ClientSession) -> None:
+        session.close_channels()
+        for key, value in list(self.sessions.items()):
+            if value is session:
+                del self.sessions[key]
+
+    def close_sessions(self, code: int, reason: str) -> None:
+        """Close every client's socket with `code` and drop the sessions' ZMQ sockets."""
+        for session in list(self.sessions.values()):
+            session.close(code, reason)
+        self.sessions.clear()
