@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
-    add_serve_arguments(serve, os.environ)
+    add_serve_arguments(serve)
     add_spec_arguments(sub.add_parser("spec", help="add, list or remove kernelspecs"))
     return parser
 

@@ -1,49 +1,42 @@
 """The gateway's configuration: one typed object, read once from the command line and the
-RKG_* environment variables (flags win), then passed to whoever needs it."""
+RKG_* environment variables, then passed to whoever needs it.
+
+A field that `rkg serve` sets declares its `Option` (flag, help, variable) in its metadata;
+the parser, its --help and the variables are generated from those, so each setting is written
+once. A flag wins over its variable, except that a repeatable flag adds to the list its
+variable gives. Fields without an Option are tuning knobs for code (tests, embedders)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import BadRequest
 
 
 @dataclass(frozen=True)
-class Config:
-    ip: str = "127.0.0.1"
-    port: int = 8888
-    base_url: str = "/"
-    token: str = ""
-    token_generated: bool = False
-    no_auth: bool = False
-    kernelspec_dirs: tuple[str, ...] = ()
-    default_kernel_name: str = "python3"
-    # Names the client may set in POST /api/kernels {"env"} besides KERNEL_*.
-    env_allowlist: tuple[str, ...] = ()
-    kernel_launch_timeout: float = 60.0
-    cull_idle_timeout: float = 0.0  # seconds; 0 disables culling
-    cull_interval: float = 60.0
-    cull_connected: bool = False
-    cull_busy: bool = False
-    autorestart: bool = True
-    restart_limit: int = 5
-    # iopub kept for a disconnected session_id, replayed when it reconnects
-    replay_seconds: float = 300.0
-    replay_max_bytes: int = 256 * 1024 * 1024
-    allow_origin: str = ""
-    shutdown_timeout: float = 10.0
-    state_db: str = ""
-    keep_kernels: bool = False
-    max_kernels: int = 0  # 0: no limit
-    max_kernels_per_user: int = 0
-    # messages larger than this go uncompressed on deflate connections; 0: no deflate at all
-    ws_compress_max: int = 1024 * 1024
-    log_level: str = "INFO"
-    extra: Mapping[str, str] = field(default_factory=dict)
+class Option:
+    """How `rkg serve` sets one Config field. The kind of value (switch, number, text,
+    repeatable list) is the type of the field's default."""
+
+    flag: str
+    help: str
+    env: str
+    negate: bool = False  # a --no-X switch: given, the field is False
+    clean: Callable[[Any], Any] | None = None  # normalises or rejects (ValueError) a value
+    cli_default: Callable[[], Any] | None = None  # when the CLI's differs from the field's
+    shown_default: str = ""  # for --help, when the value itself says too little
+
+
+def _option(default: Any, flag: str, help: str, *, env: str = "", **kw: Any) -> Any:
+    env = env or "RKG_" + flag.removeprefix("--").upper().replace("-", "_")
+    return field(default=default, metadata={"option": Option(flag, help, env, **kw)})
 
 
 def normalize_base_url(value: str) -> str:
@@ -58,102 +51,174 @@ def default_state_db() -> str:
     return os.path.join(jupyter_data_dir(), "remote-kernel-gateway", "state.sqlite")
 
 
-def _env_flag(environ: Mapping[str, str], name: str) -> bool:
-    return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _tcp_port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise ValueError("is not a TCP port")
+    return port
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+def _log_level(name: str) -> str:
+    if name.upper() not in logging.getLevelNamesMapping():
+        raise ValueError("is not a log level (DEBUG, INFO, WARNING, ERROR)")
+    return name.upper()
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """Flags of `rkg serve`; each default comes from its RKG_* variable (for docker-compose)."""
-    e = environ.get
-    parser.add_argument("--ip", default=e("RKG_IP", Config.ip))
-    parser.add_argument("--port", type=int, default=int(e("RKG_PORT", Config.port)))
-    parser.add_argument("--base-url", default=e("RKG_BASE_URL", Config.base_url))
-    parser.add_argument("--token", default=e("RKG_TOKEN", ""),
-                        help="API token (RKG_TOKEN, or a file named by RKG_TOKEN_FILE); "
-                        "generated and printed when not given")
-    parser.add_argument("--no-auth", action="store_true", default=_env_flag(environ, "RKG_NO_AUTH"),
-                        help="serve without any token (only behind something that authenticates)")
-    parser.add_argument("--kernelspec-dir", action="append",
-                        default=list(_csv(e("RKG_KERNELSPEC_DIRS", ""))),
-                        help="extra directory of kernelspecs (repeatable)")
-    parser.add_argument("--default-kernel",
-                        default=e("RKG_DEFAULT_KERNEL", Config.default_kernel_name))
-    parser.add_argument("--env-allow", action="append",
-                        default=list(_csv(e("RKG_ENV_ALLOW", ""))),
-                        help="variable a client may pass to its kernel besides KERNEL_*")
-    parser.add_argument("--kernel-launch-timeout", type=float,
-                        default=float(e("RKG_KERNEL_LAUNCH_TIMEOUT", Config.kernel_launch_timeout)))
-    parser.add_argument("--cull-idle-timeout", type=float,
-                        default=float(e("RKG_CULL_IDLE_TIMEOUT", Config.cull_idle_timeout)),
-                        help="shut down kernels idle this many seconds (0: never)")
-    parser.add_argument("--cull-interval", type=float,
-                        default=float(e("RKG_CULL_INTERVAL", Config.cull_interval)))
-    parser.add_argument("--cull-connected", action="store_true",
-                        default=_env_flag(environ, "RKG_CULL_CONNECTED"))
-    parser.add_argument("--cull-busy", action="store_true",
-                        default=_env_flag(environ, "RKG_CULL_BUSY"))
-    parser.add_argument("--no-autorestart", action="store_true",
-                        default=_env_flag(environ, "RKG_NO_AUTORESTART"))
-    parser.add_argument("--allow-origin", default=e("RKG_ALLOW_ORIGIN", ""),
-                        help="CORS origin allowed to call the API ('*' for any)")
-    parser.add_argument("--state-db", default=e("RKG_STATE_DB", default_state_db()),
-                        help="SQLite file recording kernels and sessions (':memory:' for none)")
-    parser.add_argument("--keep-kernels", action="store_true",
-                        default=_env_flag(environ, "RKG_KEEP_KERNELS"),
-                        help="on shutdown leave kernels running, for the next gateway to re-attach")
-    parser.add_argument("--max-kernels", type=int, default=int(e("RKG_MAX_KERNELS", "0")))
-    parser.add_argument("--max-kernels-per-user", type=int,
-                        default=int(e("RKG_MAX_KERNELS_PER_USER", "0")),
-                        help="per KERNEL_USERNAME")
-    parser.add_argument("--ws-compress-max", type=int,
-                        default=int(e("RKG_WS_COMPRESS_MAX", Config.ws_compress_max)),
-                        help="websocket messages above this many bytes are not deflated "
-                        "(0: no permessage-deflate)")
-    parser.add_argument("--log-level", default=e("RKG_LOG_LEVEL", Config.log_level))
+def _abspaths(paths: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(os.path.abspath(p) for p in paths)
+
+
+@dataclass(frozen=True)
+class Config:
+    ip: str = _option("127.0.0.1", "--ip", "address to listen on")
+    port: int = _option(8888, "--port", "port", clean=_tcp_port)
+    base_url: str = _option("/", "--base-url", "prefix of every URL (behind a proxy)",
+                            clean=normalize_base_url)
+    token: str = _option("", "--token", "API token (or a file named by RKG_TOKEN_FILE)",
+                         shown_default="generated and printed")
+    token_generated: bool = False
+    no_auth: bool = _option(False, "--no-auth",
+                            "serve without any token (only behind something that authenticates)")
+    kernelspec_dirs: tuple[str, ...] = _option(
+        (), "--kernelspec-dir", "more kernelspecs beside the Jupyter paths",
+        env="RKG_KERNELSPEC_DIRS", clean=_abspaths)
+    default_kernel_name: str = _option("python3", "--default-kernel",
+                                       "kernelspec used when a client names none")
+    env_allowlist: tuple[str, ...] = _option(
+        (), "--env-allow", "variable a client may pass to its kernel besides KERNEL_*")
+    kernel_launch_timeout: float = _option(
+        60.0, "--kernel-launch-timeout",
+        "seconds a start may take; a client's KERNEL_LAUNCH_TIMEOUT overrides it")
+    cull_idle_timeout: float = _option(0.0, "--cull-idle-timeout",
+                                       "shut down kernels idle this many seconds (0: never)")
+    cull_interval: float = _option(60.0, "--cull-interval", "seconds between looks for idle ones")
+    cull_connected: bool = _option(False, "--cull-connected", "cull kernels with clients too")
+    cull_busy: bool = _option(False, "--cull-busy", "cull busy kernels too")
+    autorestart: bool = _option(True, "--no-autorestart", "do not restart kernels that die",
+                                negate=True)
+    restart_limit: int = 5
+    # iopub kept for a disconnected session_id, replayed when it reconnects
+    replay_seconds: float = 300.0
+    replay_max_bytes: int = 256 * 1024 * 1024
+    allow_origin: str = _option("", "--allow-origin",
+                                "CORS origin allowed to call the API ('*' for any)")
+    shutdown_timeout: float = 10.0
+    state_db: str = _option("", "--state-db",
+                            "SQLite file recording kernels and sessions (':memory:' for none)",
+                            cli_default=default_state_db)
+    keep_kernels: bool = _option(
+        False, "--keep-kernels",
+        "on shutdown leave kernels running, for the next gateway to re-attach")
+    max_kernels: int = _option(0, "--max-kernels", "kernels in all (0: no limit)")
+    max_kernels_per_user: int = _option(0, "--max-kernels-per-user",
+                                        "kernels per KERNEL_USERNAME (0: no limit)")
+    ws_compress_max: int = _option(
+        1024 * 1024, "--ws-compress-max",
+        "websocket messages above this many bytes are not deflated (0: no permessage-deflate)")
+    log_level: str = _option("INFO", "--log-level", "DEBUG, INFO, WARNING or ERROR",
+                             clean=_log_level)
+
+
+def options() -> Iterator[tuple[dataclasses.Field[Any], Option]]:
+    """The fields `rkg serve` sets, in declaration order, each with its Option."""
+    for f in dataclasses.fields(Config):
+        if "option" in f.metadata:
+            yield f, f.metadata["option"]
+
+
+def shown_default(f: dataclasses.Field[Any], opt: Option) -> str:
+    """The default as --help (and the README table) state it."""
+    if opt.shown_default:
+        return opt.shown_default
+    if opt.cli_default:
+        return str(opt.cli_default())
+    if isinstance(f.default, bool):
+        return "off"  # a switch (--no-X included) is off unless given
+    if isinstance(f.default, float):
+        return f"{f.default:g}"
+    return str(f.default) if f.default not in ("", ()) else "none"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `rkg serve`. Their defaults are None ("not given"): config_from_args()
+    falls back to the variable, then to the field's default."""
+    for f, opt in options():
+        kind: type = type(f.default)
+        text = f"{opt.help} [{opt.env}, default {shown_default(f, opt)}]"
+        if kind is tuple:
+            text = f"{opt.help}; repeatable, adds to {opt.env} (comma-separated)"
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": text.replace("%", "%%")}
+        if kind is bool:
+            kw["action"] = "store_true"
+        elif kind is tuple:
+            kw["action"] = "append"
+        else:
+            kw["type"] = kind
+        if kind is not bool:
+            kw["metavar"] = opt.flag.removeprefix("--").upper().replace("-", "_")
+        parser.add_argument(opt.flag, **kw)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_NOUN = {int: "an integer", float: "a number"}
+
+
+def _from_env(kind: type, name: str, raw: str) -> Any:
+    if kind is bool:
+        if raw.strip().lower() in _TRUE + _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise BadRequest(f"{name}={raw!r}: use 1, true, yes or on (0, false, no or off)")
+    if kind is tuple:
+        return tuple(v.strip() for v in raw.split(",") if v.strip())
+    try:
+        return kind(raw)
+    except ValueError:
+        raise BadRequest(f"{name}={raw!r} is not {_NOUN[kind]}") from None
+
+
+def _value(f: dataclasses.Field[Any], opt: Option, given: Any,
+           environ: Mapping[str, str]) -> Any:
+    kind: type = type(f.default)
+    raw = environ.get(opt.env)
+    if given is not None and kind is not tuple:
+        raw = None  # the flag wins, even over a variable that would not parse
+    from_env = None if raw is None else _from_env(kind, opt.env, raw)
+    if kind is tuple:
+        value: Any = (*(from_env or ()), *(given or ()))
+    elif given is not None:
+        value = given
+    elif from_env is not None:
+        value = from_env
+    elif opt.negate:
+        value = False  # the --no-X switch, not given
+    else:
+        value = opt.cli_default() if opt.cli_default else f.default
+    if opt.negate:
+        value = not value
+    if opt.clean is not None:
+        try:
+            value = opt.clean(value)
+        except ValueError as e:
+            source = f"{opt.flag} {given!r}" if given is not None else f"{opt.env}={raw!r}"
+            raise BadRequest(f"{source} {e}") from None
+    return value
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
-    token, generated = args.token, False
+    """The Config of parsed `rkg serve` flags (add_serve_arguments) and the environment.
+    A bad variable or value is a BadRequest naming it."""
+    values = {f.name: _value(f, opt, getattr(args, f.name), environ) for f, opt in options()}
+    token, generated = values["token"], False
     if not token and environ.get("RKG_TOKEN_FILE"):
-        with open(environ["RKG_TOKEN_FILE"]) as f:
-            token = f.read().strip()
-    if args.no_auth:
+        with open(environ["RKG_TOKEN_FILE"]) as file:
+            token = file.read().strip()
+    if values["no_auth"]:
         token = ""
     elif not token:
         token, generated = secrets.token_hex(24), True
-    if args.port < 0 or args.port > 65535:
-        raise BadRequest(f"--port {args.port} is not a TCP port")
-    return Config(
-        ip=args.ip,
-        port=args.port,
-        base_url=normalize_base_url(args.base_url),
-        token=token,
-        token_generated=generated,
-        no_auth=args.no_auth,
-        kernelspec_dirs=tuple(os.path.abspath(d) for d in args.kernelspec_dir),
-        default_kernel_name=args.default_kernel,
-        env_allowlist=tuple(args.env_allow),
-        kernel_launch_timeout=args.kernel_launch_timeout,
-        cull_idle_timeout=args.cull_idle_timeout,
-        cull_interval=args.cull_interval,
-        cull_connected=args.cull_connected,
-        cull_busy=args.cull_busy,
-        autorestart=not args.no_autorestart,
-        allow_origin=args.allow_origin,
-        log_level=args.log_level.upper(),
-        state_db=args.state_db,
-        keep_kernels=args.keep_kernels,
-        max_kernels=args.max_kernels,
-        max_kernels_per_user=args.max_kernels_per_user,
-        ws_compress_max=args.ws_compress_max,
-    )
+    return Config(**values | {"token": token, "token_generated": generated})
 
 
 def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     parser = argparse.ArgumentParser(prog="rkg serve")
-    add_serve_arguments(parser, environ)
+    add_serve_arguments(parser)
     return config_from_args(parser.parse_args(argv), environ)

@@ -15,8 +15,10 @@ from gateway.backends.schedulers import (
     RUNNING,
     SCHEDULERS,
     JobRequest,
-    SchedulerError,
 )
+from gateway.errors import SchedulerError
+
+pytestmark = pytest.mark.unit
 
 FULL = JobRequest(name="rkg-k1", output="/shared/rt/k1.log", workdir="/shared/me",
                   queue="gpu", cpus=4, memory="16G", gpus=1, walltime="01:30:00",
@@ -229,7 +231,8 @@ def test_lsf_parsing():
 
 
 def test_job_script():
-    from gateway.backends.batch import job_env, job_script
+    from gateway.backends.batch import job_script
+    from gateway.backends.common import remote_env
 
     script = job_script(cmd=["python3", "-m", "ipykernel_launcher", "-f", "/rt/k 1.json"],
                         env={"KERNEL_ID": "k1", "A": "x y"}, workdir="~/work dir",
@@ -239,6 +242,6 @@ def test_job_script():
     assert lines[2].startswith("""cd "$HOME"'/work dir' || """)
     assert "module load cuda" in script and "export A='x y'" in script
     assert lines[-1] == "exec python3 -m ipykernel_launcher -f '/rt/k 1.json' </dev/null"
-    env = job_env({"KERNEL_ID": "k1", "JPY_PARENT_PID": "1", "PATH": "/x", "BAD-NAME": "1"},
-                  {"OMP_NUM_THREADS": "4"})
+    env = remote_env({"KERNEL_ID": "k1", "BAD-NAME": "1"}, {"PATH": "/x"},
+                     {"OMP_NUM_THREADS": "4"})
     assert env == {"KERNEL_ID": "k1", "OMP_NUM_THREADS": "4"}
