@@ -77,8 +77,10 @@ def print_code(mb: int) -> str:
 
 
 def display_code(mb: int) -> str:
-    return ("from IPython.display import display\n"
-            f"display({{'text/plain': 'y' * {mb * MB}}}, raw=True)\n")
+    return (
+        "from IPython.display import display\n"
+        f"display({{'text/plain': 'y' * {mb * MB}}}, raw=True)\n"
+    )
 
 
 def free_port() -> int:
@@ -139,14 +141,20 @@ class Reaper:
 # -- HTTP ------------------------------------------------------------------------------------
 
 
-async def http(server: Server, method: str, path: str, body: Any = None,
-               timeout: float = 120) -> tuple[int, Any]:
+async def http(
+    server: Server, method: str, path: str, body: Any = None, timeout: float = 120
+) -> tuple[int, Any]:
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
     data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    req = HTTPRequest(server.url + path, method=method, body=data,
-                      headers={"Authorization": f"token {server.token}"},
-                      request_timeout=timeout, connect_timeout=10)
+    req = HTTPRequest(
+        server.url + path,
+        method=method,
+        body=data,
+        headers={"Authorization": f"token {server.token}"},
+        request_timeout=timeout,
+        connect_timeout=10,
+    )
     resp = await AsyncHTTPClient().fetch(req, raise_error=False)
     if resp.code == 599 and resp.error:
         raise OSError(str(resp.error))
@@ -172,9 +180,22 @@ class Server:
         self.ssh: LoopbackSSH | None = None
         self.dockerd: LocalDockerd | None = None
         if name in ("ours", "ours-ssh", "ours-docker"):
-            args = [sys.executable, "-m", "gateway", "serve", "--ip", "127.0.0.1",
-                    "--port", str(self.port), "--token", self.token,
-                    "--state-db", str(tmp / f"state-{self.port}.sqlite"), "--log-level", "WARNING"]
+            args = [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--token",
+                self.token,
+                "--state-db",
+                str(tmp / f"state-{self.port}.sqlite"),
+                "--log-level",
+                "WARNING",
+            ]
             if name == "ours-ssh":  # the same gateway, kernels over SSH to a loopback sshd
                 self.ssh = LoopbackSSH(tmp)
                 specs = tmp / "ssh-kernelspecs"
@@ -190,15 +211,20 @@ class Server:
         else:
             jkg = shutil.which("jupyter-kernelgateway", path=str(Path(sys.executable).parent))
             if not jkg:
-                raise RuntimeError("jupyter-kernelgateway not found beside this python: "
-                                   "pip install jupyter_kernel_gateway (or -e .[bench])")
+                raise RuntimeError(
+                    "jupyter-kernelgateway not found beside this python: "
+                    "pip install jupyter_kernel_gateway (or -e .[bench])"
+                )
             # list_kernels lives on the websocket personality: KernelGatewayApp.list_kernels is
             # not a trait of JKG 3.0.1 (GET /api/kernels stays 403 with it).
-            args = [jkg, "--KernelGatewayApp.ip=127.0.0.1",
-                    f"--KernelGatewayApp.port={self.port}",
-                    f"--KernelGatewayApp.auth_token={self.token}",
-                    "--JupyterWebsocketPersonality.list_kernels=True",
-                    "--KernelGatewayApp.log_level=WARN"]
+            args = [
+                jkg,
+                "--KernelGatewayApp.ip=127.0.0.1",
+                f"--KernelGatewayApp.port={self.port}",
+                f"--KernelGatewayApp.auth_token={self.token}",
+                "--JupyterWebsocketPersonality.list_kernels=True",
+                "--KernelGatewayApp.log_level=WARN",
+            ]
             if name == "jkg-nolimit":
                 # jupyter_server 2.x: the limit is a trait of the websocket connection class
                 # (ServerApp.iopub_data_rate_limit of jupyter_server 1 no longer exists).
@@ -209,9 +235,13 @@ class Server:
         self.log_path = tmp / f"{name}-{self.port}.log"
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=tmp,
+            args,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
             env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / f"runtime-{self.port}")},
-            start_new_session=True)
+            start_new_session=True,
+        )
 
     async def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -283,7 +313,8 @@ class DirectKernel:
             self.kc.start_channels()
             msg_id = self.kc.kernel_info()
             while (await self.kc.get_shell_msg(timeout=60))["parent_header"].get(
-                    "msg_id") != msg_id:
+                "msg_id"
+            ) != msg_id:
                 pass
             elapsed = time.perf_counter() - t0
             await self.iopub_ready(msg_id)
@@ -341,36 +372,54 @@ class WsClient:
                   gap to direct is the gateway's.
     """
 
-    def __init__(self, kind: str, ws: Any, session: Any, subprotocol: str | None,
-                 extensions: str) -> None:
+    def __init__(
+        self, kind: str, ws: Any, session: Any, subprotocol: str | None, extensions: str
+    ) -> None:
         self.kind, self.ws, self.session = kind, ws, session
         self.subprotocol, self.extensions = subprotocol, extensions
 
     @classmethod
-    async def connect(cls, kind: str, url: str, token: str, v1: bool, deflate: bool
-                      ) -> WsClient:
+    async def connect(cls, kind: str, url: str, token: str, v1: bool, deflate: bool) -> WsClient:
         headers = {"Authorization": f"token {token}"}
         if kind == "aiohttp":
             import aiohttp
 
             session = aiohttp.ClientSession()
             try:
-                ws = await session.ws_connect(url, headers=headers, protocols=[V1] if v1 else (),
-                                              max_msg_size=0, timeout=aiohttp.ClientWSTimeout(
-                                                  ws_receive=None, ws_close=10))
+                ws = await session.ws_connect(
+                    url,
+                    headers=headers,
+                    protocols=[V1] if v1 else (),
+                    max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10),
+                )
             except BaseException:
                 await session.close()
                 raise
-            return cls(kind, ws, session, ws.protocol,
-                       ws._response.headers.get("Sec-WebSocket-Extensions") or "none")
+            return cls(
+                kind,
+                ws,
+                session,
+                ws.protocol,
+                ws._response.headers.get("Sec-WebSocket-Extensions") or "none",
+            )
         import websockets
 
-        ws = await websockets.connect(url, additional_headers=headers,
-                                      subprotocols=[V1] if v1 else None, max_size=None,
-                                      open_timeout=60,
-                                      **({} if deflate else {"compression": None}))
-        return cls(kind, ws, None, ws.subprotocol,
-                   ws.response.headers.get("Sec-WebSocket-Extensions") or "none")
+        ws = await websockets.connect(
+            url,
+            additional_headers=headers,
+            subprotocols=[V1] if v1 else None,
+            max_size=None,
+            open_timeout=60,
+            **({} if deflate else {"compression": None}),
+        )
+        return cls(
+            kind,
+            ws,
+            None,
+            ws.subprotocol,
+            ws.response.headers.get("Sec-WebSocket-Extensions") or "none",
+        )
 
     async def send(self, data: str | bytes) -> None:
         if self.kind == "websockets":
@@ -413,8 +462,9 @@ class WsKernel:
         self.quickack = False  # diagnostic only: TCP_QUICKACK after every read
 
     @classmethod
-    async def start(cls, server: Server, v1: bool, deflate: bool = True,
-                    client: str = "websockets") -> tuple[WsKernel, float, float]:
+    async def start(
+        cls, server: Server, v1: bool, deflate: bool = True, client: str = "websockets"
+    ) -> tuple[WsKernel, float, float]:
         """(kernel, POST->201 seconds, POST->kernel_info_reply seconds)"""
         t0 = time.perf_counter()
         code, model = await http(server, "POST", "api/kernels", {"name": server.kernel_name})
@@ -424,14 +474,20 @@ class WsKernel:
         self = None
         try:
             ws = await WsClient.connect(
-                client, f"{server.ws_url}api/kernels/{model['id']}/channels"
-                f"?session_id={uuid.uuid4().hex}", server.token, v1, deflate)
+                client,
+                f"{server.ws_url}api/kernels/{model['id']}/channels?session_id={uuid.uuid4().hex}",
+                server.token,
+                v1,
+                deflate,
+            )
             self = cls(server, model["id"], ws, v1)
             if client == "websockets":
                 server.extensions = ws.extensions
             if (ws.subprotocol == V1) != v1:
-                raise RuntimeError(f"{server.name}: asked for {'v1' if v1 else 'legacy'}, "
-                                   f"server chose subprotocol {ws.subprotocol!r}")
+                raise RuntimeError(
+                    f"{server.name}: asked for {'v1' if v1 else 'legacy'}, "
+                    f"server chose subprotocol {ws.subprotocol!r}"
+                )
             msg_id = await self.send("kernel_info_request", {})
             status_seen = False
             async with asyncio.timeout(60):
@@ -461,26 +517,45 @@ class WsKernel:
             async with asyncio.timeout(10):
                 while True:
                     m = await self.recv()
-                    if (m["parent_header"].get("msg_id") == msg_id
-                            and m["header"]["msg_type"] == "status"):
+                    if (
+                        m["parent_header"].get("msg_id") == msg_id
+                        and m["header"]["msg_type"] == "status"
+                    ):
                         return
-        raise RuntimeError(f"{self.server.name}: kernel_info_reply came, but no iopub status "
-                           "with that parent within 10 s")
+        raise RuntimeError(
+            f"{self.server.name}: kernel_info_reply came, but no iopub status "
+            "with that parent within 10 s"
+        )
 
     async def send(self, msg_type: str, content: dict[str, Any]) -> str:
-        header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "session": self.session,
-                  "username": "bench", "version": "5.3",
-                  "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())}
+        header = {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "session": self.session,
+            "username": "bench",
+            "version": "5.3",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+        }
         if self.v1:
             parts = [b"shell", *(json.dumps(p).encode() for p in (header, {}, {}, content))]
             offsets = [8 * (len(parts) + 2)]
             for p in parts:
                 offsets.append(offsets[-1] + len(p))
-            await self.ws.send(struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
-                               + b"".join(parts))
+            await self.ws.send(
+                struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + b"".join(parts)
+            )
         else:
-            await self.ws.send(json.dumps({"header": header, "parent_header": {}, "metadata": {},
-                                           "content": content, "channel": "shell"}))
+            await self.ws.send(
+                json.dumps(
+                    {
+                        "header": header,
+                        "parent_header": {},
+                        "metadata": {},
+                        "content": content,
+                        "channel": "shell",
+                    }
+                )
+            )
         return str(header["msg_id"])
 
     async def recv(self) -> dict[str, Any]:
@@ -495,20 +570,31 @@ class WsKernel:
         if self.v1:
             (n,) = struct.unpack_from("<Q", view)
             offs = struct.unpack_from(f"<{n}Q", view, 8)
-            part = [view[offs[i]:offs[i + 1]] for i in range(min(n - 1, 5))]
-            return {"channel": _text(part[0]), "header": json.loads(_text(part[1])),
-                    "parent_header": json.loads(_text(part[2])),
-                    "content": json.loads(_text(part[4]))}
+            part = [view[offs[i] : offs[i + 1]] for i in range(min(n - 1, 5))]
+            return {
+                "channel": _text(part[0]),
+                "header": json.loads(_text(part[1])),
+                "parent_header": json.loads(_text(part[2])),
+                "content": json.loads(_text(part[4])),
+            }
         # legacy binary frame (a message with buffers): uint32 BE count, offsets, JSON, buffers
         (n,) = struct.unpack_from(">I", view)
         offs = [*struct.unpack_from(f">{n}I", view, 4), len(view)]
-        return json.loads(_text(view[offs[0]:offs[1]]))  # type: ignore[no-any-return]
+        return json.loads(_text(view[offs[0] : offs[1]]))  # type: ignore[no-any-return]
 
     async def execute(self, code: str) -> Result:
         res = Result()
-        msg_id = await self.send("execute_request", {
-            "code": code, "silent": False, "store_history": True, "user_expressions": {},
-            "allow_stdin": False, "stop_on_error": True})
+        msg_id = await self.send(
+            "execute_request",
+            {
+                "code": code,
+                "silent": False,
+                "store_history": True,
+                "user_expressions": {},
+                "allow_stdin": False,
+                "stop_on_error": True,
+            },
+        )
         idle = False
         while not (idle and res.reply_status):
             m = await self.recv()
@@ -541,8 +627,7 @@ class Target:
         self.protocols = ["zmq"] if server is None else ["legacy", "v1"]
         self.clients = ["zmq"] if server is None else ["websockets", "aiohttp", "node"]
 
-    async def start(self, protocol: str, client: str = "websockets"
-                    ) -> tuple[Any, float, float]:
+    async def start(self, protocol: str, client: str = "websockets") -> tuple[Any, float, float]:
         if self.server is None:
             k, elapsed = await DirectKernel.start()
             return k, float("nan"), elapsed
@@ -555,7 +640,7 @@ class Target:
 async def w_start(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
     proto = t.protocols[-1]
     k, _, _ = await t.start(proto)  # warm-up, not counted: first imports, caches, and
-    await k.stop()                  # for a gateway its first kernelspec lookup
+    await k.stop()  # for a gateway its first kernelspec lookup
     total, post = [], []
     for _ in range(a.starts):
         k, p, e = await t.start(proto)
@@ -599,7 +684,7 @@ async def w_roundtrip(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> 
 
 def add_roundtrip(out: dict[str, Any], proto: str, times: list[float]) -> None:
     s = sorted(times)
-    for p in ([proto] if proto != "zmq" else ["legacy", "v1"]):
+    for p in [proto] if proto != "zmq" else ["legacy", "v1"]:
         out[f"roundtrip_{p}_ms"] = statistics.median(s)
         out[f"roundtrip_{p}_p90_ms"] = s[int(0.9 * len(s))]
         out[f"roundtrip_{p}_stalled"] = sum(x >= STALL_MS for x in s) / len(s)
@@ -615,21 +700,33 @@ NODE_WS = ROOT / "tests" / "js" / "node_modules" / "ws"
 async def w_throughput(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
     """Each figure is the median of --repeats runs on one kernel; `delivered` is the worst
     run's share. Direct's one ZMQ figure stands in for every protocol and client."""
-    workloads = (("print", print_code(a.print_mb), a.print_mb * MB),
-                 ("display", display_code(a.display_mb), a.display_mb * MB))
+    workloads = (
+        ("print", print_code(a.print_mb), a.print_mb * MB),
+        ("display", display_code(a.display_mb), a.display_mb * MB),
+    )
     for proto in t.protocols:
         for client in t.clients:
             if client == "node":
                 if not (shutil.which("node") and NODE_WS.is_dir()):
                     out.setdefault("notes", []).append(
                         "node client skipped: node or tests/js/node_modules/ws missing "
-                        "(./dev test installs it)")
+                        "(./dev test installs it)"
+                    )
                     continue
                 for kind, code, expect in workloads:
                     runs = await node_runs(t, proto, code, a.repeats)
-                    record(out, t, kind, proto, client, expect,
-                           [(r["stdout"] if kind == "print" else r["display"], r["seconds"])
-                            for r in runs])
+                    record(
+                        out,
+                        t,
+                        kind,
+                        proto,
+                        client,
+                        expect,
+                        [
+                            (r["stdout"] if kind == "print" else r["display"], r["seconds"])
+                            for r in runs
+                        ],
+                    )
                 continue
             k, _, _ = await t.start(proto, client)
             try:
@@ -638,8 +735,9 @@ async def w_throughput(t: Target, a: argparse.Namespace, out: dict[str, Any]) ->
                     for _ in range(a.repeats):
                         t0 = time.perf_counter()
                         r = await k.execute(code)
-                        runs.append((r.stdout if kind == "print" else r.display,
-                                     time.perf_counter() - t0))
+                        runs.append(
+                            (r.stdout if kind == "print" else r.display, time.perf_counter() - t0)
+                        )
                     record(out, t, kind, proto, client, expect, runs)
                 if t.server and client == "websockets":
                     out[f"rss_after_throughput_{proto}_MB"] = t.server.rss_mb()
@@ -647,12 +745,19 @@ async def w_throughput(t: Target, a: argparse.Namespace, out: dict[str, Any]) ->
                 await k.stop()
 
 
-def record(out: dict[str, Any], t: Target, kind: str, proto: str, client: str, expect: int,
-           runs: list[tuple[int, float]]) -> None:
+def record(
+    out: dict[str, Any],
+    t: Target,
+    kind: str,
+    proto: str,
+    client: str,
+    expect: int,
+    runs: list[tuple[int, float]],
+) -> None:
     """runs: (characters received, seconds) per run."""
     rates = [got / MB / s for got, s in runs]
-    for p in ([proto] if proto != "zmq" else ["legacy", "v1"]):
-        for c in ([client] if client != "zmq" else list(THROUGHPUT_CLIENTS)):
+    for p in [proto] if proto != "zmq" else ["legacy", "v1"]:
+        for c in [client] if client != "zmq" else list(THROUGHPUT_CLIENTS):
             key = f"{kind}_{p}{THROUGHPUT_CLIENTS[c]}"
             out[f"{key}_MBps"] = statistics.median(rates)
             out[f"{key}_MBps_runs"] = rates
@@ -669,10 +774,16 @@ async def node_runs(t: Target, proto: str, code: str, repeats: int) -> list[dict
         raise RuntimeError(f"{server.name}: POST /api/kernels -> {status} {model!r}")
     try:
         proc = await asyncio.create_subprocess_exec(
-            "node", str(NODE_CLIENT),
+            "node",
+            str(NODE_CLIENT),
             f"{server.ws_url}api/kernels/{model['id']}/channels?session_id={uuid.uuid4().hex}",
-            server.token, proto, str(repeats), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
+            server.token,
+            proto,
+            str(repeats),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             stdout, stderr = await proc.communicate(code.encode())
         finally:
@@ -699,12 +810,14 @@ async def w_concurrent(t: Target, a: argparse.Namespace, out: dict[str, Any]) ->
     out[f"concurrent{a.concurrent}_slowest_start_s"] = statistics.median(slowest)
 
 
-async def concurrent_round(t: Target, a: argparse.Namespace, out: dict[str, Any]
-                           ) -> tuple[float, float]:
+async def concurrent_round(
+    t: Target, a: argparse.Namespace, out: dict[str, Any]
+) -> tuple[float, float]:
     proto = t.protocols[-1]
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(t.start(proto) for _ in range(a.concurrent)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(t.start(proto) for _ in range(a.concurrent)), return_exceptions=True
+    )
     wall = time.perf_counter() - t0
     kernels = [r[0] for r in results if not isinstance(r, BaseException)]
     errors = [r for r in results if isinstance(r, BaseException)]
@@ -712,15 +825,18 @@ async def concurrent_round(t: Target, a: argparse.Namespace, out: dict[str, Any]
         if t.server:
             out[f"rss_{a.concurrent}k_MB"] = t.server.rss_mb()
         if errors:
-            raise RuntimeError(f"{len(errors)} of {a.concurrent} starts failed; first: "
-                               f"{type(errors[0]).__name__}: {errors[0]}")
+            raise RuntimeError(
+                f"{len(errors)} of {a.concurrent} starts failed; first: "
+                f"{type(errors[0]).__name__}: {errors[0]}"
+            )
         return wall, max(r[2] for r in results)
     finally:
         stops = await asyncio.gather(*(k.stop() for k in kernels), return_exceptions=True)
         bad = [s for s in stops if isinstance(s, BaseException)]
         if bad:
-            out.setdefault("problems", []).append(f"concurrent: {len(bad)} stops failed: "
-                                                  f"{bad[0]!r}")
+            out.setdefault("problems", []).append(
+                f"concurrent: {len(bad)} stops failed: {bad[0]!r}"
+            )
 
 
 WORKLOADS: dict[str, tuple[Callable[..., Awaitable[None]], Callable[[Any], float]]] = {
@@ -732,8 +848,9 @@ WORKLOADS: dict[str, tuple[Callable[..., Awaitable[None]], Callable[[Any], float
 }
 
 
-async def bench_target(name: str, a: argparse.Namespace, tmp: Path, reaper: Reaper
-                       ) -> dict[str, Any]:
+async def bench_target(
+    name: str, a: argparse.Namespace, tmp: Path, reaper: Reaper
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     wanted = a.only
     if name == "jkg-nolimit" and not a.only_given:
@@ -762,8 +879,11 @@ async def bench_target(name: str, a: argparse.Namespace, tmp: Path, reaper: Reap
             try:
                 await asyncio.wait_for(fn(target, a, out), limit(a))
             except Exception as e:
-                kind = "timed out" if isinstance(e, TimeoutError | asyncio.TimeoutError) \
+                kind = (
+                    "timed out"
+                    if isinstance(e, TimeoutError | asyncio.TimeoutError)
                     else f"{type(e).__name__}: {e}"
+                )
                 msg = f"{w} failed after {time.perf_counter() - t0:.1f} s: {kind}"
                 log(f"  {name}: {msg}")
                 if a.verbose:
@@ -771,7 +891,8 @@ async def bench_target(name: str, a: argparse.Namespace, tmp: Path, reaper: Reap
                 out.setdefault("problems", []).append(msg)
             if server and server.proc.poll() is not None:
                 out.setdefault("problems", []).append(
-                    f"server exited with {server.proc.returncode} during {w}")
+                    f"server exited with {server.proc.returncode} during {w}"
+                )
                 break
         if server:
             out["ws_extensions"] = server.extensions
@@ -782,14 +903,16 @@ async def bench_target(name: str, a: argparse.Namespace, tmp: Path, reaper: Reap
             if left:
                 out.setdefault("problems", []).append(
                     f"{len(left)} kernel process(es) still running after every kernel was "
-                    f"deleted: pids {left}")
+                    f"deleted: pids {left}"
+                )
     finally:
         if server:
             await server.stop()
             left = await reaper.settle(set(), 10)
             if left:
                 out.setdefault("problems", []).append(
-                    f"{len(left)} process(es) left after SIGTERM to the server (killed)")
+                    f"{len(left)} process(es) left after SIGTERM to the server (killed)"
+                )
             reaper.kill_all()
             if out.get("problems"):
                 out["server_log_tail"] = server.log_tail(40)
@@ -829,30 +952,44 @@ HIGHER_IS_BETTER = ("MBps", "delivered")
 
 
 def table(results: dict[str, dict[str, Any]], n: int) -> str:
-    cols = [c for c in ("direct", "ours", "ours-ssh", "ours-docker", "jkg", "jkg-nolimit")
-            if c in results]
-    ratios = [("ours/direct", "ours", "direct"), ("jkg/direct", "jkg", "direct"),
-              ("ours/jkg", "ours", "jkg"), ("ours/jkg-nolim", "ours", "jkg-nolimit"),
-              ("ssh/ours", "ours-ssh", "ours"), ("docker/ours", "ours-docker", "ours")]
+    cols = [
+        c
+        for c in ("direct", "ours", "ours-ssh", "ours-docker", "jkg", "jkg-nolimit")
+        if c in results
+    ]
+    ratios = [
+        ("ours/direct", "ours", "direct"),
+        ("jkg/direct", "jkg", "direct"),
+        ("ours/jkg", "ours", "jkg"),
+        ("ours/jkg-nolim", "ours", "jkg-nolimit"),
+        ("ssh/ours", "ours-ssh", "ours"),
+        ("docker/ours", "ours-docker", "ours"),
+    ]
     ratios = [r for r in ratios if r[1] in results and r[2] in results]
     w = 34
-    head = "metric".ljust(w) + "".join(c.rjust(12) for c in cols) \
+    head = (
+        "metric".ljust(w)
+        + "".join(c.rjust(12) for c in cols)
         + "".join(r[0].rjust(15) for r in ratios)
+    )
     lines = [head, "-" * len(head)]
     for key, label, fmt in ROWS:
-        for p in (["legacy", "v1"] if "{p}" in key else [""]):
+        for p in ["legacy", "v1"] if "{p}" in key else [""]:
             k = key.format(p=p, n=n)
             vals = {c: results[c].get(k) for c in cols}
             if all(v is None for v in vals.values()):
                 continue
-            cells = "".join((format(v, fmt) if isinstance(v, float | int) else "-").rjust(12)
-                            for v in vals.values())
+            cells = "".join(
+                (format(v, fmt) if isinstance(v, float | int) else "-").rjust(12)
+                for v in vals.values()
+            )
             rcells = ""
             for _, num, den in ratios:
                 a, b = vals.get(num), vals.get(den)
                 ok = isinstance(a, float | int) and isinstance(b, float | int) and b
-                rcells += (f"{a / b:.2f}x" if ok and "delivered" not in k
-                           and "stalled" not in k else "").rjust(15)
+                rcells += (
+                    f"{a / b:.2f}x" if ok and "delivered" not in k and "stalled" not in k else ""
+                ).rjust(15)
             lines.append(label.format(p=p, n=n).ljust(w) + cells + rcells)
     return "\n".join(lines)
 
@@ -867,20 +1004,52 @@ def environment(a: argparse.Namespace) -> dict[str, Any]:
             return "-"
 
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except OSError:
         commit = "-"
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit,
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(),
-            "versions": {p: v(p) for p in ("jupyter_client", "ipykernel", "jupyter_server",
-                                           "jupyter_kernel_gateway", "tornado", "websockets",
-                                           "aiohttp", "pyzmq", "remote-kernel-gateway")},
-            "args": {k: getattr(a, k) for k in ("quick", "targets", "only", "starts",
-                                                "executes", "print_mb", "display_mb",
-                                                "concurrent", "repeats", "rounds", "deflate",
-                                                "diag")}}
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": commit,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            p: v(p)
+            for p in (
+                "jupyter_client",
+                "ipykernel",
+                "jupyter_server",
+                "jupyter_kernel_gateway",
+                "tornado",
+                "websockets",
+                "aiohttp",
+                "pyzmq",
+                "remote-kernel-gateway",
+            )
+        },
+        "args": {
+            k: getattr(a, k)
+            for k in (
+                "quick",
+                "targets",
+                "only",
+                "starts",
+                "executes",
+                "print_mb",
+                "display_mb",
+                "concurrent",
+                "repeats",
+                "rounds",
+                "deflate",
+                "diag",
+            )
+        },
+    }
 
 
 async def run(a: argparse.Namespace, reaper: Reaper) -> dict[str, Any]:
@@ -899,15 +1068,23 @@ async def run(a: argparse.Namespace, reaper: Reaper) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run, < 2 min")
-    p.add_argument("--targets", default="direct,ours,jkg",
-                   help="comma-separated: direct, ours, jkg (jkg also runs jkg-nolimit), "
-                        "jkg-nolimit (default: %(default)s)")
-    p.add_argument("--only", default="", help="comma-separated workloads: "
-                   "start,roundtrip,throughput,concurrent,rss (default: all)")
+    p.add_argument(
+        "--targets",
+        default="direct,ours,jkg",
+        help="comma-separated: direct, ours, jkg (jkg also runs jkg-nolimit), "
+        "jkg-nolimit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated workloads: start,roundtrip,throughput,concurrent,rss (default: all)",
+    )
     p.add_argument("--starts", type=int, help="start workload runs (5; quick 2)")
     p.add_argument("--executes", type=int, help="roundtrip executes (1000; quick 100)")
     p.add_argument("--print-mb", type=int, help="MB printed (50; quick 10)")
@@ -915,17 +1092,31 @@ def main() -> int:
     p.add_argument("--concurrent", type=int, help="concurrent starts (20; quick 5)")
     p.add_argument("--repeats", type=int, help="throughput runs per figure (3; quick 1)")
     p.add_argument("--rounds", type=int, help="concurrent-start rounds (3; quick 1)")
-    p.add_argument("--no-deflate", dest="deflate", action="store_false",
-                   help="do not offer permessage-deflate (the websockets default offers it)")
-    p.add_argument("--no-diag", dest="diag", action="store_false",
-                   help="skip the TCP_QUICKACK round-trip diagnostic")
+    p.add_argument(
+        "--no-deflate",
+        dest="deflate",
+        action="store_false",
+        help="do not offer permessage-deflate (the websockets default offers it)",
+    )
+    p.add_argument(
+        "--no-diag",
+        dest="diag",
+        action="store_false",
+        help="skip the TCP_QUICKACK round-trip diagnostic",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failures")
     a = p.parse_args()
     q = a.quick
-    for attr, full, quick in (("starts", 5, 2), ("executes", 1000, 100), ("print_mb", 50, 10),
-                              ("display_mb", 20, 5), ("concurrent", 20, 5), ("repeats", 3, 1),
-                              ("rounds", 3, 1)):
+    for attr, full, quick in (
+        ("starts", 5, 2),
+        ("executes", 1000, 100),
+        ("print_mb", 50, 10),
+        ("display_mb", 20, 5),
+        ("concurrent", 20, 5),
+        ("repeats", 3, 1),
+        ("rounds", 3, 1),
+    ):
         if getattr(a, attr) is None:
             setattr(a, attr, quick if q else full)
     targets = []
@@ -959,15 +1150,21 @@ def main() -> int:
             log(f"killed {len(killed)} leftover process(es): {killed}")
 
     print()
-    print(f"remote-kernel-gateway bench: {os.cpu_count()} CPUs, local python3 kernels, "
-          f"{'quick' if q else 'full'} run; plain `websockets` client "
-          f"({'offers' if a.deflate else 'without'} permessage-deflate); throughput also "
-          f"with aiohttp's and Node's ws; {a.repeats} run(s) per throughput figure")
-    print(f"start: median of {a.starts}; roundtrip: median of {a.executes} `{TINY}` executes; "
-          f"print {a.print_mb} MB, display {a.display_mb} MB; {a.concurrent} concurrent starts, "
-          f"median of {a.rounds} round(s)")
-    print("direct has no websocket: its one ZMQ figure stands in both legacy and v1 rows. "
-          "Ratios: <1 faster/smaller for times and sizes; >1 faster for MB/s.")
+    print(
+        f"remote-kernel-gateway bench: {os.cpu_count()} CPUs, local python3 kernels, "
+        f"{'quick' if q else 'full'} run; plain `websockets` client "
+        f"({'offers' if a.deflate else 'without'} permessage-deflate); throughput also "
+        f"with aiohttp's and Node's ws; {a.repeats} run(s) per throughput figure"
+    )
+    print(
+        f"start: median of {a.starts}; roundtrip: median of {a.executes} `{TINY}` executes; "
+        f"print {a.print_mb} MB, display {a.display_mb} MB; {a.concurrent} concurrent starts, "
+        f"median of {a.rounds} round(s)"
+    )
+    print(
+        "direct has no websocket: its one ZMQ figure stands in both legacy and v1 rows. "
+        "Ratios: <1 faster/smaller for times and sizes; >1 faster for MB/s."
+    )
     print()
     print(table(results, a.concurrent))
     notes = dict.fromkeys(m for r in results.values() for m in r.get("notes", []))
@@ -980,8 +1177,9 @@ def main() -> int:
             print(f"  {n}: {m}")
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / time.strftime("%Y%m%d-%H%M%S.json")
-    path.write_text(json.dumps({"environment": environment(a), "results": results},
-                               indent=1, default=str))
+    path.write_text(
+        json.dumps({"environment": environment(a), "results": results}, indent=1, default=str)
+    )
     print(f"\nwritten to {path}")
     return 1 if problems else 0
 

@@ -33,21 +33,35 @@ class LocalDockerd:
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.sock = self.dir / "docker.sock"
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.sock}"}
-        (self.dir / "daemon.json").write_text(json.dumps({
-            "bip": "10.200.99.1/24",
-            "default-address-pools": [{"base": "10.201.0.0/16", "size": 24}],
-            "storage-driver": "overlay2", "iptables": False, "ip-forward": False,
-            "data-root": DATA_ROOT, "exec-root": str(self.dir / "exec"),
-            "pidfile": str(self.dir / "docker.pid"), "hosts": [f"unix://{self.sock}"]}))
+        (self.dir / "daemon.json").write_text(
+            json.dumps(
+                {
+                    "bip": "10.200.99.1/24",
+                    "default-address-pools": [{"base": "10.201.0.0/16", "size": 24}],
+                    "storage-driver": "overlay2",
+                    "iptables": False,
+                    "ip-forward": False,
+                    "data-root": DATA_ROOT,
+                    "exec-root": str(self.dir / "exec"),
+                    "pidfile": str(self.dir / "docker.pid"),
+                    "hosts": [f"unix://{self.sock}"],
+                }
+            )
+        )
         for net in BLACKHOLES:
-            subprocess.run(["ip", "route", "replace", "blackhole", net, "metric", "4000"],
-                           check=True)
+            subprocess.run(
+                ["ip", "route", "replace", "blackhole", net, "metric", "4000"], check=True
+            )
         self.log = open(self.dir / "dockerd.log", "wb")  # closed in stop()
         # not marked as the run's (bench.py MARK): a daemon, stopped here, not a kernel
         daemon_env = {k: v for k, v in os.environ.items() if k != "RKG_BENCH_RUN"}
-        self.proc = subprocess.Popen(["dockerd", "--config-file", str(self.dir / "daemon.json")],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=daemon_env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["dockerd", "--config-file", str(self.dir / "daemon.json")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=daemon_env,
+            start_new_session=True,
+        )
         for _ in range(100):
             if self._docker("info").returncode == 0:
                 break
@@ -57,30 +71,41 @@ class LocalDockerd:
             raise RuntimeError(f"dockerd did not start; see {self.dir / 'dockerd.log'}")
         if self._docker("image", "inspect", IMAGE).returncode != 0:
             self.stop()
-            raise RuntimeError(f"no {IMAGE} in {DATA_ROOT}: run the tests once "
-                               "(tests/test_docker_backend.py builds it)")
+            raise RuntimeError(
+                f"no {IMAGE} in {DATA_ROOT}: run the tests once "
+                "(tests/test_docker_backend.py builds it)"
+            )
 
     def _docker(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(["docker", *args], env=self.env, capture_output=True,
-                              check=False, timeout=60)
+        return subprocess.run(
+            ["docker", *args], env=self.env, capture_output=True, check=False, timeout=60
+        )
 
     def write_kernelspec(self, directory: Path) -> None:
         from gateway.specs import write_spec
 
         config = {"image": IMAGE, "docker_host": self.env["DOCKER_HOST"]}
-        write_spec(KERNEL_NAME, {
-            "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python in Docker", "language": "python",
-            "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-docker",
-                                                "config": config}},
-        }, str(directory))
+        write_spec(
+            KERNEL_NAME,
+            {
+                "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python in Docker",
+                "language": "python",
+                "metadata": {
+                    "kernel_provisioner": {"provisioner_name": "rkg-docker", "config": config}
+                },
+            },
+            str(directory),
+        )
 
     def stop(self) -> None:
         leftover = self._docker("ps", "-aq", "--filter", "label=app=remote-kernel-gateway")
         ids = leftover.stdout.decode().split()
         if ids:
-            print(f"ours-docker: {len(ids)} container(s) left behind by the gateway: {ids}",
-                  file=sys.stderr)
+            print(
+                f"ours-docker: {len(ids)} container(s) left behind by the gateway: {ids}",
+                file=sys.stderr,
+            )
             self._docker("rm", "-f", *ids)
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -93,5 +118,8 @@ class LocalDockerd:
         for link in ("docker0",):  # dockerd leaves its bridge; it makes it again next start
             subprocess.run(["ip", "link", "del", link], check=False, capture_output=True)
         for net in BLACKHOLES:
-            subprocess.run(["ip", "route", "del", "blackhole", net, "metric", "4000"],
-                           check=False, capture_output=True)
+            subprocess.run(
+                ["ip", "route", "del", "blackhole", net, "metric", "4000"],
+                check=False,
+                capture_output=True,
+            )

@@ -142,8 +142,11 @@ class Soak:
             # kernels their worker deleted since the first listing are not lost
             missing = ids - {m["id"] for m in after} - self.deleting
             self.stats["restarts"] += 1
-            print(f"[{time.monotonic() - self.t0:7.1f}s] restart {k + 1} ({how}): {len(ids)} "
-                  f"kernels before, {len(after)} after, {len(missing)} lost", flush=True)
+            print(
+                f"[{time.monotonic() - self.t0:7.1f}s] restart {k + 1} ({how}): {len(ids)} "
+                f"kernels before, {len(after)} after, {len(missing)} lost",
+                flush=True,
+            )
             self.stats["not_back"] += len(missing)
             for kid in missing:
                 self.note(f"kernel {kid} not back after restart")
@@ -162,15 +165,21 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--restarts", type=int, default=2)
-    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
-                        help="where the logs of a failed run go (default bench/out/soak-TIME/); "
-                             "given explicitly, they are kept whatever the outcome")
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the logs of a failed run go (default bench/out/soak-TIME/); "
+        "given explicitly, they are kept whatever the outcome",
+    )
     args = parser.parse_args()
     failed = True  # until the run got to its verdict: an exception keeps the logs too
     tmp = Path(tempfile.mkdtemp(prefix="rkg-soak-"))
     try:
-        gw = GatewayProcess(port=free_port(), token="soak", workdir=tmp,
-                            extra_args=["--keep-kernels"])
+        gw = GatewayProcess(
+            port=free_port(), token="soak", workdir=tmp, extra_args=["--keep-kernels"]
+        )
         gw.start()
         soak = Soak(gw, time.monotonic() + args.seconds)
         t0 = soak.t0
@@ -194,8 +203,10 @@ async def main() -> int:
         print(json.dumps(stats, indent=1))
         for p in soak.problems[:20]:
             print("problem:", p)
-        print(f"soak: lost {lost}, 5xx answers {errors}, failed starts {failed_starts}, "
-              f"leftover processes {len(leftover)}")
+        print(
+            f"soak: lost {lost}, 5xx answers {errors}, failed starts {failed_starts}, "
+            f"leftover processes {len(leftover)}"
+        )
         failed = bool(lost or errors or failed_starts or leftover)
     finally:
         if failed or args.keep_logs:

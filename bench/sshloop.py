@@ -27,22 +27,52 @@ class LoopbackSSH:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         for name in ("host_key", "client_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f",
-                            str(self.dir / name)], check=True)
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "",
+                    "-f",
+                    str(self.dir / name),
+                ],
+                check=True,
+            )
         (self.dir / "authorized_keys").write_text((self.dir / "client_key.pub").read_text())
         host_pub = " ".join((self.dir / "host_key.pub").read_text().split()[:2])
         (self.dir / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub}\n")
-        (self.dir / "sshd_config").write_text("\n".join([
-            "ListenAddress 127.0.0.1", f"Port {self.port}", f"HostKey {self.dir / 'host_key'}",
-            f"PidFile {self.dir / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
-            "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
-            "StrictModes no", "PermitRootLogin prohibit-password", "AllowTcpForwarding yes",
-            # a login shell's rc files can be slow (pyenv here): keep remote commands lean
-            "SetEnv SHLVL=1", f"Subsystem sftp {SFTP_SERVER}", "LogLevel ERROR", ""]))
+        (self.dir / "sshd_config").write_text(
+            "\n".join(
+                [
+                    "ListenAddress 127.0.0.1",
+                    f"Port {self.port}",
+                    f"HostKey {self.dir / 'host_key'}",
+                    f"PidFile {self.dir / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PermitRootLogin prohibit-password",
+                    "AllowTcpForwarding yes",
+                    # a login shell's rc files can be slow (pyenv here): keep remote commands lean
+                    "SetEnv SHLVL=1",
+                    f"Subsystem sftp {SFTP_SERVER}",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
         os.makedirs("/run/sshd", exist_ok=True)
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config")],
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config")],
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         for _ in range(100):
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
@@ -57,8 +87,10 @@ class LoopbackSSH:
         spec["metadata"]["kernel_provisioner"]["config"] = {
             "host": f"{os.environ.get('USER', 'root')}@127.0.0.1:{self.port}",
             "identity_file": str(self.dir / "client_key"),
-            "known_hosts": str(self.dir / "known_hosts"), "python": sys.executable,
-            "runtime_dir": str(self.dir / "remote-runtime")}
+            "known_hosts": str(self.dir / "known_hosts"),
+            "python": sys.executable,
+            "runtime_dir": str(self.dir / "remote-runtime"),
+        }
         write_spec(KERNEL_NAME, spec, str(directory))
 
     def stop(self) -> None:

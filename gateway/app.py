@@ -33,10 +33,19 @@ class ApiHandler(base.APIHandler):
 
 
 def make_app(config: Config, registry: KernelRegistry, store: SessionStore) -> web.Application:
-    collaborators: dict[str, Any] = {"config": config, "registry": registry,
-                                     "sessions": store, "specs": registry.specs}
-    table = [(r"api/?", ApiHandler), *kernels.routes, *kernelspecs.routes, *sessions.routes,
-             *connection.routes]
+    collaborators: dict[str, Any] = {
+        "config": config,
+        "registry": registry,
+        "sessions": store,
+        "specs": registry.specs,
+    }
+    table = [
+        (r"api/?", ApiHandler),
+        *kernels.routes,
+        *kernelspecs.routes,
+        *sessions.routes,
+        *connection.routes,
+    ]
     handlers = [(config.base_url + pattern, cls, collaborators) for pattern, cls in table]
     return web.Application(
         handlers,  # type: ignore[arg-type]
@@ -52,8 +61,14 @@ def make_app(config: Config, registry: KernelRegistry, store: SessionStore) -> w
 def _log_request(handler: web.RequestHandler) -> None:
     status = handler.get_status()
     level = logging.DEBUG if status < 400 else logging.INFO
-    log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
-            1000 * handler.request.request_time())
+    log.log(
+        level,
+        "%d %s %s %.1fms",
+        status,
+        handler.request.method,
+        handler.request.path,
+        1000 * handler.request.request_time(),
+    )
 
 
 def kernel_spec_manager(config: Config) -> KernelSpecManager:
@@ -67,8 +82,11 @@ def announce(config: Config, server_url: str) -> None:
         log.warning("serving WITHOUT authentication (--no-auth) at %s", server_url)
     elif config.token_generated:
         log.info("gateway at %s?token=%s", server_url, config.token)
-        log.info("use it with: jupyter lab --gateway-url=%s --GatewayClient.auth_token=%s",
-                 server_url.rstrip("/"), config.token)
+        log.info(
+            "use it with: jupyter lab --gateway-url=%s --GatewayClient.auth_token=%s",
+            server_url.rstrip("/"),
+            config.token,
+        )
     else:
         log.info("gateway at %s (token as configured)", server_url)
 
@@ -99,8 +117,7 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
-    culler = (asyncio.create_task(registry.cull_forever())
-              if config.cull_idle_timeout > 0 else None)
+    culler = asyncio.create_task(registry.cull_forever()) if config.cull_idle_timeout > 0 else None
     # in the background: an engine that does not answer must not hold up serving
     reaper = asyncio.create_task(registry.reap_orphans())
     await stop.wait()

@@ -27,7 +27,9 @@ def authenticate(request: HTTPServerRequest, token: str) -> None:
         return
     given = request_token(request)
     if given is None:
-        raise Unauthorized("this gateway needs a token: send 'Authorization: token <token>' "
-                           "or add ?token=<token> to the URL")
+        raise Unauthorized(
+            "this gateway needs a token: send 'Authorization: token <token>' "
+            "or add ?token=<token> to the URL"
+        )
     if not hmac.compare_digest(given.encode(), token.encode()):
         raise Forbidden("the token is not valid for this gateway")

@@ -32,8 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .app import serve
 
             config = config_from_args(args, os.environ)
-            logging.basicConfig(level=config.log_level,
-                                format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
+            logging.basicConfig(
+                level=config.log_level, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s"
+            )
             asyncio.run(serve(config))
         elif args.command == "spec":
             run_spec_command(args)

@@ -71,51 +71,77 @@ def _abspaths(paths: tuple[str, ...]) -> tuple[str, ...]:
 class Config:
     ip: str = _option("127.0.0.1", "--ip", "address to listen on")
     port: int = _option(8888, "--port", "port", clean=_tcp_port)
-    base_url: str = _option("/", "--base-url", "prefix of every URL (behind a proxy)",
-                            clean=normalize_base_url)
-    token: str = _option("", "--token", "API token (or a file named by RKG_TOKEN_FILE)",
-                         shown_default="generated and printed")
+    base_url: str = _option(
+        "/", "--base-url", "prefix of every URL (behind a proxy)", clean=normalize_base_url
+    )
+    token: str = _option(
+        "",
+        "--token",
+        "API token (or a file named by RKG_TOKEN_FILE)",
+        shown_default="generated and printed",
+    )
     token_generated: bool = False
-    no_auth: bool = _option(False, "--no-auth",
-                            "serve without any token (only behind something that authenticates)")
+    no_auth: bool = _option(
+        False, "--no-auth", "serve without any token (only behind something that authenticates)"
+    )
     kernelspec_dirs: tuple[str, ...] = _option(
-        (), "--kernelspec-dir", "more kernelspecs beside the Jupyter paths",
-        env="RKG_KERNELSPEC_DIRS", clean=_abspaths)
-    default_kernel_name: str = _option("python3", "--default-kernel",
-                                       "kernelspec used when a client names none")
+        (),
+        "--kernelspec-dir",
+        "more kernelspecs beside the Jupyter paths",
+        env="RKG_KERNELSPEC_DIRS",
+        clean=_abspaths,
+    )
+    default_kernel_name: str = _option(
+        "python3", "--default-kernel", "kernelspec used when a client names none"
+    )
     env_allowlist: tuple[str, ...] = _option(
-        (), "--env-allow", "variable a client may pass to its kernel besides KERNEL_*")
+        (), "--env-allow", "variable a client may pass to its kernel besides KERNEL_*"
+    )
     kernel_launch_timeout: float = _option(
-        60.0, "--kernel-launch-timeout",
-        "seconds a start may take; a client's KERNEL_LAUNCH_TIMEOUT overrides it")
-    cull_idle_timeout: float = _option(0.0, "--cull-idle-timeout",
-                                       "shut down kernels idle this many seconds (0: never)")
+        60.0,
+        "--kernel-launch-timeout",
+        "seconds a start may take; a client's KERNEL_LAUNCH_TIMEOUT overrides it",
+    )
+    cull_idle_timeout: float = _option(
+        0.0, "--cull-idle-timeout", "shut down kernels idle this many seconds (0: never)"
+    )
     cull_interval: float = _option(60.0, "--cull-interval", "seconds between looks for idle ones")
     cull_connected: bool = _option(False, "--cull-connected", "cull kernels with clients too")
     cull_busy: bool = _option(False, "--cull-busy", "cull busy kernels too")
-    autorestart: bool = _option(True, "--no-autorestart", "do not restart kernels that die",
-                                negate=True)
+    autorestart: bool = _option(
+        True, "--no-autorestart", "do not restart kernels that die", negate=True
+    )
     restart_limit: int = 5
     # iopub kept for a disconnected session_id, replayed when it reconnects
     replay_seconds: float = 300.0
     replay_max_bytes: int = 256 * 1024 * 1024
-    allow_origin: str = _option("", "--allow-origin",
-                                "CORS origin allowed to call the API ('*' for any)")
+    allow_origin: str = _option(
+        "", "--allow-origin", "CORS origin allowed to call the API ('*' for any)"
+    )
     shutdown_timeout: float = 10.0
-    state_db: str = _option("", "--state-db",
-                            "SQLite file recording kernels and sessions (':memory:' for none)",
-                            cli_default=default_state_db)
+    state_db: str = _option(
+        "",
+        "--state-db",
+        "SQLite file recording kernels and sessions (':memory:' for none)",
+        cli_default=default_state_db,
+    )
     keep_kernels: bool = _option(
-        False, "--keep-kernels",
-        "on shutdown leave kernels running, for the next gateway to re-attach")
+        False,
+        "--keep-kernels",
+        "on shutdown leave kernels running, for the next gateway to re-attach",
+    )
     max_kernels: int = _option(0, "--max-kernels", "kernels in all (0: no limit)")
-    max_kernels_per_user: int = _option(0, "--max-kernels-per-user",
-                                        "kernels per KERNEL_USERNAME (0: no limit)")
+    max_kernels_per_user: int = _option(
+        0, "--max-kernels-per-user", "kernels per KERNEL_USERNAME (0: no limit)"
+    )
     ws_compress_max: int = _option(
-        1024 * 1024, "--ws-compress-max",
-        "websocket messages above this many bytes are not deflated (0: no permessage-deflate)")
-    log_level: str = _option("INFO", "--log-level", "DEBUG, INFO, WARNING or ERROR",
-                             clean=_log_level)
+        1024 * 1024,
+        "--ws-compress-max",
+        "websocket messages above this many bytes are not deflated (0: no permessage-deflate)",
+    )
+    log_level: str = _option(
+        "INFO", "--log-level", "DEBUG, INFO, WARNING or ERROR", clean=_log_level
+    )
 
 
 def options() -> Iterator[tuple[dataclasses.Field[Any], Option]]:
@@ -175,8 +201,7 @@ def _from_env(kind: type, name: str, raw: str) -> Any:
         raise BadRequest(f"{name}={raw!r} is not {_NOUN[kind]}") from None
 
 
-def _value(f: dataclasses.Field[Any], opt: Option, given: Any,
-           environ: Mapping[str, str]) -> Any:
+def _value(f: dataclasses.Field[Any], opt: Option, given: Any, environ: Mapping[str, str]) -> Any:
     kind: type = type(f.default)
     raw = environ.get(opt.env)
     if given is not None and kind is not tuple:

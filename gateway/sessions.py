@@ -24,8 +24,9 @@ class SessionStore:
     def __init__(self, state: StateStore, live_kernels: Container[str]) -> None:
         """Loads the recorded sessions whose kernel is still there."""
         self._state = state
-        self._sessions = {row[0]: Session(*row) for row in state.sessions()
-                          if row[4] in live_kernels}
+        self._sessions = {
+            row[0]: Session(*row) for row in state.sessions() if row[4] in live_kernels
+        }
 
     async def create(self, *, path: str, name: str, type: str, kernel_id: str) -> Session:
         session = Session(str(uuid.uuid4()), path, name, type, kernel_id)

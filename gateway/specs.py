@@ -22,15 +22,30 @@ def kernels_dir(directory: str | None) -> Path:
     return Path(directory) if directory else Path(jupyter_data_dir()) / "kernels"
 
 
-def ssh_spec(host: str, *, jump: list[str] | None = None, python: str = "python3",
-             workdir: str = "", identity: str = "", known_hosts: str = "",
-             pre: str = "", display_name: str = "", kernel_cmd: list[str] | None = None,
-             env: dict[str, str] | None = None) -> dict[str, Any]:
+def ssh_spec(
+    host: str,
+    *,
+    jump: list[str] | None = None,
+    python: str = "python3",
+    workdir: str = "",
+    identity: str = "",
+    known_hosts: str = "",
+    pre: str = "",
+    display_name: str = "",
+    kernel_cmd: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The kernel.json of a Python kernel on `host` ([user@]host[:port])."""
     config: dict[str, Any] = {"host": host, "python": python}
-    for key, value in (("jump_hosts", jump), ("workdir", workdir), ("identity_file", identity),
-                       ("known_hosts", known_hosts), ("pre_command", pre),
-                       ("kernel_cmd", kernel_cmd), ("env", env)):
+    for key, value in (
+        ("jump_hosts", jump),
+        ("workdir", workdir),
+        ("identity_file", identity),
+        ("known_hosts", known_hosts),
+        ("pre_command", pre),
+        ("kernel_cmd", kernel_cmd),
+        ("env", env),
+    ):
         if value:
             config[key] = value
     argv = kernel_cmd or [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -39,29 +54,52 @@ def ssh_spec(host: str, *, jump: list[str] | None = None, python: str = "python3
         "display_name": display_name or f"Python ({host.rpartition('@')[2]})",
         "language": "python",
         "interrupt_mode": "signal",
-        "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-ssh",
-                                            "config": config}},
+        "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-ssh", "config": config}},
     }
 
 
 SCHEDULER_NAMES = {"slurm": "SLURM", "sge": "Grid Engine", "pbs": "PBS", "lsf": "LSF"}
 
 
-def batch_spec(scheduler: str, *, partition: str = "", cpus: int = 0, memory: str = "",
-               gpus: int = 0, walltime: str = "", account: str = "",
-               submit_args: list[str] | None = None, python: str = "python3",
-               pre: str = "", workdir: str = "", runtime_dir: str = "", login: str = "",
-               jump: list[str] | None = None, identity: str = "", known_hosts: str = "",
-               display_name: str = "") -> dict[str, Any]:
+def batch_spec(
+    scheduler: str,
+    *,
+    partition: str = "",
+    cpus: int = 0,
+    memory: str = "",
+    gpus: int = 0,
+    walltime: str = "",
+    account: str = "",
+    submit_args: list[str] | None = None,
+    python: str = "python3",
+    pre: str = "",
+    workdir: str = "",
+    runtime_dir: str = "",
+    login: str = "",
+    jump: list[str] | None = None,
+    identity: str = "",
+    known_hosts: str = "",
+    display_name: str = "",
+) -> dict[str, Any]:
     """The kernel.json of a Python kernel run as a batch job (gateway/backends/batch.py),
     submitted on the gateway's machine or, with `login`, on a login node over SSH."""
     config: dict[str, Any] = {"scheduler": scheduler, "python": python}
-    for key, value in (("partition", partition), ("cpus", cpus), ("memory", memory),
-                       ("gpus", gpus), ("walltime", walltime), ("account", account),
-                       ("submit_args", submit_args), ("pre_command", pre),
-                       ("workdir", workdir), ("runtime_dir", runtime_dir), ("login", login),
-                       ("jump_hosts", jump), ("identity_file", identity),
-                       ("known_hosts", known_hosts)):
+    for key, value in (
+        ("partition", partition),
+        ("cpus", cpus),
+        ("memory", memory),
+        ("gpus", gpus),
+        ("walltime", walltime),
+        ("account", account),
+        ("submit_args", submit_args),
+        ("pre_command", pre),
+        ("workdir", workdir),
+        ("runtime_dir", runtime_dir),
+        ("login", login),
+        ("jump_hosts", jump),
+        ("identity_file", identity),
+        ("known_hosts", known_hosts),
+    ):
         if value:
             config[key] = value
     where = f" {partition}" if partition else ""
@@ -71,8 +109,7 @@ def batch_spec(scheduler: str, *, partition: str = "", cpus: int = 0, memory: st
         "language": "python",
         # Grid Engine cannot signal a job: ipykernel interrupts itself on a control message
         "interrupt_mode": "message" if scheduler == "sge" else "signal",
-        "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-batch",
-                                            "config": config}},
+        "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-batch", "config": config}},
     }
 
 
@@ -90,23 +127,33 @@ def pairs(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def container_spec(backend: str, image: str, *, display_name: str = "",
-                   **options: Any) -> dict[str, Any]:
+def container_spec(
+    backend: str, image: str, *, display_name: str = "", **options: Any
+) -> dict[str, Any]:
     """The kernel.json of a Python kernel in a container (docker.py) or a Swarm service
     (swarm.py). Only the options given go into the config; the provisioner has the defaults."""
     if not image:
         raise BadRequest("an image is needed (--image)")
     config: dict[str, Any] = {"image": image}
-    config.update({k: v for k, v in options.items()
-                   if v is not None and v is not False and v != "" and v != [] and v != {}})
+    config.update(
+        {
+            k: v
+            for k, v in options.items()
+            if v is not None and v is not False and v != "" and v != [] and v != {}
+        }
+    )
     python = str(config.get("python", "python3"))
     return {
         "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],  # informative
         "display_name": display_name or f"Python ({image}, {backend.capitalize()})",
         "language": "python",
         "interrupt_mode": "signal",
-        "metadata": {"kernel_provisioner": {"provisioner_name": CONTAINER_BACKENDS[backend],
-                                            "config": config}},
+        "metadata": {
+            "kernel_provisioner": {
+                "provisioner_name": CONTAINER_BACKENDS[backend],
+                "config": config,
+            }
+        },
     }
 
 
@@ -131,10 +178,14 @@ def list_specs(directory: str | None = None) -> list[tuple[str, str, str]]:
         prov = spec.get("metadata", {}).get("kernel_provisioner", {})
         backend = prov.get("provisioner_name", "local")
         config = prov.get("config", {})
-        where = config.get("host", "") or config.get("image", "") or " ".join(
-            w for w in (config.get("scheduler", ""), config.get("login", "")) if w)
-        out.append((spec_file.parent.name, f"{backend} {where}".strip(),
-                    spec.get("display_name", "")))
+        where = (
+            config.get("host", "")
+            or config.get("image", "")
+            or " ".join(w for w in (config.get("scheduler", ""), config.get("login", "")) if w)
+        )
+        out.append(
+            (spec_file.parent.name, f"{backend} {where}".strip(), spec.get("display_name", ""))
+        )
     return out
 
 
@@ -147,6 +198,7 @@ def remove_spec(name: str, directory: str | None = None) -> Path:
 
 
 # -- command line ------------------------------------------------------------------------
+
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="spec_command", required=True)
@@ -172,15 +224,22 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         batch.add_argument("--gpus", type=int, default=0)
         batch.add_argument("--walltime", default="", help="HH:MM:SS")
         batch.add_argument("--account", default="")
-        batch.add_argument("--submit-arg", action="append", default=[], dest="submit_args",
-                           help="extra argument for the submit command (repeatable)")
+        batch.add_argument(
+            "--submit-arg",
+            action="append",
+            default=[],
+            dest="submit_args",
+            help="extra argument for the submit command (repeatable)",
+        )
         batch.add_argument("--python", default="python3", help="python on the compute nodes")
         batch.add_argument("--pre", default="", help="shell command run first (module load ...)")
         batch.add_argument("--workdir", default="", help="the kernel's working directory")
-        batch.add_argument("--runtime-dir", default="",
-                           help="connection files, on a filesystem the nodes share")
-        batch.add_argument("--login", default="",
-                           help="user@host[:port] of a login node to submit from over SSH")
+        batch.add_argument(
+            "--runtime-dir", default="", help="connection files, on a filesystem the nodes share"
+        )
+        batch.add_argument(
+            "--login", default="", help="user@host[:port] of a login node to submit from over SSH"
+        )
         batch.add_argument("--jump", action="append", default=[], help="jump host (repeatable)")
         batch.add_argument("--identity", default="", help="private key for the login node")
         batch.add_argument("--known-hosts", default="", help="known_hosts file")
@@ -190,15 +249,30 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         c = backends.add_parser(backend, help=f"a kernel in {what} ({provisioner})")
         c.add_argument("name")
         c.add_argument("--image", required=True, help="kernel image, already on the engine")
-        c.add_argument("--docker-host", default="",
-                       help="unix://, tcp:// or ssh:// engine URL (default: DOCKER_HOST)")
+        c.add_argument(
+            "--docker-host",
+            default="",
+            help="unix://, tcp:// or ssh:// engine URL (default: DOCKER_HOST)",
+        )
         c.add_argument("--network", default="")
-        c.add_argument("--reach", choices=["published", "network"], default=None,
-                       help="ports published on 127.0.0.1 (default) or the container address")
-        c.add_argument("--volume", action="append", default=[], dest="volumes",
-                       help="SRC:DST[:ro] (repeatable)")
-        c.add_argument("--mirror-working-dir", action="store_true",
-                       help="bind KERNEL_WORKING_DIR at the same path and start there")
+        c.add_argument(
+            "--reach",
+            choices=["published", "network"],
+            default=None,
+            help="ports published on 127.0.0.1 (default) or the container address",
+        )
+        c.add_argument(
+            "--volume",
+            action="append",
+            default=[],
+            dest="volumes",
+            help="SRC:DST[:ro] (repeatable)",
+        )
+        c.add_argument(
+            "--mirror-working-dir",
+            action="store_true",
+            help="bind KERNEL_WORKING_DIR at the same path and start there",
+        )
         c.add_argument("--workdir", default="")
         c.add_argument("--env", action="append", default=[], help="KEY=VALUE (repeatable)")
         c.add_argument("--uid", type=int, default=None)
@@ -206,46 +280,87 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         c.add_argument("--cpus", type=float, default=None)
         c.add_argument("--memory", default="", help="4g, 512m")
         c.add_argument("--pids-limit", type=int, default=None)
-        c.add_argument("--gpus", default="",
-                       help="Docker: all, a count, device=0,1; Swarm: a count")
-        c.add_argument("--label", action="append", default=[],
-                       help="KEY=VALUE (repeatable)")
+        c.add_argument(
+            "--gpus", default="", help="Docker: all, a count, device=0,1; Swarm: a count"
+        )
+        c.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeatable)")
         c.add_argument("--python", default="", help="the image's python (default python3)")
         c.add_argument("--display-name", default="")
         if backend == "swarm":
-            c.add_argument("--constraint", action="append", default=[], dest="constraints",
-                           help="placement constraint, e.g. node.labels.gpu==true (repeatable)")
+            c.add_argument(
+                "--constraint",
+                action="append",
+                default=[],
+                dest="constraints",
+                help="placement constraint, e.g. node.labels.gpu==true (repeatable)",
+            )
     batches = [backends.choices[s] for s in (*SCHEDULER_NAMES, *CONTAINER_BACKENDS)]
-    for p in (ssh, *batches, sub.add_parser("list", help="list kernelspecs"),
-              sub.add_parser("remove", help="remove a kernelspec")):
+    for p in (
+        ssh,
+        *batches,
+        sub.add_parser("list", help="list kernelspecs"),
+        sub.add_parser("remove", help="remove a kernelspec"),
+    ):
         p.add_argument("--dir", default=None, help="kernels directory (default: Jupyter's)")
     sub.choices["remove"].add_argument("name")
 
 
 def run_spec_command(args: argparse.Namespace) -> None:
     if args.spec_command == "add" and args.backend in SCHEDULER_NAMES:
-        spec = batch_spec(args.backend, partition=args.partition, cpus=args.cpus,
-                          memory=args.memory, gpus=args.gpus, walltime=args.walltime,
-                          account=args.account, submit_args=args.submit_args,
-                          python=args.python, pre=args.pre, workdir=args.workdir,
-                          runtime_dir=args.runtime_dir, login=args.login, jump=args.jump,
-                          identity=args.identity, known_hosts=args.known_hosts,
-                          display_name=args.display_name)
+        spec = batch_spec(
+            args.backend,
+            partition=args.partition,
+            cpus=args.cpus,
+            memory=args.memory,
+            gpus=args.gpus,
+            walltime=args.walltime,
+            account=args.account,
+            submit_args=args.submit_args,
+            python=args.python,
+            pre=args.pre,
+            workdir=args.workdir,
+            runtime_dir=args.runtime_dir,
+            login=args.login,
+            jump=args.jump,
+            identity=args.identity,
+            known_hosts=args.known_hosts,
+            display_name=args.display_name,
+        )
         print(f"wrote {write_spec(args.name, spec, args.dir)}")
     elif args.spec_command == "add" and args.backend in CONTAINER_BACKENDS:
         spec = container_spec(
-            args.backend, args.image, display_name=args.display_name,
-            docker_host=args.docker_host, network=args.network, reach=args.reach,
-            volumes=args.volumes, mirror_working_dir=args.mirror_working_dir,
-            workdir=args.workdir, env=pairs(args.env, "--env"), uid=args.uid, gid=args.gid,
-            cpus=args.cpus, memory=args.memory, pids_limit=args.pids_limit, gpus=args.gpus,
-            labels=pairs(args.label, "--label"), python=args.python,
-            constraints=getattr(args, "constraints", []))
+            args.backend,
+            args.image,
+            display_name=args.display_name,
+            docker_host=args.docker_host,
+            network=args.network,
+            reach=args.reach,
+            volumes=args.volumes,
+            mirror_working_dir=args.mirror_working_dir,
+            workdir=args.workdir,
+            env=pairs(args.env, "--env"),
+            uid=args.uid,
+            gid=args.gid,
+            cpus=args.cpus,
+            memory=args.memory,
+            pids_limit=args.pids_limit,
+            gpus=args.gpus,
+            labels=pairs(args.label, "--label"),
+            python=args.python,
+            constraints=getattr(args, "constraints", []),
+        )
         print(f"wrote {write_spec(args.name, spec, args.dir)}")
     elif args.spec_command == "add":
-        spec = ssh_spec(args.host, jump=args.jump, python=args.python, workdir=args.workdir,
-                        identity=args.identity, known_hosts=args.known_hosts, pre=args.pre,
-                        display_name=args.display_name)
+        spec = ssh_spec(
+            args.host,
+            jump=args.jump,
+            python=args.python,
+            workdir=args.workdir,
+            identity=args.identity,
+            known_hosts=args.known_hosts,
+            pre=args.pre,
+            display_name=args.display_name,
+        )
         print(f"wrote {write_spec(args.name, spec, args.dir)}")
     elif args.spec_command == "list":
         for name, backend, display in list_specs(args.dir):

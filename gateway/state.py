@@ -92,8 +92,16 @@ class StateStore:
             info["key"] = info["key"].decode()
         await self._run(
             "INSERT OR REPLACE INTO kernels VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (rec.id, rec.name, rec.username, json.dumps(info),
-             json.dumps(rec.provisioner_info, default=str), json.dumps(rec.launch), rec.created))
+            (
+                rec.id,
+                rec.name,
+                rec.username,
+                json.dumps(info),
+                json.dumps(rec.provisioner_info, default=str),
+                json.dumps(rec.launch),
+                rec.created,
+            ),
+        )
 
     async def delete_kernel(self, kernel_id: str) -> None:
         await self._run("DELETE FROM kernels WHERE id = ?", (kernel_id,))
@@ -101,17 +109,24 @@ class StateStore:
 
     def kernels(self) -> list[KernelRecord]:
         """Read once at start-up, before serving."""
-        rows = self._db.execute("SELECT id, name, username, connection_info, provisioner_info, "
-                                "launch, created FROM kernels ORDER BY created").fetchall()
-        return [KernelRecord(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]),
-                             json.loads(r[5]), r[6]) for r in rows]
+        rows = self._db.execute(
+            "SELECT id, name, username, connection_info, provisioner_info, "
+            "launch, created FROM kernels ORDER BY created"
+        ).fetchall()
+        return [
+            KernelRecord(
+                r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), json.loads(r[5]), r[6]
+            )
+            for r in rows
+        ]
 
     # -- sessions ----------------------------------------------------------------------
 
-    async def put_session(self, sid: str, path: str, name: str, type_: str,
-                          kernel_id: str) -> None:
-        await self._run("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
-                        (sid, path, name, type_, kernel_id))
+    async def put_session(self, sid: str, path: str, name: str, type_: str, kernel_id: str) -> None:
+        await self._run(
+            "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
+            (sid, path, name, type_, kernel_id),
+        )
 
     async def delete_session(self, sid: str) -> None:
         await self._run("DELETE FROM sessions WHERE id = ?", (sid,))

@@ -70,12 +70,20 @@ def status_parts(state: str, session: str = "") -> list[bytes]:
     """An iopub status message made by the gateway itself (kernel restarting or dead)."""
     # date and version as jupyter_client writes them (jsonutil.json_default, protocol_version),
     # as in the kernel's own messages and in jupyter_server's status messages
-    header = {"msg_id": uuid4().hex, "msg_type": "status", "username": "gateway",
-              "session": session,
-              "date": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-              "version": protocol_version}
-    return [json.dumps(header).encode(), b"{}", b"{}",
-            json.dumps({"execution_state": state}).encode()]
+    header = {
+        "msg_id": uuid4().hex,
+        "msg_type": "status",
+        "username": "gateway",
+        "session": session,
+        "date": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "version": protocol_version,
+    }
+    return [
+        json.dumps(header).encode(),
+        b"{}",
+        b"{}",
+        json.dumps({"execution_state": state}).encode(),
+    ]
 
 
 def status_content(parts: Sequence[Part]) -> Any:

@@ -33,8 +33,13 @@ class Backend:
 
 @pytest.fixture(scope="module")
 def backend_local(gateway: GatewayProcess) -> Backend:
-    return Backend("local", gateway, "python3", socket.gethostname(),
-                   lambda: [str(p) for p in gateway.kernel_pids()])
+    return Backend(
+        "local",
+        gateway,
+        "python3",
+        socket.gethostname(),
+        lambda: [str(p) for p in gateway.kernel_pids()],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +47,12 @@ def backend_ssh(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
     """Kernels on rhost1, an OpenSSH host in its own network namespace (tests/sshd.py)."""
     specs = tmp_path_factory.mktemp("ssh-kernelspecs")
     ssh_lab.write_spec(specs, "ssh-rhost1", "rhost1")
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
-                        extra_args=["--kernelspec-dir", str(specs)],
-                        workdir=tmp_path_factory.mktemp("gateway-ssh"))
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=tmp_path_factory.mktemp("gateway-ssh"),
+    )
     gw.start()
     host = ssh_lab.hosts["rhost1"]
     yield Backend("ssh", gw, "ssh-rhost1", "rhost1", host.kernels)
@@ -59,9 +67,13 @@ def backend_slurm(slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
     machine; a job left in the queue after the gateway stopped is a leftover."""
     specs = tmp_path_factory.mktemp("slurm-kernelspecs")
     slurm.write_spec(specs, "slurm-debug")
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16), env=slurm.env,
-                        extra_args=["--kernelspec-dir", str(specs)],
-                        workdir=tmp_path_factory.mktemp("gateway-slurm"))
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        env=slurm.env,
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=tmp_path_factory.mktemp("gateway-slurm"),
+    )
     gw.start()
     yield Backend("slurm", gw, "slurm-debug", slurm.node, lambda: slurm.leftovers(gw))
     _cleanup(gw)
@@ -70,15 +82,19 @@ def backend_slurm(slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
 
 
 @pytest.fixture(scope="module")
-def backend_slurm_login(slurm, slurm_login, tmp_path_factory: pytest.TempPathFactory
-                        ) -> Iterator[Backend]:
+def backend_slurm_login(
+    slurm, slurm_login, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
     """The same SLURM, submitted to from a login node over SSH (sshd on 127.0.0.1): commands
     run there, files go over SFTP, the kernel's ports are forwarded through it."""
     specs = tmp_path_factory.mktemp("slurm-login-kernelspecs")
     slurm.write_spec(specs, "slurm-login", config=slurm_login.config)
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
-                        extra_args=["--kernelspec-dir", str(specs)],
-                        workdir=tmp_path_factory.mktemp("gateway-slurm-login"))
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=tmp_path_factory.mktemp("gateway-slurm-login"),
+    )
     gw.start()
     leftovers = lambda: slurm.leftovers(gw, slurm_login.runtime_dir)  # noqa: E731
     yield Backend("slurm_login", gw, "slurm-login", slurm.node, leftovers)
@@ -91,24 +107,41 @@ def docker_spec(directory, name: str, **config) -> None:
     """A kernelspec for the Docker (or, with provisioner=, Swarm) backend."""
     provisioner = config.pop("provisioner", "rkg-docker")
     (directory / name).mkdir(parents=True, exist_ok=True)
-    (directory / name / "kernel.json").write_text(json.dumps({
-        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": name, "language": "python",
-        "metadata": {"kernel_provisioner": {"provisioner_name": provisioner,
-                                            "config": config}}}))
+    (directory / name / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": name,
+                "language": "python",
+                "metadata": {
+                    "kernel_provisioner": {"provisioner_name": provisioner, "config": config}
+                },
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
-def backend_docker(docker, kernel_image, tmp_path_factory: pytest.TempPathFactory
-                   ) -> Iterator[Backend]:
+def backend_docker(
+    docker, kernel_image, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
     """Kernels in containers of a real dockerd (tests/dockerinfra.py), ports published on
     127.0.0.1; a labelled container left after the gateway stopped is a leftover."""
     specs = tmp_path_factory.mktemp("docker-kernelspecs")
-    docker_spec(specs, "docker-python", image=kernel_image, docker_host=docker.host,
-                hostname="rkg-docker", memory="512m")
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
-                        extra_args=["--kernelspec-dir", str(specs)],
-                        workdir=tmp_path_factory.mktemp("gateway-docker"))
+    docker_spec(
+        specs,
+        "docker-python",
+        image=kernel_image,
+        docker_host=docker.host,
+        hostname="rkg-docker",
+        memory="512m",
+    )
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=tmp_path_factory.mktemp("gateway-docker"),
+    )
     gw.start()
     yield Backend("docker", gw, "docker-python", "rkg-docker", docker.ours)
     _cleanup(gw)
@@ -116,23 +149,39 @@ def backend_docker(docker, kernel_image, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def backend_swarm(swarm, kernel_image, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[Backend]:
+def backend_swarm(
+    swarm, kernel_image, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
     """Kernels as services of a one-node Swarm on the test dockerd, ports published in host
     mode; a labelled service or task container left after the gateway stopped is a leftover."""
     specs = tmp_path_factory.mktemp("swarm-kernelspecs")
-    docker_spec(specs, "swarm-python", provisioner="rkg-swarm", image=kernel_image,
-                docker_host=swarm.host, hostname="rkg-swarm", memory="512m")
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
-                        extra_args=["--kernelspec-dir", str(specs)],
-                        workdir=tmp_path_factory.mktemp("gateway-swarm"))
+    docker_spec(
+        specs,
+        "swarm-python",
+        provisioner="rkg-swarm",
+        image=kernel_image,
+        docker_host=swarm.host,
+        hostname="rkg-swarm",
+        memory="512m",
+    )
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=tmp_path_factory.mktemp("gateway-swarm"),
+    )
     gw.start()
     leftovers = lambda: swarm.ours("service") + swarm.ours()  # noqa: E731
     yield Backend("swarm", gw, "swarm-python", "rkg-swarm", leftovers)
     _cleanup(gw)
     # task containers go a moment after their service
-    eventually_sync(leftovers, until=lambda left: not left, timeout=10, interval=0.25,
-                    what="no service or container left behind")
+    eventually_sync(
+        leftovers,
+        until=lambda left: not left,
+        timeout=10,
+        interval=0.25,
+        what="no service or container left behind",
+    )
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -65,9 +65,15 @@ def _describe(probe: Callable[[], Any], what: str) -> str:
     return what or getattr(probe, "__qualname__", repr(probe))
 
 
-async def eventually(probe: Callable[[], Any], *, until: Callable[[Any], Any] = bool,
-                     timeout: float = 10, interval: float = 0.05,
-                     ignore: tuple[type[BaseException], ...] = (), what: str = "") -> Any:
+async def eventually(
+    probe: Callable[[], Any],
+    *,
+    until: Callable[[Any], Any] = bool,
+    timeout: float = 10,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+    what: str = "",
+) -> Any:
     """Call `probe` (sync or async) until `until(value)` holds, and return that value.
     On timeout, an AssertionError names the probe and shows the last value (or the last
     exception among `ignore`), which is what a failed wait needs to be diagnosed."""
@@ -83,14 +89,21 @@ async def eventually(probe: Callable[[], Any], *, until: Callable[[Any], Any] = 
             if until(value):
                 return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{_describe(probe, what)}: not so within {timeout:g} s; "
-                                 f"last value: {value!r}")
+            raise AssertionError(
+                f"{_describe(probe, what)}: not so within {timeout:g} s; last value: {value!r}"
+            )
         await asyncio.sleep(interval)
 
 
-def eventually_sync(probe: Callable[[], Any], *, until: Callable[[Any], Any] = bool,
-                    timeout: float = 10, interval: float = 0.05,
-                    ignore: tuple[type[BaseException], ...] = (), what: str = "") -> Any:
+def eventually_sync(
+    probe: Callable[[], Any],
+    *,
+    until: Callable[[Any], Any] = bool,
+    timeout: float = 10,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+    what: str = "",
+) -> Any:
     """`eventually` for code outside an event loop (fixtures, sync tests)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -102,8 +115,9 @@ def eventually_sync(probe: Callable[[], Any], *, until: Callable[[Any], Any] = b
             if until(value):
                 return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{_describe(probe, what)}: not so within {timeout:g} s; "
-                                 f"last value: {value!r}")
+            raise AssertionError(
+                f"{_describe(probe, what)}: not so within {timeout:g} s; last value: {value!r}"
+            )
         time.sleep(interval)
 
 
@@ -142,19 +156,38 @@ class GatewayProcess:
         assert self.workdir is not None
         self.log_path = self.workdir / f"gateway-{self.port}.log"
         args = [
-            sys.executable, "-m", "gateway", "serve",
-            "--ip", "127.0.0.1", "--port", str(self.port),
-            "--base-url", self.base_url,
-            "--kernelspec-dir", str(KERNELSPECS),
-            "--state-db", str(self.workdir / f"state-{self.port}.sqlite"),
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-url",
+            self.base_url,
+            "--kernelspec-dir",
+            str(KERNELSPECS),
+            "--state-db",
+            str(self.workdir / f"state-{self.port}.sqlite"),
             *(["--token", self.token] if self.token else ["--no-auth"]),
             *self.extra_args,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "JUPYTER_RUNTIME_DIR": str(self.runtime_dir),
-               **self.env}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "JUPYTER_RUNTIME_DIR": str(self.runtime_dir),
+            **self.env,
+        }
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=self.workdir, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
 
         def answers() -> bool:
             if self.proc.poll() is not None:  # not among `ignore`: ends the wait at once
@@ -220,11 +253,23 @@ def gateway_factory(tmp_path: Path) -> Iterator:
     Every gateway started is stopped at teardown and must leave no kernel process behind."""
     started: list[GatewayProcess] = []
 
-    def make(*, token: str | None = None, base_url: str = "/", extra_args: list[str] | None = None,
-             env: dict[str, str] | None = None, start: bool = True) -> GatewayProcess:
+    def make(
+        *,
+        token: str | None = None,
+        base_url: str = "/",
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> GatewayProcess:
         token = secrets.token_hex(16) if token is None else token
-        gw = GatewayProcess(port=free_port(), token=token, base_url=base_url,
-                            extra_args=extra_args or [], env=env or {}, workdir=tmp_path)
+        gw = GatewayProcess(
+            port=free_port(),
+            token=token,
+            base_url=base_url,
+            extra_args=extra_args or [],
+            env=env or {},
+            workdir=tmp_path,
+        )
         started.append(gw)
         if start:
             gw.start()
@@ -238,8 +283,9 @@ def gateway_factory(tmp_path: Path) -> Iterator:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """One gateway shared by a test module (token auth on, base URL /)."""
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
-                        workdir=tmp_path_factory.mktemp("gateway"))
+    gw = GatewayProcess(
+        port=free_port(), token=secrets.token_hex(16), workdir=tmp_path_factory.mktemp("gateway")
+    )
     gw.start()
     yield gw
     leftovers = _cleanup(gw)

@@ -35,20 +35,35 @@ KERNEL_IMAGE = "rkg-test-kernel:latest"
 # routes of its live bridges, so nothing addressed to a removed container leaves the machine
 BLACKHOLES = [("10.200.99.0/24", "4000"), ("10.201.0.0/16", "4000")]
 DATA_ROOT = Path("/var/lib/rkg-test-docker")
-DAEMON = {"bip": "10.200.99.1/24",
-          "default-address-pools": [{"base": "10.201.0.0/16", "size": 24}],
-          "storage-driver": "overlay2", "iptables": False, "ip-forward": False}
+DAEMON = {
+    "bip": "10.200.99.1/24",
+    "default-address-pools": [{"base": "10.201.0.0/16", "size": 24}],
+    "storage-driver": "overlay2",
+    "iptables": False,
+    "ip-forward": False,
+}
 
 
 class Docker:
     def __init__(self, sock: Path) -> None:
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{sock}"}
 
-    def run(self, *args: str, check: bool = True, timeout: float = 600,
-            env: dict[str, str] | None = None, cwd: Path | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(args, env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=timeout, cwd=cwd)
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 600,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            args,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -62,9 +77,15 @@ class Docker:
 
     def ours(self, kind: str = "ps") -> list[str]:
         """Names of the containers (kind "ps") or services ("service") the gateway labelled."""
-        args = ["docker", kind, "ls" if kind == "service" else "-a", "--filter",
-                "label=app=remote-kernel-gateway", "--format", "{{.Names}}" if kind == "ps"
-                else "{{.Name}}"]
+        args = [
+            "docker",
+            kind,
+            "ls" if kind == "service" else "-a",
+            "--filter",
+            "label=app=remote-kernel-gateway",
+            "--format",
+            "{{.Names}}" if kind == "ps" else "{{.Name}}",
+        ]
         out = self.run(*args, check=False).stdout
         return out.split()
 
@@ -75,14 +96,26 @@ def running_dockerd(tmp: Path, data_root: Path | str, netns: str = "") -> Iterat
     or in `netns` (nsenter: `ip netns exec` would mount a /sys without the cgroups); stopped
     on exit."""
     sock = tmp / "docker.sock"
-    (tmp / "daemon.json").write_text(json.dumps({
-        **DAEMON, "data-root": str(data_root), "exec-root": str(tmp / "exec"),
-        "pidfile": str(tmp / "docker.pid"), "hosts": [f"unix://{sock}"]}))
+    (tmp / "daemon.json").write_text(
+        json.dumps(
+            {
+                **DAEMON,
+                "data-root": str(data_root),
+                "exec-root": str(tmp / "exec"),
+                "pidfile": str(tmp / "docker.pid"),
+                "hosts": [f"unix://{sock}"],
+            }
+        )
+    )
     enter = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
     _sweep_daemons(Path(data_root))
     with open(tmp / "dockerd.log", "wb") as log:
-        proc = subprocess.Popen([*enter, "dockerd", "--config-file", str(tmp / "daemon.json")],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*enter, "dockerd", "--config-file", str(tmp / "daemon.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     dk = Docker(sock)
     try:
         for _ in range(100):
@@ -125,16 +158,18 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
                 pytest.fail(f"another test run holds {DATA_ROOT} (its dockerd) for 30 min")
             time.sleep(1)
     for net, metric in BLACKHOLES:
-        subprocess.run(["ip", "route", "replace", "blackhole", net, "metric", metric],
-                       check=True)
+        subprocess.run(["ip", "route", "replace", "blackhole", net, "metric", metric], check=True)
     try:
         with running_dockerd(tmp, DATA_ROOT) as dk:
             yield dk
     finally:
         _remove_bridges()
         for net, metric in BLACKHOLES:
-            subprocess.run(["ip", "route", "del", "blackhole", net, "metric", metric],
-                           check=False, capture_output=True)
+            subprocess.run(
+                ["ip", "route", "del", "blackhole", net, "metric", metric],
+                check=False,
+                capture_output=True,
+            )
         lock.close()
 
 
@@ -196,10 +231,15 @@ def _sweep_engine(dk: Docker, data_root: str) -> None:
     volumes), the names the Docker tests give (rkg-test-*, the compose profile's
     rkg-kernels) and a swarm not left. Images stay: they are the reason the root is kept."""
     removed = []
-    if dk.run("docker", "info", "--format", "{{.Swarm.LocalNodeState}}", check=False
-              ).stdout.strip() == "active":
-        services = dk.run("docker", "service", "ls", "--format", "{{.Name}}", check=False
-                          ).stdout.split()
+    if (
+        dk.run(
+            "docker", "info", "--format", "{{.Swarm.LocalNodeState}}", check=False
+        ).stdout.strip()
+        == "active"
+    ):
+        services = dk.run(
+            "docker", "service", "ls", "--format", "{{.Name}}", check=False
+        ).stdout.split()
         if services:
             dk.run("docker", "service", "rm", *services, check=False)
             removed += [f"service {s}" for s in services]
@@ -211,21 +251,29 @@ def _sweep_engine(dk: Docker, data_root: str) -> None:
         return [line.split("\t") for line in out.splitlines() if line.strip()]
 
     project = '{{.Label "com.docker.compose.project"}}'
-    containers = [name for name, app, proj in listed(
-        "ps -a", '{{.Names}}\t{{.Label "app"}}\t' + project)
-        if app == "remote-kernel-gateway" or proj.startswith("rkgtest")
-        or name.startswith("rkg-test-")]
+    containers = [
+        name
+        for name, app, proj in listed("ps -a", '{{.Names}}\t{{.Label "app"}}\t' + project)
+        if app == "remote-kernel-gateway"
+        or proj.startswith("rkgtest")
+        or name.startswith("rkg-test-")
+    ]
     if containers:
         dk.run("docker", "rm", "-f", "-v", *containers)
         removed += [f"container {c}" for c in containers]
-    networks = [name for name, proj in listed("network ls", "{{.Name}}\t" + project)
-                if proj.startswith("rkgtest") or name.startswith("rkg-test-")
-                or name == "rkg-kernels"]
+    networks = [
+        name
+        for name, proj in listed("network ls", "{{.Name}}\t" + project)
+        if proj.startswith("rkgtest") or name.startswith("rkg-test-") or name == "rkg-kernels"
+    ]
     for net in networks:
         dk.run("docker", "network", "rm", net)
         removed.append(f"network {net}")
-    volumes = [name for name, proj in listed("volume ls", "{{.Name}}\t" + project)
-               if proj.startswith("rkgtest") or name.startswith("rkgtest")]
+    volumes = [
+        name
+        for name, proj in listed("volume ls", "{{.Name}}\t" + project)
+        if proj.startswith("rkgtest") or name.startswith("rkgtest")
+    ]
     if volumes:
         dk.run("docker", "volume", "rm", *volumes)
         removed += [f"volume {v}" for v in volumes]
@@ -244,8 +292,11 @@ def _needs(item: pytest.Item, fixtures: set[str]) -> bool:
         return True
     # the contract suite's backends are looked up by name at run time
     spec = getattr(item, "callspec", None)
-    return (spec is not None and "kernel_image" in fixtures
-            and spec.params.get("backend") in ("docker", "swarm"))
+    return (
+        spec is not None
+        and "kernel_image" in fixtures
+        and spec.params.get("backend") in ("docker", "swarm")
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -280,8 +331,9 @@ def _unmount_namespaces(exec_root: Path) -> None:
 def _remove_bridges() -> None:
     """dockerd leaves its bridges (docker0, br-*, docker_gwbridge) behind when it exits; it
     makes them again from its data root at the next start."""
-    links = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True,
-                           text=True, check=False).stdout
+    links = subprocess.run(
+        ["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True, check=False
+    ).stdout
     for line in links.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         if name == "docker0" or name == "docker_gwbridge" or name.startswith("br-"):
@@ -296,13 +348,28 @@ def base_image(docker: Docker, tmp_path_factory: pytest.TempPathFactory) -> str:
     if not shutil.which("debootstrap"):
         require_infra("debootstrap is not installed (apt-get install debootstrap)")
     rootfs = tmp_path_factory.mktemp("rootfs")
-    subprocess.run(["debootstrap", "--variant=minbase",
-                    "--include=python3,python3-venv,tini,openssh-server,openssh-client",
-                    "bookworm", str(rootfs), "http://deb.debian.org/debian"],
-                   check=True, capture_output=True, timeout=900)
+    subprocess.run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=python3,python3-venv,tini,openssh-server,openssh-client",
+            "bookworm",
+            str(rootfs),
+            "http://deb.debian.org/debian",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
-        subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, env=docker.env,
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            ["docker", "import", "-", BASE_IMAGE],
+            stdin=tar.stdout,
+            env=docker.env,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     shutil.rmtree(rootfs, ignore_errors=True)
     return BASE_IMAGE
 
@@ -312,28 +379,51 @@ def build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The working tree as the tests see it (tracked files and untracked ones git does not
     ignore), plus wheels of the package and its dependencies: `docker build` needs no network."""
     ctx = tmp_path_factory.mktemp("context")
-    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "-co", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (ctx / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, ctx / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"),
-                    f"{ctx}[ssh,docker]"], check=True, capture_output=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "-w",
+            str(ctx / "wheels"),
+            f"{ctx}[ssh,docker]",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     return ctx
 
 
 @pytest.fixture(scope="session")
-def kernel_image(docker: Docker, base_image: str, tmp_path_factory: pytest.TempPathFactory
-                 ) -> str:
+def kernel_image(docker: Docker, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The base image with ipykernel in /opt/kernel (from wheels made here: no registry) and
     a user 1000 with a home, as a kernel image for the Docker and Swarm backends."""
     if docker.has_image(KERNEL_IMAGE):
         return KERNEL_IMAGE
     ctx = tmp_path_factory.mktemp("kernel-image")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"),
-                    "ipykernel"], check=True, capture_output=True, timeout=900)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(ctx / "wheels"), "ipykernel"],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     (ctx / "Dockerfile").write_text(f"""FROM {base_image}
 COPY wheels /wheels
 RUN python3 -m venv /opt/kernel \\
@@ -364,6 +454,15 @@ def gateway_image(docker: Docker, base_image: str, build_context: Path) -> str:
     """The repository's Dockerfile built from the working tree (as the operator builds it),
     tagged apart from the compose deployment's image."""
     tag = "rkg-test-gateway:latest"
-    docker.run("docker", "build", "-q", "--build-arg", f"BASE={base_image}", "-t", tag,
-               str(build_context), timeout=900)
+    docker.run(
+        "docker",
+        "build",
+        "-q",
+        "--build-arg",
+        f"BASE={base_image}",
+        "-t",
+        tag,
+        str(build_context),
+        timeout=900,
+    )
     return tag

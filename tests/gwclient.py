@@ -18,9 +18,16 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 V1 = "v1.kernel.websocket.jupyter.org"
 
 
-async def api(gw: Any, method: str, path: str, body: Any = None, *, token: str | None = None,
-              raw: bytes | None = None, headers: dict[str, str] | None = None
-              ) -> tuple[int, Any]:
+async def api(
+    gw: Any,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """(status, decoded JSON or None). `token=""` sends no token."""
     tok = gw.token if token is None else token
     hdrs = {"Authorization": f"token {tok}"} if tok else {}
@@ -28,8 +35,14 @@ async def api(gw: Any, method: str, path: str, body: Any = None, *, token: str |
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     if data is None and method in ("POST", "PATCH", "PUT"):
         data = b""
-    req = HTTPRequest(gw.url + path.lstrip("/"), method=method, body=data, headers=hdrs,
-                      request_timeout=60, allow_nonstandard_methods=True)
+    req = HTTPRequest(
+        gw.url + path.lstrip("/"),
+        method=method,
+        body=data,
+        headers=hdrs,
+        request_timeout=60,
+        allow_nonstandard_methods=True,
+    )
     resp = await AsyncHTTPClient().fetch(req, raise_error=False)
     text = resp.body or b""
     try:
@@ -51,9 +64,13 @@ def v1_encode(channel: str, parts: list[bytes]) -> bytes:
 def v1_decode(frame: bytes) -> dict[str, Any]:
     (n,) = struct.unpack_from("<Q", frame)
     offs = struct.unpack_from(f"<{n}Q", frame, 8)
-    pieces = [frame[offs[i]:offs[i + 1]] for i in range(n - 1)]
-    msg = {k: json.loads(p) for k, p in zip(
-        ("header", "parent_header", "metadata", "content"), pieces[1:5], strict=False)}
+    pieces = [frame[offs[i] : offs[i + 1]] for i in range(n - 1)]
+    msg = {
+        k: json.loads(p)
+        for k, p in zip(
+            ("header", "parent_header", "metadata", "content"), pieces[1:5], strict=False
+        )
+    }
     msg["channel"] = pieces[0].decode()
     msg["buffers"] = pieces[5:]
     return msg
@@ -64,8 +81,8 @@ def legacy_decode(frame: str | bytes) -> dict[str, Any]:
         return json.loads(frame)
     (n,) = struct.unpack_from(">I", frame)
     offs = [*struct.unpack_from(f">{n}I", frame, 4), len(frame)]
-    msg = json.loads(frame[offs[0]:offs[1]])
-    msg["buffers"] = [frame[offs[i]:offs[i + 1]] for i in range(1, n)]
+    msg = json.loads(frame[offs[0] : offs[1]])
+    msg["buffers"] = [frame[offs[i] : offs[i + 1]] for i in range(1, n)]
     return msg
 
 
@@ -76,8 +93,16 @@ class KernelSocket:
         self.ws, self.v1, self.session = ws, v1, session
 
     @classmethod
-    async def open(cls, gw: Any, kernel_id: str, *, v1: bool = False, session: str | None = None,
-                   token: str | None = None, query_token: bool = False) -> KernelSocket:
+    async def open(
+        cls,
+        gw: Any,
+        kernel_id: str,
+        *,
+        v1: bool = False,
+        session: str | None = None,
+        token: str | None = None,
+        query_token: bool = False,
+    ) -> KernelSocket:
         session = session or uuid.uuid4().hex
         tok = gw.token if token is None else token
         url = f"{gw.ws_url}api/kernels/{kernel_id}/channels?session_id={session}"
@@ -86,22 +111,40 @@ class KernelSocket:
             url += f"&token={tok}"
         elif tok:
             headers["Authorization"] = f"token {tok}"
-        ws = await websockets.connect(url, additional_headers=headers, max_size=None,
-                                      subprotocols=[V1] if v1 else None, open_timeout=20)
+        ws = await websockets.connect(
+            url,
+            additional_headers=headers,
+            max_size=None,
+            subprotocols=[V1] if v1 else None,
+            open_timeout=20,
+        )
         return cls(ws, ws.subprotocol == V1, session)  # speak what the server chose
 
-    def message(self, msg_type: str, content: dict[str, Any], channel: str = "shell"
-                ) -> dict[str, Any]:
-        return {"header": {"msg_id": uuid.uuid4().hex, "msg_type": msg_type,
-                           "session": self.session, "username": "test", "version": "5.3",
-                           "date": "2026-01-01T00:00:00.000000Z"},
-                "parent_header": {}, "metadata": {}, "content": content, "channel": channel}
+    def message(
+        self, msg_type: str, content: dict[str, Any], channel: str = "shell"
+    ) -> dict[str, Any]:
+        return {
+            "header": {
+                "msg_id": uuid.uuid4().hex,
+                "msg_type": msg_type,
+                "session": self.session,
+                "username": "test",
+                "version": "5.3",
+                "date": "2026-01-01T00:00:00.000000Z",
+            },
+            "parent_header": {},
+            "metadata": {},
+            "content": content,
+            "channel": channel,
+        }
 
     async def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell") -> str:
         msg = self.message(msg_type, content, channel)
         if self.v1:
-            parts = [json.dumps(msg[k]).encode()
-                     for k in ("header", "parent_header", "metadata", "content")]
+            parts = [
+                json.dumps(msg[k]).encode()
+                for k in ("header", "parent_header", "metadata", "content")
+            ]
             await self.ws.send(v1_encode(channel, parts))
         else:
             await self.ws.send(json.dumps(msg))
@@ -123,8 +166,12 @@ class KernelSocket:
 
     async def until_status(self, state: str, timeout: float = 30) -> list[dict[str, Any]]:
         """Messages up to the first iopub status `state` (restarting, dead, ...)."""
-        return await self.until(lambda m: m["header"]["msg_type"] == "status"
-                                and m["content"]["execution_state"] == state, timeout)
+        return await self.until(
+            lambda m: (
+                m["header"]["msg_type"] == "status" and m["content"]["execution_state"] == state
+            ),
+            timeout,
+        )
 
     async def start_long_cell(self, seconds: int = 30) -> str:
         """Start a cell that sleeps, and return once it is provably inside the sleep, for
@@ -132,11 +179,18 @@ class KernelSocket:
         cell's first line, and print(flush=True) returns only after ipykernel's iopub thread
         sent the line, so after the line arrives the cell is given a moment to reach the
         sleep (interrupts were lost about once in ten loaded suite runs without it)."""
-        msg_id = await self.send("execute_request", {
-            "code": f"import time; print('sleeping', flush=True); time.sleep({seconds})",
-            "silent": False})
-        await self.until(lambda m: m["header"]["msg_type"] == "stream"
-                         and m["parent_header"].get("msg_id") == msg_id)
+        msg_id = await self.send(
+            "execute_request",
+            {
+                "code": f"import time; print('sleeping', flush=True); time.sleep({seconds})",
+                "silent": False,
+            },
+        )
+        await self.until(
+            lambda m: (
+                m["header"]["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id
+            )
+        )
         await asyncio.sleep(0.5)
         return msg_id
 
@@ -151,15 +205,20 @@ class KernelSocket:
                     continue
                 got.append(msg)
                 reply = reply or msg["header"]["msg_type"].endswith("_reply")
-                idle = idle or (msg["header"]["msg_type"] == "status"
-                                and msg["content"]["execution_state"] == "idle")
+                idle = idle or (
+                    msg["header"]["msg_type"] == "status"
+                    and msg["content"]["execution_state"] == "idle"
+                )
         return got
 
     async def execute(self, code: str, timeout: float = 30) -> tuple[str, dict[str, Any]]:
         """(stdout text, execute_reply content)."""
         msgs = await self.reply_and_idle(
-            await self.send("execute_request", {"code": code, "silent": False,
-                                                "allow_stdin": False}), timeout)
+            await self.send(
+                "execute_request", {"code": code, "silent": False, "allow_stdin": False}
+            ),
+            timeout,
+        )
         out = "".join(m["content"]["text"] for m in msgs if m["header"]["msg_type"] == "stream")
         reply = next(m["content"] for m in msgs if m["header"]["msg_type"] == "execute_reply")
         return out, reply
@@ -174,14 +233,15 @@ async def start_kernel(gw: Any, name: str = "python3", **body: Any) -> dict[str,
     return model
 
 
-async def input_first(gw: Any, kernel_id: str, *, v1: bool = False, timeout: float = 10
-                      ) -> None:
+async def input_first(gw: Any, kernel_id: str, *, v1: bool = False, timeout: float = 10) -> None:
     """Open a fresh socket, send a cell calling input() as its first message, answer the
     input_request, check the output (tests/test_stdin.py says why this can fail)."""
     ks = await KernelSocket.open(gw, kernel_id, v1=v1)
     try:
-        msg_id = await ks.send("execute_request", {
-            "code": "print('got', input('name? '))", "silent": False, "allow_stdin": True})
+        msg_id = await ks.send(
+            "execute_request",
+            {"code": "print('got', input('name? '))", "silent": False, "allow_stdin": True},
+        )
         got = await ks.until(lambda m: m["header"]["msg_type"] == "input_request", timeout)
         assert got[-1]["channel"] == "stdin" and got[-1]["content"]["prompt"] == "name? "
         await ks.send("input_reply", {"value": "ada"}, channel="stdin")

@@ -25,12 +25,19 @@ BIN = Path(sys.executable).parent
 def clean_env(root: Path) -> dict[str, str]:
     """Nothing from this machine's Jupyter set-up: own config, data and runtime dirs, and no
     JUPYTER_GATEWAY_* / JUPYTER_TOKEN variables that would override the command line."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JUPYTER_", "JPY_", "KERNEL_", "KG_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JUPYTER_", "JPY_", "KERNEL_", "KG_"))
+    }
     for name in ("config", "data", "runtime"):
         (root / name).mkdir(parents=True, exist_ok=True)
-    env.update(JUPYTER_CONFIG_DIR=str(root / "config"), JUPYTER_DATA_DIR=str(root / "data"),
-               JUPYTER_RUNTIME_DIR=str(root / "runtime"), PYTHONUNBUFFERED="1")
+    env.update(
+        JUPYTER_CONFIG_DIR=str(root / "config"),
+        JUPYTER_DATA_DIR=str(root / "data"),
+        JUPYTER_RUNTIME_DIR=str(root / "runtime"),
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -60,15 +67,21 @@ class Served:
 
     def start(self, args: list[str], ready_path: str, timeout: float = 60) -> None:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         env=clean_env(self.root), cwd=self.root,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=clean_env(self.root),
+                cwd=self.root,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{args[0]} exited with {self.proc.returncode}:\n{self.log()}")
-            req = urllib.request.Request(self.url + ready_path,
-                                         headers={"Authorization": f"token {self.token}"})
+            req = urllib.request.Request(
+                self.url + ready_path, headers={"Authorization": f"token {self.token}"}
+            )
             try:
                 with urllib.request.urlopen(req, timeout=1) as r:
                     if r.status == 200:
@@ -95,7 +108,15 @@ class Served:
 
 def jupyter_server_args(js: Served, *extra: str) -> list[str]:
     """`jupyter server` on js.port with js.token, serving js.root, no browser."""
-    return [str(BIN / "jupyter-server"), "--no-browser", "--allow-root",
-            "--ServerApp.open_browser=False", "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={js.port}", "--ServerApp.port_retries=0",
-            f"--ServerApp.root_dir={js.root}", f"--IdentityProvider.token={js.token}", *extra]
+    return [
+        str(BIN / "jupyter-server"),
+        "--no-browser",
+        "--allow-root",
+        "--ServerApp.open_browser=False",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={js.port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={js.root}",
+        f"--IdentityProvider.token={js.token}",
+        *extra,
+    ]

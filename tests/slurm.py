@@ -60,8 +60,9 @@ class SlurmCluster:
         out = self.run("squeue", "--noheader", "--format=%i %T %j", check=False)
         return [line.strip() for line in out.splitlines() if line.strip()]
 
-    def write_spec(self, directory: Path, name: str, config: dict[str, Any] | None = None,
-                   **over: Any) -> None:
+    def write_spec(
+        self, directory: Path, name: str, config: dict[str, Any] | None = None, **over: Any
+    ) -> None:
         """A kernelspec for `rkg spec add slurm` with this test's python and partition."""
         from gateway.specs import batch_spec, write_spec
 
@@ -185,13 +186,18 @@ def _sweep() -> None:
     procs = sweep.of_ended_runs(
         cmd=rf"({sweep.BASETEMP})/slurm(\d+/slurm\.conf|\d+/munge/|-login\d+/sshd\.conf)",
         comms=("munged", "slurmctld", "slurmd", "sshd"),
-        env=rf"^SLURM_CONF=({sweep.BASETEMP})/slurm\d+/")
+        env=rf"^SLURM_CONF=({sweep.BASETEMP})/slurm\d+/",
+    )
     sweep.kill(procs)
     sweep.report("SLURM", [p.describe() for p in procs])
-    works = {m.group(1) for p in procs
-             if (m := re.search(rf"({sweep.BASETEMP}/slurm\d+)/slurm\.conf", p.cmdline))}
-    dirs = [f"{w}/{d}" for w in sorted(works) for d in ("state", "spool")
-            if os.path.isdir(f"{w}/{d}")]
+    works = {
+        m.group(1)
+        for p in procs
+        if (m := re.search(rf"({sweep.BASETEMP}/slurm\d+)/slurm\.conf", p.cmdline))
+    }
+    dirs = [
+        f"{w}/{d}" for w in sorted(works) for d in ("state", "spool") if os.path.isdir(f"{w}/{d}")
+    ]
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
     sweep.report("SLURM state and spool directories", dirs)
@@ -290,8 +296,9 @@ class LoginNode:
 
 
 @pytest.fixture(scope="session")
-def slurm_login(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[LoginNode]:
+def slurm_login(
+    slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LoginNode]:
     sshd = "/usr/sbin/sshd"
     if not os.path.exists(sshd):
         require_infra(f"{sshd} is missing (apt-get install openssh-server)")
@@ -299,22 +306,43 @@ def slurm_login(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
     os.makedirs("/run/sshd", exist_ok=True)
     keys = {}
     for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f",
-                        str(work / name)], check=True, timeout=20)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(work / name)],
+            check=True,
+            timeout=20,
+        )
         keys[name] = (work / f"{name}.pub").read_text().strip()
     (work / "authorized_keys").write_text(keys["client"] + "\n")
     port = free_port()
     (work / "known_hosts").write_text(f"[127.0.0.1]:{port} {keys['host']}\n")
-    (work / "sshd.conf").write_text("\n".join([
-        "ListenAddress 127.0.0.1", f"Port {port}", f"HostKey {work}/host",
-        f"PidFile {work}/sshd.pid", f"AuthorizedKeysFile {work}/authorized_keys",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
-        "StrictModes no", "PermitRootLogin prohibit-password", "AllowTcpForwarding yes",
-        "LogLevel ERROR", "Subsystem sftp /usr/lib/openssh/sftp-server",
-        f"SetEnv SHLVL=1 SLURM_CONF={slurm.conf}", ""]))
+    (work / "sshd.conf").write_text(
+        "\n".join(
+            [
+                "ListenAddress 127.0.0.1",
+                f"Port {port}",
+                f"HostKey {work}/host",
+                f"PidFile {work}/sshd.pid",
+                f"AuthorizedKeysFile {work}/authorized_keys",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",
+                "PermitRootLogin prohibit-password",
+                "AllowTcpForwarding yes",
+                "LogLevel ERROR",
+                "Subsystem sftp /usr/lib/openssh/sftp-server",
+                f"SetEnv SHLVL=1 SLURM_CONF={slurm.conf}",
+                "",
+            ]
+        )
+    )
     with open(work / "sshd.log", "ab") as log:
-        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(work / "sshd.conf")],
-                                stdout=log, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(
+            [sshd, "-D", "-e", "-f", str(work / "sshd.conf")],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         for _ in range(200):
             with socket.socket() as s:
@@ -324,8 +352,15 @@ def slurm_login(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
                 raise RuntimeError((work / "sshd.log").read_text())
             time.sleep(0.05)
         runtime = work / "runtime"
-        yield LoginNode({"login": f"root@127.0.0.1:{port}", "identity_file": str(work / "client"),
-                         "known_hosts": str(work / "known_hosts"), "runtime_dir": str(runtime)},
-                        runtime, proc)
+        yield LoginNode(
+            {
+                "login": f"root@127.0.0.1:{port}",
+                "identity_file": str(work / "client"),
+                "known_hosts": str(work / "known_hosts"),
+                "runtime_dir": str(runtime),
+            },
+            runtime,
+            proc,
+        )
     finally:
         _stop(proc)  # its per-connection processes end with the gateways' connections

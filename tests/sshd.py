@@ -81,16 +81,29 @@ class RemoteHost:
 
     def kernels(self) -> list[str]:
         """ipykernel processes running inside this namespace."""
-        return [f"{self.name}:{p}" for p in self.pids()
-                if "ipykernel" in _cmdline(p) and pid_alive(p)]
+        return [
+            f"{self.name}:{p}" for p in self.pids() if "ipykernel" in _cmdline(p) and pid_alive(p)
+        ]
 
     def start_sshd(self, timeout: float = 10) -> None:
         conf = self.workdir / f"sshd-{self.name}.conf"
         log = open(self.workdir / f"sshd-{self.name}.log", "ab")
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "unshare", "--uts", "sh", "-c",
-             f"hostname {self.name}; exec {SSHD} -D -e -f {conf}"],
-            stdout=log, stderr=log, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                f"hostname {self.name}; exec {SSHD} -D -e -f {conf}",
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -100,8 +113,10 @@ class RemoteHost:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"sshd on {self.name} did not start: "
-                           f"{(self.workdir / f'sshd-{self.name}.log').read_text()}")
+        raise RuntimeError(
+            f"sshd on {self.name} did not start: "
+            f"{(self.workdir / f'sshd-{self.name}.log').read_text()}"
+        )
 
     def stop_sshd(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -124,8 +139,18 @@ class RemoteHost:
 
     def established(self) -> int:
         """TCP connections established to this sshd."""
-        out = sh("ip", "netns", "exec", self.ns, "ss", "-tnH", "state", "established",
-                 "( sport = :22 )", check=False)
+        out = sh(
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            "ss",
+            "-tnH",
+            "state",
+            "established",
+            "( sport = :22 )",
+            check=False,
+        )
         return len([line for line in out.splitlines() if line.strip()])
 
 
@@ -142,8 +167,10 @@ class SSHLab:
         """Provisioner config for a kernel on `host` (a name in `hosts`)."""
         h = self.hosts[host]
         cfg: dict[str, Any] = {
-            "host": f"root@{h.addr}", "identity_file": str(self.client_key),
-            "known_hosts": str(self.known_hosts), "python": REMOTE_PYTHON,
+            "host": f"root@{h.addr}",
+            "identity_file": str(self.client_key),
+            "known_hosts": str(self.known_hosts),
+            "python": REMOTE_PYTHON,
             "runtime_dir": str(self.workdir / "remote-runtime"),
         }
         if host == "rinner":
@@ -201,15 +228,29 @@ def _link(lab: SSHLab, outer_ns: str | None, inner: RemoteHost, subnet: str) -> 
 def _write_sshd_config(lab: SSHLab, host: RemoteHost) -> None:
     key = lab.workdir / f"hostkey-{host.name}"
     host.host_pub = _keygen(key)
-    (lab.workdir / f"sshd-{host.name}.conf").write_text("\n".join([
-        "Port 22", f"HostKey {key}", f"PidFile {lab.workdir}/sshd-{host.name}.pid",
-        f"AuthorizedKeysFile {lab.workdir}/authorized_keys", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
-        "PermitRootLogin prohibit-password", "AllowTcpForwarding yes", "LogLevel ERROR",
-        f"Subsystem sftp {SFTP_SERVER}",
-        # bash sources ~/.bashrc for commands run by sshd unless SHLVL says it is nested; this
-        # machine's root .bashrc runs `pyenv init`, which can hang on a stale rehash lock
-        "SetEnv SHLVL=1", ""]))
+    (lab.workdir / f"sshd-{host.name}.conf").write_text(
+        "\n".join(
+            [
+                "Port 22",
+                f"HostKey {key}",
+                f"PidFile {lab.workdir}/sshd-{host.name}.pid",
+                f"AuthorizedKeysFile {lab.workdir}/authorized_keys",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",
+                "PermitRootLogin prohibit-password",
+                "AllowTcpForwarding yes",
+                "LogLevel ERROR",
+                f"Subsystem sftp {SFTP_SERVER}",
+                # bash sources ~/.bashrc for commands run by sshd unless SHLVL says it is
+                # nested; this machine's root .bashrc runs `pyenv init`, which can hang on a
+                # stale rehash lock
+                "SetEnv SHLVL=1",
+                "",
+            ]
+        )
+    )
 
 
 def _teardown(lab: SSHLab, blackhole: str | None, claim: Path | None = None) -> None:
@@ -232,8 +273,9 @@ def _teardown(lab: SSHLab, blackhole: str | None, claim: Path | None = None) -> 
     for link in lab._links:
         if sh("ip", "-o", "link", "show", link, check=False):
             sh("ip", "link", "del", link, check=False)
-    remaining = [h.ns for h in lab.hosts.values()
-                 if h.ns in sh("ip", "netns", "list", check=False).split()]
+    remaining = [
+        h.ns for h in lab.hosts.values() if h.ns in sh("ip", "netns", "list", check=False).split()
+    ]
     if blackhole and not remaining:  # only once the last namespace is gone
         sh("ip", "route", "del", "blackhole", blackhole, check=False)
     if claim and not remaining:  # else the next run's sweep finishes the job
@@ -281,11 +323,13 @@ def _blocks_in(ns: str) -> set[int]:
 def _blocks_in_use(tag: str) -> set[int]:
     """Blocks another lab uses or has claimed: an ended run killed between deleting its
     blackhole and its claim may see its block taken again since."""
-    used = {int(rec["block"]) for rec in sweep.claims("sshlab-").values()
-            if rec.get("tag") != tag and not sweep.owner_over(int(rec["pid"]))}
+    used = {
+        int(rec["block"])
+        for rec in sweep.claims("sshlab-").values()
+        if rec.get("tag") != tag and not sweep.owner_over(int(rec["pid"]))
+    }
     out = sh("ip", "-4", "-o", "addr", check=False)
-    return used | {int(m.group(1)) // 16 * 16
-                   for m in re.finditer(r"\b10\.200\.(\d+)\.\d+/", out)}
+    return used | {int(m.group(1)) // 16 * 16 for m in re.finditer(r"\b10\.200\.(\d+)\.\d+/", out)}
 
 
 def _sweep() -> None:
@@ -303,12 +347,17 @@ def _sweep() -> None:
         blocks = {b for ns in names for b in _blocks_in(ns)}
         if rec is not None:
             blocks.add(int(rec["block"]))
-        procs = [sweep.Proc(p, 0, (_ppid_and_comm(p) or (0, "?"))[1], "", "")
-                 for ns in names for p in _ns_pids(ns)]
+        procs = [
+            sweep.Proc(p, 0, (_ppid_and_comm(p) or (0, "?"))[1], "", "")
+            for ns in names
+            for p in _ns_pids(ns)
+        ]
         sweep.kill(procs)
-        links = [line.split(":")[1].strip().split("@")[0]
-                 for line in sh("ip", "-o", "link", "show", check=False).splitlines()
-                 if line.split(":")[1].strip().startswith(f"va{tag}")]
+        links = [
+            line.split(":")[1].strip().split("@")[0]
+            for line in sh("ip", "-o", "link", "show", check=False).splitlines()
+            if line.split(":")[1].strip().startswith(f"va{tag}")
+        ]
         for link in links:
             sh("ip", "link", "del", link, check=False)
         inner_first = sorted(names, key=lambda n: -HOSTS.index(LAB_NS.match(n).group(2)))
@@ -324,10 +373,15 @@ def _sweep() -> None:
                     routes.append(f"blackhole {net}")
             if path is not None:
                 path.unlink(missing_ok=True)
-        sweep.report(f"SSH lab {tag}", [*(f"process {p.describe()}" for p in procs),
-                                        *(f"veth {link}" for link in links),
-                                        *(f"namespace {ns}" for ns in names if ns not in left),
-                                        *routes])
+        sweep.report(
+            f"SSH lab {tag}",
+            [
+                *(f"process {p.describe()}" for p in procs),
+                *(f"veth {link}" for link in links),
+                *(f"namespace {ns}" for ns in names if ns not in left),
+                *routes,
+            ],
+        )
         if left:
             raise RuntimeError(f"namespaces of an ended run do not go: {left}")
 
@@ -365,8 +419,9 @@ def ssh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHLab]:
             if name != "rdown":
                 _write_sshd_config(lab, host)
                 host.start_sshd()
-        lab.known_hosts.write_text("".join(
-            f"{h.addr} {h.host_pub}\n" for h in lab.hosts.values() if h.host_pub))
+        lab.known_hosts.write_text(
+            "".join(f"{h.addr} {h.host_pub}\n" for h in lab.hosts.values() if h.host_pub)
+        )
         yield lab
     finally:
         _teardown(lab, blackhole, claim)

@@ -24,8 +24,16 @@ async def test_api_root_needs_no_token(gateway):
     assert status == 200 and body["version"]
 
 
-@pytest.mark.parametrize("path", ["api/kernels", "api/sessions", "api/kernelspecs",
-                                  "kernelspecs/python3/logo-64x64.png", "api/nope"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "api/kernels",
+        "api/sessions",
+        "api/kernelspecs",
+        "kernelspecs/python3/logo-64x64.png",
+        "api/nope",
+    ],
+)
 async def test_missing_and_wrong_token(gateway, path):
     assert_error(*await api(gateway, "GET", path, token=""), 401)
     assert_error(*await api(gateway, "GET", path, token="wrong"), 403)
@@ -34,8 +42,13 @@ async def test_missing_and_wrong_token(gateway, path):
 async def test_token_in_query_and_bearer(gateway):
     status, _ = await api(gateway, "GET", f"api/kernels?token={gateway.token}", token="")
     assert status == 200
-    status, _ = await api(gateway, "GET", "api/kernels", token="",
-                          headers={"Authorization": f"Bearer {gateway.token}"})
+    status, _ = await api(
+        gateway,
+        "GET",
+        "api/kernels",
+        token="",
+        headers={"Authorization": f"Bearer {gateway.token}"},
+    )
     assert status == 200
 
 
@@ -57,11 +70,17 @@ async def test_kernelspecs_shape_and_resources(gateway):
     assert status == 200 and one["name"] == "python3"
 
 
-@pytest.mark.parametrize("path", ["kernelspecs/python3/../../../../etc/passwd",
-                                  "kernelspecs/python3/..%2F..%2F..%2Fetc%2Fpasswd",
-                                  "kernelspecs/python3/%2Fetc%2Fpasswd",
-                                  "kernelspecs/python3/nope.png", "kernelspecs/nope/logo-64x64.png",
-                                  "api/kernelspecs/nope"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "kernelspecs/python3/../../../../etc/passwd",
+        "kernelspecs/python3/..%2F..%2F..%2Fetc%2Fpasswd",
+        "kernelspecs/python3/%2Fetc%2Fpasswd",
+        "kernelspecs/python3/nope.png",
+        "kernelspecs/nope/logo-64x64.png",
+        "api/kernelspecs/nope",
+    ],
+)
 async def test_kernelspec_resource_errors(gateway, path):
     status, body = await api(gateway, "GET", path)
     assert status == 404, body
@@ -86,21 +105,31 @@ async def test_kernel_lifecycle_shapes(gateway):
     assert gateway.kernel_pids() == []
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    (b'{"name": "no-such-kernel"}', 404),
-    (b"{not json", 400),
-    (b"[1, 2]", 400),
-    (b'{"name": "python3", "env": "x"}', 400),
-    (b'{"name": "python3", "env": {"KERNEL_X": 1}}', 400),
-    (b'{"name": "python3", "env": {"KERNEL_LAUNCH_TIMEOUT": "soon"}}', 400),
-    (b"\xff\xfe", 400),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"name": "no-such-kernel"}', 404),
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (b'{"name": "python3", "env": "x"}', 400),
+        (b'{"name": "python3", "env": {"KERNEL_X": 1}}', 400),
+        (b'{"name": "python3", "env": {"KERNEL_LAUNCH_TIMEOUT": "soon"}}', 400),
+        (b"\xff\xfe", 400),
+    ],
+)
 async def test_start_kernel_client_errors(gateway, raw, expected):
     assert_error(*await api(gateway, "POST", "api/kernels", raw=raw), expected)
 
 
-@pytest.mark.parametrize("path", ["api/kernels/nope", "api/kernels/nope/interrupt",
-                                  "api/kernels/nope/restart", "api/sessions/nope"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "api/kernels/nope",
+        "api/kernels/nope/interrupt",
+        "api/kernels/nope/restart",
+        "api/sessions/nope",
+    ],
+)
 async def test_unknown_ids(gateway, path):
     method = "POST" if path.endswith(("interrupt", "restart")) else "GET"
     assert_error(*await api(gateway, method, path, {}), 404)
@@ -120,8 +149,9 @@ async def test_kernel_that_exits_at_start_is_a_clear_error(gateway):
 
 
 async def test_launch_timeout_is_honoured(gateway):
-    status, body = await api(gateway, "POST", "api/kernels",
-                             {"name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "2"}})
+    status, body = await api(
+        gateway, "POST", "api/kernels", {"name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "2"}}
+    )
     assert status == 504, body
     assert "KERNEL_LAUNCH_TIMEOUT" in body["message"]
     assert (await api(gateway, "GET", "api/kernels"))[1] == []
@@ -129,19 +159,27 @@ async def test_launch_timeout_is_honoured(gateway):
 
 
 async def test_sessions_both_shapes_patch_delete(gateway):
-    status, s = await api(gateway, "POST", "api/sessions",
-                          {"path": "a.ipynb", "name": "a", "type": "notebook",
-                           "kernel": {"name": "python3"}})
+    status, s = await api(
+        gateway,
+        "POST",
+        "api/sessions",
+        {"path": "a.ipynb", "name": "a", "type": "notebook", "kernel": {"name": "python3"}},
+    )
     assert status == 201, s
     assert {"id", "path", "name", "type", "kernel"} <= set(s)
     assert s["kernel"]["name"] == "python3"
     # the same path again: the same session
-    status, again = await api(gateway, "POST", "api/sessions", {"path": "a.ipynb",
-                                                                "kernel": {"name": "python3"}})
+    status, again = await api(
+        gateway, "POST", "api/sessions", {"path": "a.ipynb", "kernel": {"name": "python3"}}
+    )
     assert status == 201 and again["id"] == s["id"]
     # old shape, attached to the existing kernel
-    status, old = await api(gateway, "POST", "api/sessions",
-                            {"notebook": {"path": "b.ipynb"}, "kernel": {"id": s["kernel"]["id"]}})
+    status, old = await api(
+        gateway,
+        "POST",
+        "api/sessions",
+        {"notebook": {"path": "b.ipynb"}, "kernel": {"id": s["kernel"]["id"]}},
+    )
     assert status == 201 and old["path"] == "b.ipynb"
     assert old["kernel"]["id"] == s["kernel"]["id"]
     # partial PATCH
@@ -157,9 +195,16 @@ async def test_sessions_both_shapes_patch_delete(gateway):
     assert gateway.kernel_pids() == []
 
 
-@pytest.mark.parametrize("body", [{}, {"path": 5}, {"path": "x", "kernel": "python3"},
-                                  {"path": "x", "kernel": {"name": "nope"}},
-                                  {"path": "x", "kernel": {"id": "nope"}}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"path": 5},
+        {"path": "x", "kernel": "python3"},
+        {"path": "x", "kernel": {"name": "nope"}},
+        {"path": "x", "kernel": {"id": "nope"}},
+    ],
+)
 async def test_session_client_errors(gateway, body):
     status, resp = await api(gateway, "POST", "api/sessions", body)
     assert 400 <= status < 500
@@ -168,10 +213,13 @@ async def test_session_client_errors(gateway, body):
 
 async def test_session_text_plain_body(gateway):
     """@jupyterlab/services 7 posts JSON as text/plain."""
-    status, s = await api(gateway, "POST", "api/sessions",
-                          raw=b'{"path": "t.py", "type": "file", "name": "", '
-                              b'"kernel": {"name": "python3"}}',
-                          headers={"Content-Type": "text/plain;charset=UTF-8"})
+    status, s = await api(
+        gateway,
+        "POST",
+        "api/sessions",
+        raw=b'{"path": "t.py", "type": "file", "name": "", "kernel": {"name": "python3"}}',
+        headers={"Content-Type": "text/plain;charset=UTF-8"},
+    )
     assert status == 201, s
     assert (await api(gateway, "DELETE", f"api/sessions/{s['id']}"))[0] == 204
 
@@ -180,13 +228,16 @@ async def _headers(gw, method, path, origin, token=""):
     """The response's status and headers (api() decodes only the body)."""
     hdrs = {"Origin": origin}
     if method == "OPTIONS":
-        hdrs |= {"Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"}
+        hdrs |= {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        }
     if token:
         hdrs["Authorization"] = f"token {token}"
     resp = await AsyncHTTPClient().fetch(
         HTTPRequest(gw.url + path, method=method, headers=hdrs, allow_nonstandard_methods=True),
-        raise_error=False)
+        raise_error=False,
+    )
     return resp.code, resp.headers
 
 
@@ -212,8 +263,9 @@ async def test_cors_for_the_allowed_origin_only(gateway_factory):
     assert status == 401 and headers["Access-Control-Allow-Origin"] == lab
 
     for method, token in (("OPTIONS", ""), ("GET", gw.token)):
-        status, headers = await _headers(gw, method, "api/kernels", "http://evil.example",
-                                         token=token)
+        status, headers = await _headers(
+            gw, method, "api/kernels", "http://evil.example", token=token
+        )
         assert status in (200, 204)
         assert _cors(headers) == {}, f"{method} from another origin: {_cors(headers)}"
 
@@ -226,8 +278,9 @@ async def test_cors_any_origin(gateway_factory):
 
 async def test_no_cors_headers_unless_configured(gateway):
     for method, token in (("OPTIONS", ""), ("GET", gateway.token), ("GET", "")):
-        status, headers = await _headers(gateway, method, "api/kernels", "http://lab.example",
-                                         token=token)
+        status, headers = await _headers(
+            gateway, method, "api/kernels", "http://lab.example", token=token
+        )
         assert status in (200, 204, 401)
         assert _cors(headers) == {}, f"{method}: {_cors(headers)}"
 

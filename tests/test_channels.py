@@ -29,23 +29,28 @@ def of_type(msgs, msg_type):
 
 
 def idle_after(msg_id):
-    return lambda m: (m["header"]["msg_type"] == "status"
-                      and m["parent_header"].get("msg_id") == msg_id
-                      and m["content"]["execution_state"] == "idle")
+    return lambda m: (
+        m["header"]["msg_type"] == "status"
+        and m["parent_header"].get("msg_id") == msg_id
+        and m["content"]["execution_state"] == "idle"
+    )
 
 
 def gated(flag, code):
     """`code` run once the test creates `flag`: output the test decides the timing of, e.g.
     only after the gateway saw a socket go, which no delay in the kernel can promise."""
-    return (f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n"
-            f"    time.sleep(0.01)\n{code}")
+    return (
+        f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n{code}"
+    )
 
 
 async def connections(gw, kernel_id, n):
     """Until the gateway counts `n` attached sockets (a closed one is detached by then)."""
-    await eventually(lambda: api(gw, "GET", f"api/kernels/{kernel_id}"),
-                     until=lambda r: r[0] == 200 and r[1]["connections"] == n,
-                     what=f"kernel {kernel_id} with {n} connection(s)")
+    await eventually(
+        lambda: api(gw, "GET", f"api/kernels/{kernel_id}"),
+        until=lambda r: r[0] == 200 and r[1]["connections"] == n,
+        what=f"kernel {kernel_id} with {n} connection(s)",
+    )
 
 
 @pytest.mark.parametrize("v1", PROTOCOLS)
@@ -63,9 +68,10 @@ async def test_execute_and_protocol_negotiation(gateway, kernel, v1):
 
 async def test_no_subprotocol_header_unless_offered(gateway, kernel):
     async with websockets.connect(
-            f"{gateway.ws_url}api/kernels/{kernel}/channels",
-            additional_headers={"Authorization": f"token {gateway.token}"},
-            subprotocols=["something.else"]) as ws:
+        f"{gateway.ws_url}api/kernels/{kernel}/channels",
+        additional_headers={"Authorization": f"token {gateway.token}"},
+        subprotocols=["something.else"],
+    ) as ws:
         assert ws.subprotocol is None
         assert "Sec-WebSocket-Protocol" not in ws.response.headers
 
@@ -106,9 +112,13 @@ async def test_reconnect_with_same_session_replays_missed_output(gateway, kernel
     watcher = await KernelSocket.open(gateway, kernel, session="watcher")
     a = await KernelSocket.open(gateway, kernel, session="replay-me")
     flag = tmp_path / "a-is-gone"
-    msg_id = await a.send("execute_request", {
-        "code": gated(flag, "for i in range(3):\n    print('tick', i, flush=True)"),
-        "silent": False})
+    msg_id = await a.send(
+        "execute_request",
+        {
+            "code": gated(flag, "for i in range(3):\n    print('tick', i, flush=True)"),
+            "silent": False,
+        },
+    )
     await a.close()
     await connections(gateway, kernel, 1)
     flag.touch()  # every tick is printed after the gateway detached A's socket
@@ -132,8 +142,9 @@ async def test_other_session_does_not_get_replay(gateway, kernel, tmp_path):
     a = await KernelSocket.open(gateway, kernel, session="first")
     missed, live = f"missed-{uuid.uuid4().hex}", f"live-{uuid.uuid4().hex}"
     flag = tmp_path / "a-is-gone"
-    a_req = await a.send("execute_request", {"code": gated(flag, f"print({missed!r})"),
-                                             "silent": False})
+    a_req = await a.send(
+        "execute_request", {"code": gated(flag, f"print({missed!r})"), "silent": False}
+    )
     await a.close()
     await connections(gateway, kernel, 1)
     flag.touch()
@@ -151,14 +162,18 @@ async def test_other_session_does_not_get_replay(gateway, kernel, tmp_path):
             msg = legacy_decode(frame)
             msgs.append(msg)
             parent = msg["parent_header"].get("msg_id")
-            got_live = got_live or (msg["header"]["msg_type"] == "stream"
-                                    and msg["content"]["text"] == live + "\n")
-            got_reply = got_reply or (msg["header"]["msg_type"] == "kernel_info_reply"
-                                      and parent == b_req)
+            got_live = got_live or (
+                msg["header"]["msg_type"] == "stream" and msg["content"]["text"] == live + "\n"
+            )
+            got_reply = got_reply or (
+                msg["header"]["msg_type"] == "kernel_info_reply" and parent == b_req
+            )
             got_idle = got_idle or idle_after(w_req)(msg)
     leaked = [f for f in frames if missed.encode() in f or a_req.encode() in f]
-    assert not leaked, (f"{len(leaked)} frame(s) of session A's replay reached session B, "
-                        f"the first: {leaked[0][:400]!r}")
+    assert not leaked, (
+        f"{len(leaked)} frame(s) of session A's replay reached session B, "
+        f"the first: {leaked[0][:400]!r}"
+    )
     # B saw another session's cell live, and no one else's reply
     assert of_type(msgs, "execute_reply") == []
     assert {m["channel"] for m in msgs if m["parent_header"].get("msg_id") == w_req} == {"iopub"}
@@ -198,14 +213,14 @@ async def test_rest_restart_then_execute_at_once_on_same_socket(gateway, kernel)
 async def test_crash_is_reported_and_kernel_restarted(gateway, kernel, v1):
     ks = await KernelSocket.open(gateway, kernel, v1=v1)
     await ks.execute("x = 1")
-    crash = await ks.send("execute_request", {"code": "import os; os._exit(1)",
-                                              "silent": False})
+    crash = await ks.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
     seen = await ks.until_status("restarting", timeout=20)
     # the gateway says so on iopub, as jupyter_server does, and the dead cell never answered
     assert seen[-1]["channel"] == "iopub"
     assert seen[-1]["content"] == {"execution_state": "restarting"}
-    assert [m for m in of_type(seen, "execute_reply")
-            if m["parent_header"].get("msg_id") == crash] == []
+    assert [
+        m for m in of_type(seen, "execute_reply") if m["parent_header"].get("msg_id") == crash
+    ] == []
     out, reply = await ks.execute("print('x' in globals())", timeout=30)
     assert out == "False\n" and reply["status"] == "ok"
     status, model = await api(gateway, "GET", f"api/kernels/{kernel}")
@@ -229,8 +244,10 @@ async def test_delete_sends_dead_then_closes_1000(gateway):
 
 async def test_stdin_round_trip(gateway, kernel):
     ks = await KernelSocket.open(gateway, kernel)
-    msg_id = await ks.send("execute_request", {"code": "print('got', input('name? '))",
-                                               "silent": False, "allow_stdin": True})
+    msg_id = await ks.send(
+        "execute_request",
+        {"code": "print('got', input('name? '))", "silent": False, "allow_stdin": True},
+    )
     req = (await ks.until(lambda m: m["header"]["msg_type"] == "input_request"))[-1]
     assert req["channel"] == "stdin" and req["content"]["prompt"] == "name? "
     await ks.send("input_reply", {"value": "ada"}, channel="stdin")
@@ -239,9 +256,11 @@ async def test_stdin_round_trip(gateway, kernel):
     await ks.close()
 
 
-SEND_BUFFERS = ("from ipykernel.comm import Comm\n"
-                "c = Comm(target_name='t', data={})\n"
-                "c.send(data={'a': 1}, buffers=[b'\\xff\\xfe\\x00binary'])\n")
+SEND_BUFFERS = (
+    "from ipykernel.comm import Comm\n"
+    "c = Comm(target_name='t', data={})\n"
+    "c.send(data={'a': 1}, buffers=[b'\\xff\\xfe\\x00binary'])\n"
+)
 
 
 def comm_with_buffers(msgs):
@@ -261,9 +280,10 @@ async def test_buffers_arrive_binary(gateway, kernel, v1):
 async def test_buffers_as_base64_text_for_jupyter_server_client(gateway, kernel):
     """jupyter_server's gateway client (User-Agent Tornado/...) dies on binary frames."""
     async with websockets.connect(
-            f"{gateway.ws_url}api/kernels/{kernel}/channels",
-            additional_headers={"Authorization": f"token {gateway.token}"},
-            user_agent_header="Tornado/6.5") as ws:
+        f"{gateway.ws_url}api/kernels/{kernel}/channels",
+        additional_headers={"Authorization": f"token {gateway.token}"},
+        user_agent_header="Tornado/6.5",
+    ) as ws:
         ks = KernelSocket(ws, False, "s")
         msg_id = await ks.send("execute_request", {"code": SEND_BUFFERS})
         while True:
@@ -272,8 +292,10 @@ async def test_buffers_as_base64_text_for_jupyter_server_client(gateway, kernel)
             msg = json.loads(frame)
             if msg["header"]["msg_type"] == "comm_msg":
                 assert [base64.b64decode(b) for b in msg["buffers"]] == [b"\xff\xfe\x00binary"]
-            if (msg["parent_header"].get("msg_id") == msg_id
-                    and msg["header"]["msg_type"] == "execute_reply"):
+            if (
+                msg["parent_header"].get("msg_id") == msg_id
+                and msg["header"]["msg_type"] == "execute_reply"
+            ):
                 break
 
 
@@ -281,14 +303,21 @@ async def test_buffers_as_base64_text_for_jupyter_server_client(gateway, kernel)
 async def test_large_output_arrives_whole(gateway, kernel, v1):
     ks = await KernelSocket.open(gateway, kernel, v1=v1)
     out, reply = await ks.execute(
-        "import sys\nfor i in range(20):\n    sys.stdout.write(str(i % 10) * 1_000_000)",
-        timeout=60)
+        "import sys\nfor i in range(20):\n    sys.stdout.write(str(i % 10) * 1_000_000)", timeout=60
+    )
     assert reply["status"] == "ok"
     assert len(out) == 20_000_000
     assert out == "".join(str(i % 10) * 1_000_000 for i in range(20))
-    msgs = await ks.reply_and_idle(await ks.send("execute_request", {
-        "code": "from IPython.display import display\n"
-                "display({'text/plain': 'y' * 10_000_000}, raw=True)"}), timeout=60)
+    msgs = await ks.reply_and_idle(
+        await ks.send(
+            "execute_request",
+            {
+                "code": "from IPython.display import display\n"
+                "display({'text/plain': 'y' * 10_000_000}, raw=True)"
+            },
+        ),
+        timeout=60,
+    )
     data = of_type(msgs, "display_data")[0]["content"]["data"]["text/plain"]
     assert len(data) == 10_000_000
     await ks.close()
@@ -301,8 +330,7 @@ async def test_large_multibyte_output_arrives_whole(gateway, kernel, v1):
     ks = await KernelSocket.open(gateway, kernel, v1=v1)
     for pad in range(3):
         text = "a" * pad + "\u20ac" * 1_600_000  # 4.8 MB of UTF-8
-        out, reply = await ks.execute(f"print({text[:pad]!r} + '\\u20ac' * 1_600_000)",
-                                      timeout=60)
+        out, reply = await ks.execute(f"print({text[:pad]!r} + '\\u20ac' * 1_600_000)", timeout=60)
         assert reply["status"] == "ok"
         assert out == text + "\n", f"pad {pad}: {len(out)} characters"
     await ks.close()
@@ -312,11 +340,19 @@ async def test_large_multibyte_output_arrives_whole(gateway, kernel, v1):
 async def test_garbage_frames_hurt_nothing(gateway, kernel, v1):
     other = (await start_kernel(gateway))["id"]
     ks = await KernelSocket.open(gateway, kernel, v1=v1)
-    for frame in ["not json", "[]", '{"channel": "shell"}', '{"header": {}, "channel": 1}',
-                  '{"header": {"msg_type": "execute_request"}, "channel": "iopub"}',
-                  b"", b"\x00", b"\xff" * 64, (3).to_bytes(8, "little") + b"\x00" * 7,
-                  (2**40).to_bytes(8, "little") + b"\x00" * 100,
-                  (1).to_bytes(4, "big") + (2**31).to_bytes(4, "big")]:
+    for frame in [
+        "not json",
+        "[]",
+        '{"channel": "shell"}',
+        '{"header": {}, "channel": 1}',
+        '{"header": {"msg_type": "execute_request"}, "channel": "iopub"}',
+        b"",
+        b"\x00",
+        b"\xff" * 64,
+        (3).to_bytes(8, "little") + b"\x00" * 7,
+        (2**40).to_bytes(8, "little") + b"\x00" * 100,
+        (1).to_bytes(4, "big") + (2**31).to_bytes(4, "big"),
+    ]:
         await ks.ws.send(frame)
     out, reply = await ks.execute("print('still here')")
     assert out == "still here\n" and reply["status"] == "ok"

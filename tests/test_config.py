@@ -24,8 +24,11 @@ IDS = [opt.flag for _, opt in OPTIONS]
 def readme_rows() -> list[list[str]]:
     """The `rkg serve` options table: [flags, variables, default, meaning] per row."""
     section = README.read_text().split("## `rkg serve` options", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in section.splitlines() if line.startswith("| `--")]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| `--")
+    ]
     assert rows, "no options table in README.md"
     return rows
 
@@ -186,18 +189,22 @@ def test_bad_variable_does_not_matter_when_the_flag_is_given():
     assert parse_serve_args(["--port", "9"], {"RKG_PORT": "http"}).port == 9
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--port", "70000"], "BadRequest: --port 70000 is not a TCP port"),
-    (["--port", "-1"], "BadRequest: --port -1 is not a TCP port"),
-    (["--log-level", "loud"], "BadRequest: --log-level 'loud' is not a log level"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "70000"], "BadRequest: --port 70000 is not a TCP port"),
+        (["--port", "-1"], "BadRequest: --port -1 is not a TCP port"),
+        (["--log-level", "loud"], "BadRequest: --log-level 'loud' is not a log level"),
+    ],
+)
 def test_bad_flag_value(argv, message, capsys):
     assert main(["serve", *argv]) == 2
     assert capsys.readouterr().err.startswith(message)
 
 
-@pytest.mark.parametrize("argv", [["--port", "http"], ["--cull-interval", "1h"],
-                                  ["--no-auth=yes"], ["--unknown"]])
+@pytest.mark.parametrize(
+    "argv", [["--port", "http"], ["--cull-interval", "1h"], ["--no-auth=yes"], ["--unknown"]]
+)
 def test_bad_flag_is_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["serve", *argv])

@@ -18,8 +18,12 @@ async def _open(backend):
 async def nothing_left(backend) -> None:
     """Wherever the kernel ran, nothing of it remains (within 5 s: containers, jobs and
     services go a moment after the delete)."""
-    await eventually(backend.leftovers, until=lambda left: left == [], timeout=5,
-                     what="nothing of the kernel left")
+    await eventually(
+        backend.leftovers,
+        until=lambda left: left == [],
+        timeout=5,
+        what="nothing of the kernel left",
+    )
 
 
 async def test_runs_where_the_backend_says(backend):
@@ -36,8 +40,11 @@ async def test_interrupt_restart_crash_delete(backend):
     await ks.execute("x = 1")
     msg_id = await ks.start_long_cell()
     assert (await api(gw, "POST", f"api/kernels/{kid}/interrupt", {}))[0] == 204
-    reply = next(m for m in await ks.reply_and_idle(msg_id, timeout=15)
-             if m["header"]["msg_type"] == "execute_reply")["content"]
+    reply = next(
+        m
+        for m in await ks.reply_and_idle(msg_id, timeout=15)
+        if m["header"]["msg_type"] == "execute_reply"
+    )["content"]
     assert reply["ename"] == "KeyboardInterrupt"
     assert (await ks.execute("print(x)"))[0] == "1\n"
 

@@ -53,8 +53,7 @@ class Deployed:
         return self.url.replace("http://", "ws://", 1)
 
     def compose(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return self.docker.run("docker-compose", *args, env=self.env, cwd=self.ctx,
-                               timeout=timeout)
+        return self.docker.run("docker-compose", *args, env=self.env, cwd=self.ctx, timeout=timeout)
 
     def kernel_pids(self) -> list[int]:
         """ipykernel processes inside the gateway's container."""
@@ -67,46 +66,76 @@ class Deployed:
 
 def run_node_flow(node: str, gw: Deployed, script: str, kernel: str = "python3") -> list[str]:
     """One of the real-client flows in tests/js, on `kernel`; returns the steps it passed."""
-    proc = subprocess.run([node, script], cwd=ROOT / "tests" / "js", capture_output=True,
-                          text=True, timeout=180,
-                          env={**os.environ, "BASE_URL": gw.url, "TOKEN": gw.token,
-                               "KERNEL_NAME": kernel})
+    proc = subprocess.run(
+        [node, script],
+        cwd=ROOT / "tests" / "js",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "BASE_URL": gw.url, "TOKEN": gw.token, "KERNEL_NAME": kernel},
+    )
     assert proc.returncode == 0, f"{script}:\n{proc.stdout}\n{proc.stderr}\n{gw.log()}"
     steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert steps and all(s["ok"] for s in steps)
     return [s["step"] for s in steps]
 
 
-def compose_up(docker: Docker, ctx: Path, base_image: str, base_url: str = "/", *,
-               profile: str = "", service: str = "gateway", **extra_env: str) -> Deployed:
+def compose_up(
+    docker: Docker,
+    ctx: Path,
+    base_image: str,
+    base_url: str = "/",
+    *,
+    profile: str = "",
+    service: str = "gateway",
+    **extra_env: str,
+) -> Deployed:
     """`docker-compose [--profile P] up -d --build`, then wait for `service` to be healthy;
     the Deployed is that service (its port: RKG_HOST_PORT, or the profile's own)."""
     port, token = free_port(), secrets.token_hex(16)
-    env = {"RKG_TOKEN": token, "RKG_HOST_PORT": str(port), "RKG_BASE_IMAGE": base_image,
-           "RKG_BASE_URL": base_url,
-           "COMPOSE_PROJECT_NAME": f"rkgtest{os.getpid()}{profile}", **extra_env}
+    env = {
+        "RKG_TOKEN": token,
+        "RKG_HOST_PORT": str(port),
+        "RKG_BASE_IMAGE": base_image,
+        "RKG_BASE_URL": base_url,
+        "COMPOSE_PROJECT_NAME": f"rkgtest{os.getpid()}{profile}",
+        **extra_env,
+    }
     if service == "gateway-docker":
         port = int(env.setdefault("RKG_DOCKER_HOST_PORT", str(free_port())))
     dep = Deployed(docker, ctx, env, f"http://127.0.0.1:{port}{base_url}", token)
     dep.compose(*(["--profile", profile] if profile else []), "up", "-d", "--build")
     dep.container = dep.compose("ps", "-q", service).stdout.strip()
     try:
-        eventually_sync(lambda: docker.run("docker", "inspect", "--format",
-                                           "{{.State.Health.Status}}", dep.container
-                                           ).stdout.strip(),
-                        until=lambda health: health == "healthy", timeout=60, interval=0.5,
-                        what="the container healthy")
+        eventually_sync(
+            lambda: docker.run(
+                "docker", "inspect", "--format", "{{.State.Health.Status}}", dep.container
+            ).stdout.strip(),
+            until=lambda health: health == "healthy",
+            timeout=60,
+            interval=0.5,
+            what="the container healthy",
+        )
     except AssertionError as e:
         pytest.fail(f"{e}\n{dep.log()}")
     return dep
 
 
 def compose_down(dep: Deployed, profile: str = "") -> None:
-    dep.compose(*(["--profile", profile] if profile else []), "down", "--volumes",
-                "--remove-orphans", timeout=120)
-    left = dep.docker.run("docker", "ps", "-aq", "--filter",
-                          f"label=com.docker.compose.project={dep.env['COMPOSE_PROJECT_NAME']}"
-                          ).stdout.split()
+    dep.compose(
+        *(["--profile", profile] if profile else []),
+        "down",
+        "--volumes",
+        "--remove-orphans",
+        timeout=120,
+    )
+    left = dep.docker.run(
+        "docker",
+        "ps",
+        "-aq",
+        "--filter",
+        f"label=com.docker.compose.project={dep.env['COMPOSE_PROJECT_NAME']}",
+    ).stdout.split()
     assert left == [], f"containers left behind: {left}"
 
 
@@ -124,9 +153,13 @@ def test_image_runs_as_non_root_with_init_and_state_volume(gateway):
     assert "rkg serve" in top
     first = top.splitlines()[1].split(None, 1)[1]  # the container's PID 1 reaps kernels
     assert re.match(r"(/sbin/docker-init|/usr/bin/tini|tini)\b", first), top
-    mounts = gateway.docker.run("docker", "inspect", "--format",
-                                "{{range .Mounts}}{{.Destination}} {{end}}",
-                                gateway.container).stdout
+    mounts = gateway.docker.run(
+        "docker",
+        "inspect",
+        "--format",
+        "{{range .Mounts}}{{.Destination}} {{end}}",
+        gateway.container,
+    ).stdout
     assert "/data" in mounts.split()
 
 
@@ -144,8 +177,17 @@ async def test_remote_kernel_on_the_ssh_host(gateway):
     assert reply["status"] == "ok" and out == "sshhost 1001\n"
     await ks.close()
     assert (await api(gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
-    ps = gateway.docker.run("docker-compose", "exec", "-T", "sshhost", "ps", "-eo", "args",
-                            env=gateway.env, cwd=gateway.ctx).stdout
+    ps = gateway.docker.run(
+        "docker-compose",
+        "exec",
+        "-T",
+        "sshhost",
+        "ps",
+        "-eo",
+        "args",
+        env=gateway.env,
+        cwd=gateway.ctx,
+    ).stdout
     assert "ipykernel" not in ps, ps
 
 
@@ -155,8 +197,17 @@ def test_js_clients_against_the_container(node, gateway, script, kernel):
     """Both JS clients, on the gateway container's own kernel and on the SSH host's."""
     assert "shutdown" in run_node_flow(node, gateway, script, kernel)
     assert gateway.kernel_pids() == []
-    ps = gateway.docker.run("docker-compose", "exec", "-T", "sshhost", "ps", "-eo", "args",
-                            env=gateway.env, cwd=gateway.ctx).stdout
+    ps = gateway.docker.run(
+        "docker-compose",
+        "exec",
+        "-T",
+        "sshhost",
+        "ps",
+        "-eo",
+        "args",
+        env=gateway.env,
+        cwd=gateway.ctx,
+    ).stdout
     assert "ipykernel" not in ps, ps
 
 
@@ -168,9 +219,15 @@ def docker_profile(docker, base_image, build_context) -> Iterator[Deployed]:
     """Up and down around its one test: the profile's fixed-name network rkg-kernels is
     shared with the module's other project, which must not be torn down while in use."""
     sock = docker.host.removeprefix("unix://")
-    dep = compose_up(docker, build_context, base_image, profile="docker",
-                     service="gateway-docker", DOCKER_SOCKET=sock,
-                     DOCKER_GID=str(os.stat(sock).st_gid))
+    dep = compose_up(
+        docker,
+        build_context,
+        base_image,
+        profile="docker",
+        service="gateway-docker",
+        DOCKER_SOCKET=sock,
+        DOCKER_GID=str(os.stat(sock).st_gid),
+    )
     yield dep
     compose_down(dep, profile="docker")
     assert docker.ours() == [], "kernel containers left behind"
@@ -184,12 +241,16 @@ async def test_docker_profile_runs_kernels_in_sibling_containers(docker_profile)
     assert status == 201, (model, dep.log())
     kid = model["id"]
     assert dep.docker.ours() == [f"kernel-{kid}"]
-    nets = json.loads(dep.docker.run("docker", "inspect", "--format",
-                                     "{{json .NetworkSettings.Networks}}", f"kernel-{kid}").stdout)
+    nets = json.loads(
+        dep.docker.run(
+            "docker", "inspect", "--format", "{{json .NetworkSettings.Networks}}", f"kernel-{kid}"
+        ).stdout
+    )
     assert list(nets) == ["rkg-kernels"]
     ks = await KernelSocket.open(dep, kid, v1=True)
-    out, reply = await ks.execute("import os, socket; print(os.path.exists('/.dockerenv'), "
-                                  "os.getuid(), socket.gethostname())")
+    out, reply = await ks.execute(
+        "import os, socket; print(os.path.exists('/.dockerenv'), os.getuid(), socket.gethostname())"
+    )
     assert reply["status"] == "ok"
     dockerenv, uid, hostname = out.split()
     assert (dockerenv, uid) == ("True", "1000") and hostname != dep.container[:12]
@@ -211,11 +272,13 @@ def nginx_conf(upstream_port: int, listen_port: int, prefix: Path) -> str:
     snippet = snippet.replace("server 127.0.0.1:8888;", f"server 127.0.0.1:{upstream_port};")
     snippet = snippet.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen_port};")
     snippet = re.sub(r"\n\s*ssl_certificate\S* [^\n]*", "", snippet)
-    snippet = snippet[:snippet.rindex("server {")]  # the port-80 redirect
-    return (f"worker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
-            f"events {{}}\nhttp {{\n access_log {prefix}/access.log;\n"
-            f" client_body_temp_path {prefix}/body;\n proxy_temp_path {prefix}/proxy;\n"
-            f"{snippet}\n}}\n")
+    snippet = snippet[: snippet.rindex("server {")]  # the port-80 redirect
+    return (
+        f"worker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
+        f"events {{}}\nhttp {{\n access_log {prefix}/access.log;\n"
+        f" client_body_temp_path {prefix}/body;\n proxy_temp_path {prefix}/proxy;\n"
+        f"{snippet}\n}}\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +290,17 @@ def nginx_gateway(docker, base_image, build_context, tmp_path_factory) -> Iterat
     port = free_port()
     gateway_port = int(dep.env["RKG_HOST_PORT"])
     (prefix / "nginx.conf").write_text(nginx_conf(gateway_port, port, prefix))
-    proc = subprocess.Popen(["/usr/sbin/nginx", "-c", str(prefix / "nginx.conf"), "-p",
-                             str(prefix), "-g", "daemon off;"])
+    proc = subprocess.Popen(
+        [
+            "/usr/sbin/nginx",
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-p",
+            str(prefix),
+            "-g",
+            "daemon off;",
+        ]
+    )
 
     def listening() -> bool:
         assert proc.poll() is None, (prefix / "error.log").read_text()

@@ -50,58 +50,76 @@ KEPT: dict[str, Kept] = {
     "no-rate-limit": Kept(
         "jupyter_server drops iopub stream data above 1 MB/s (and says so on stderr); the "
         "gateway never drops output. The reference runs with limit_rate=False so that large "
-        "outputs can be compared at all."),
+        "outputs can be compared at all."
+    ),
     "nudge-statuses": Kept(
         "jupyter_server sends its own kernel_info_request on shell and control for every new "
         "websocket (nudge); the kernel's busy/idle for them reach every socket of the kernel. "
         "The gateway proves its one iopub subscription once, at kernel start. Such messages "
-        "have no parent among the scenario's requests, so they are not compared."),
+        "have no parent among the scenario's requests, so they are not compared."
+    ),
     "restart-statuses": Kept(
         "around a REST restart or an auto-restart, which of the new kernel's own statuses "
         "reach a socket depends on when its iopub subscription connects; compared: `restarting` "
-        "is sent on a crash, and the kernel then runs code again on the same socket."),
+        "is sent on a crash, and the kernel then runs code again on the same socket."
+    ),
     "replay": Kept(
         "a client that reconnects with its session_id gets from the gateway what its kernel "
         "sent while it was away (PROTOCOL.md); jupyter_server 2.21 sent nothing back in the "
         "same scenario (its buffering is for the kernel's last socket, and lost it here).",
-        r"^\.replayed after reconnect\.messages: jupyter_server \[\] != gateway \["),
+        r"^\.replayed after reconnect\.messages: jupyter_server \[\] != gateway \[",
+    ),
     "crash-detection": Kept(
         "jupyter_server polls the kernel every 3 s, the gateway every 0.5 s: only what "
-        "arrives is compared, not when."),
+        "arrives is compared, not when."
+    ),
     "delete-close": Kept(
         "on DELETE the gateway sends status `dead` and closes the socket with 1000 "
         "(PROTOCOL.md: a client must learn its kernel is gone); jupyter_server leaves it open "
-        "and silent.", r"^\.after DELETE\.(messages|close code)"),
+        "and silent.",
+        r"^\.after DELETE\.(messages|close code)",
+    ),
     "never-500": Kept(
         "a client's mistake is a 4xx here (PROTOCOL.md), where jupyter_server answers 500: an "
         "unknown kernel name in POST /api/kernels, a restart of an unknown kernel id.",
-        r"^\.(unknown kernelspec: POST kernel|unknown kernel: restart)\.(status|body)"),
+        r"^\.(unknown kernelspec: POST kernel|unknown kernel: restart)\.(status|body)",
+    ),
     "error-reason": Kept(
         "jupyter_server's error bodies carry `reason: null` when the error has no custom "
         "reason; the gateway always gives the HTTP reason phrase (PROTOCOL.md: every error "
         "is {reason, message}; clients fall back on null, and show a string).",
-        r"\.body\.reason: jupyter_server 'NoneType' != gateway 'str'$"),
+        r"\.body\.reason: jupyter_server 'NoneType' != gateway 'str'$",
+    ),
     "session-notebook": Kept(
         "the gateway gives every session the older `notebook: {path, name}` shape, "
         "jupyter_server only sessions of type notebook: Hydrogen (services 0.52) sends type "
         "'' and reads session.notebook.path (tests/js/hydrogen_flow.js).",
         r"^\.(GET|POST|PATCH) file session\.body\.notebook: only the gateway|"
-        r"^\.GET sessions \(file\)\.body\[\d\]\.notebook: only the gateway"),
+        r"^\.GET sessions \(file\)\.body\[\d\]\.notebook: only the gateway",
+    ),
     "spec-argv": Kept("the kernelspec argv[0] is a path to each server's python."),
     "extra-kernelspecs": Kept(
-        "the gateway serves the test kernelspecs (tests/kernelspecs) too; only python3 "
-        "is compared."),
+        "the gateway serves the test kernelspecs (tests/kernelspecs) too; only python3 is compared."
+    ),
     "status-buffers": Kept(
         "the gateway's own status messages (restarting, dead) carry `buffers: []` like every "
         "legacy text frame it writes; jupyter_server's hand-made ones have no `buffers` key.",
-        r"\.keys: jupyter_server \[.*\] != gateway \[.*'buffers'"),
+        r"\.keys: jupyter_server \[.*\] != gateway \[.*'buffers'",
+    ),
 }
 
 MODES = [pytest.param(False, id="legacy"), pytest.param(True, id="v1")]
 
 # values that must differ between two kernels, normalised to their type
-VOLATILE = {"msg_id", "session", "username", "engine", "engine_uuid", "id",
-            "banner"}  # IPython's banner ends with a random tip
+VOLATILE = {
+    "msg_id",
+    "session",
+    "username",
+    "engine",
+    "engine_uuid",
+    "id",
+    "banner",
+}  # IPython's banner ends with a random tip
 DATES = {"date", "started", "last_activity"}  # their format is kept, digits masked
 
 
@@ -109,8 +127,9 @@ DATES = {"date", "started", "last_activity"}  # their format is kept, digits mas
 def reference(tmp_path_factory) -> Iterator[Served]:
     """A plain `jupyter server` with local ipykernel kernels."""
     js = Served(free_port(), secrets.token_hex(16), tmp_path_factory.mktemp("reference"))
-    js.start(jupyter_server_args(js, "--ZMQChannelsWebsocketConnection.limit_rate=False"),
-             "api/status")
+    js.start(
+        jupyter_server_args(js, "--ZMQChannelsWebsocketConnection.limit_rate=False"), "api/status"
+    )
     try:
         yield js
     finally:
@@ -137,15 +156,22 @@ async def recv(ks: KernelSocket, timeout: float = 30) -> dict[str, Any]:
     else:
         (n,) = struct.unpack_from(">I", frame)
         offs = [*struct.unpack_from(f">{n}I", frame, 4), len(frame)]
-        msg = json.loads(frame[offs[0]:offs[1]])
+        msg = json.loads(frame[offs[0] : offs[1]])
         msg["_keys"] = sorted(msg)
-        msg["buffers"] = [frame[offs[i]:offs[i + 1]] for i in range(1, n)]
+        msg["buffers"] = [frame[offs[i] : offs[i + 1]] for i in range(1, n)]
     msg["_frame"] = "text" if isinstance(frame, str) else "binary"
     return msg
 
 
-async def send(ks: KernelSocket, msg_type: str, content: dict[str, Any], channel: str = "shell",
-               buffers: list[bytes] | None = None, *, channel_key: bool = True) -> str:
+async def send(
+    ks: KernelSocket,
+    msg_type: str,
+    content: dict[str, Any],
+    channel: str = "shell",
+    buffers: list[bytes] | None = None,
+    *,
+    channel_key: bool = True,
+) -> str:
     """Like KernelSocket.send, and with buffers: binary frames in both protocols.
     `channel_key=False`: a legacy message without "channel" (jupyter_server takes shell)."""
     msg = ks.message(msg_type, content, channel)
@@ -153,16 +179,18 @@ async def send(ks: KernelSocket, msg_type: str, content: dict[str, Any], channel
         del msg["channel"]
     buffers = buffers or []
     if ks.v1:
-        parts = [json.dumps(msg[k]).encode()
-                 for k in ("header", "parent_header", "metadata", "content")]
+        parts = [
+            json.dumps(msg[k]).encode() for k in ("header", "parent_header", "metadata", "content")
+        ]
         await ks.ws.send(v1_encode(channel, parts + buffers))
     elif buffers:
         pieces = [json.dumps(msg).encode(), *buffers]
         offsets = [4 * (len(pieces) + 1)]
         for p in pieces[:-1]:
             offsets.append(offsets[-1] + len(p))
-        await ks.ws.send(struct.pack(f">{len(pieces) + 1}I", len(pieces), *offsets)
-                         + b"".join(pieces))
+        await ks.ws.send(
+            struct.pack(f">{len(pieces) + 1}I", len(pieces), *offsets) + b"".join(pieces)
+        )
     else:
         await ks.ws.send(json.dumps(msg))
     return msg["header"]["msg_id"]
@@ -190,13 +218,18 @@ def norm(value: Any, key: str | None = None) -> Any:
 
 def canon(msg: dict[str, Any]) -> dict[str, Any]:
     header = msg["header"]
-    out = {"frame": msg["_frame"], "keys": msg["_keys"], "channel": msg["channel"],
-           **{k: norm(msg[k]) for k in ("header", "parent_header", "metadata", "content")},
-           "buffers": [bytes(b) for b in msg.get("buffers") or []]}
+    out = {
+        "frame": msg["_frame"],
+        "keys": msg["_keys"],
+        "channel": msg["channel"],
+        **{k: norm(msg[k]) for k in ("header", "parent_header", "metadata", "content")},
+        "buffers": [bytes(b) for b in msg.get("buffers") or []],
+    }
     if msg["_keys"] and "msg_id" in msg["_keys"]:
-        out["top-level ids equal the header's"] = (
-            (msg.get("msg_id"), msg.get("msg_type"))
-            == (header.get("msg_id"), header.get("msg_type")))
+        out["top-level ids equal the header's"] = (msg.get("msg_id"), msg.get("msg_type")) == (
+            header.get("msg_id"),
+            header.get("msg_type"),
+        )
     return out
 
 
@@ -205,8 +238,11 @@ def merged(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in msgs:
         prev = out[-1] if out else None
-        if (prev is not None and m["msg_type"] == "stream" == prev["msg_type"]
-                and m["content"]["name"] == prev["content"]["name"]):
+        if (
+            prev is not None
+            and m["msg_type"] == "stream" == prev["msg_type"]
+            and m["content"]["name"] == prev["content"]["name"]
+        ):
             prev["content"]["text"] += m["content"]["text"]
         else:
             out.append({**m, "content": dict(m["content"])} if m["msg_type"] == "stream" else m)
@@ -241,11 +277,20 @@ class Transcript:
             self.record(step, channel, merged(cs))
 
 
-async def request(t: Transcript, ks: KernelSocket, step: str, msg_type: str,
-                  content: dict[str, Any], channel: str = "shell", *,
-                  buffers: list[bytes] | None = None, reply: bool = True,
-                  stdin: str | None = None, timeout: float = 60, channel_key: bool = True
-                  ) -> list[dict[str, Any]]:
+async def request(
+    t: Transcript,
+    ks: KernelSocket,
+    step: str,
+    msg_type: str,
+    content: dict[str, Any],
+    channel: str = "shell",
+    *,
+    buffers: list[bytes] | None = None,
+    reply: bool = True,
+    stdin: str | None = None,
+    timeout: float = 60,
+    channel_key: bool = True,
+) -> list[dict[str, Any]]:
     """Send one request; read until its reply (if one is due) and its iopub idle."""
     msg_id = await send(ks, msg_type, content, channel, buffers, channel_key=channel_key)
     mine: list[dict[str, Any]] = []
@@ -266,15 +311,15 @@ async def request(t: Transcript, ks: KernelSocket, step: str, msg_type: str,
     return mine
 
 
-async def until_status(t: Transcript, ks: KernelSocket, step: str, state: str,
-                       timeout: float = 60) -> None:
+async def until_status(
+    t: Transcript, ks: KernelSocket, step: str, state: str, timeout: float = 60
+) -> None:
     """Read until a status `state` that no request of ours caused (the server's own)."""
     async with asyncio.timeout(timeout):
         while True:
             m = await recv(ks, timeout)
             t.others.setdefault(step, []).append(brief(m))
-            if (m["header"]["msg_type"] == "status"
-                    and m["content"]["execution_state"] == state):
+            if m["header"]["msg_type"] == "status" and m["content"]["execution_state"] == state:
                 t.record_msgs(step, [m])
                 return
 
@@ -288,8 +333,15 @@ def rest_shape(value: Any) -> Any:
     return type(value).__name__
 
 
-async def rest(t: Transcript, server: Any, step: str, method: str, path: str,
-               body: Any = None, raw: bytes | None = None) -> Any:
+async def rest(
+    t: Transcript,
+    server: Any,
+    step: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    raw: bytes | None = None,
+) -> Any:
     status, payload = await api(server, method, path, body, raw=raw)
     t.record(step, "status", status)
     t.record(step, "body", rest_shape(payload))
@@ -314,14 +366,19 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
         return out
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b) and all(isinstance(x, dict) and "msg_type" in x for x in a + b):
-            return [f"{path}: jupyter_server sent {[x['msg_type'] for x in a]}, "
-                    f"the gateway {[x['msg_type'] for x in b]}"]
+            return [
+                f"{path}: jupyter_server sent {[x['msg_type'] for x in a]}, "
+                f"the gateway {[x['msg_type'] for x in b]}"
+            ]
         if not any(isinstance(x, dict | list) for x in a + b):
             return [f"{path}: jupyter_server {short(a)} != gateway {short(b)}"] if a != b else []
         if len(a) != len(b):
             return [f"{path}: {len(a)} items in jupyter_server, {len(b)} in the gateway"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
-                for d in differences(x, y, f"{path}[{i}]")]
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in differences(x, y, f"{path}[{i}]")
+        ]
     if a != b:
         return [f"{path}: jupyter_server {short(a)} != gateway {short(b)}"]
     return []
@@ -345,13 +402,16 @@ def assert_same(ref: Transcript, ours: Transcript) -> None:
 
 
 async def both(sides: dict[str, Any], script: Any, *args: Any) -> tuple[Transcript, Transcript]:
-    results = await asyncio.gather(*(script(server, *args) for server in sides.values()),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(script(server, *args) for server in sides.values()), return_exceptions=True
+    )
     for name, result in zip(sides, results, strict=True):
         if isinstance(result, BaseException):
             where = "".join(traceback.format_exception(result)[-4:])
-            raise AssertionError(f"the scenario failed on {name}: {where}\n--- its log (tail)\n"
-                                 f"{sides[name].log()[-3000:]}") from result
+            raise AssertionError(
+                f"the scenario failed on {name}: {where}\n--- its log (tail)\n"
+                f"{sides[name].log()[-3000:]}"
+            ) from result
     return results[0], results[1]
 
 
@@ -410,32 +470,80 @@ async def requests_script(server: Any, v1: bool) -> Transcript:
         await request(t, ks, "kernel_info", "kernel_info_request", {})
         await request(t, ks, "kernel_info on control", "kernel_info_request", {}, "control")
         if not v1:
-            await request(t, ks, "legacy message without channel", "kernel_info_request", {},
-                          channel_key=False, timeout=15)
-        await request(t, ks, "execute outputs", "execute_request",
-                      {"code": OUTPUTS, "silent": False})
+            await request(
+                t,
+                ks,
+                "legacy message without channel",
+                "kernel_info_request",
+                {},
+                channel_key=False,
+                timeout=15,
+            )
+        await request(
+            t, ks, "execute outputs", "execute_request", {"code": OUTPUTS, "silent": False}
+        )
         await request(t, ks, "execute error", "execute_request", {"code": "1/0", "silent": False})
         await request(t, ks, "complete", "complete_request", {"code": "import o", "cursor_pos": 8})
-        await request(t, ks, "inspect", "inspect_request",
-                      {"code": "print", "cursor_pos": 5, "detail_level": 0})
+        await request(
+            t,
+            ks,
+            "inspect",
+            "inspect_request",
+            {"code": "print", "cursor_pos": 5, "detail_level": 0},
+        )
         await request(t, ks, "is_complete", "is_complete_request", {"code": "for i in x:"})
-        await request(t, ks, "history", "history_request",
-                      {"output": False, "raw": True, "hist_access_type": "range",
-                       "session": 0, "start": 1, "stop": 10})
-        await request(t, ks, "input", "execute_request",
-                      {"code": "name = input('who? ')\nprint('hi', name)", "silent": False,
-                       "allow_stdin": True}, stdin="ada")
-        await request(t, ks, "register comm target", "execute_request",
-                      {"code": ECHO_TARGET, "silent": False})
+        await request(
+            t,
+            ks,
+            "history",
+            "history_request",
+            {
+                "output": False,
+                "raw": True,
+                "hist_access_type": "range",
+                "session": 0,
+                "start": 1,
+                "stop": 10,
+            },
+        )
+        await request(
+            t,
+            ks,
+            "input",
+            "execute_request",
+            {
+                "code": "name = input('who? ')\nprint('hi', name)",
+                "silent": False,
+                "allow_stdin": True,
+            },
+            stdin="ada",
+        )
+        await request(
+            t, ks, "register comm target", "execute_request", {"code": ECHO_TARGET, "silent": False}
+        )
         comm = {"comm_id": "c0ffee", "target_name": "echo"}
-        await request(t, ks, "comm_open with buffers", "comm_open",
-                      {**comm, "data": {"x": 1}}, buffers=[b"\x00\x01bin", b"two"], reply=False)
-        await request(t, ks, "comm_msg with buffers", "comm_msg",
-                      {"comm_id": "c0ffee", "data": {"y": 2}},
-                      buffers=[b"\xff\xfe\x00" * 1000], reply=False)
+        await request(
+            t,
+            ks,
+            "comm_open with buffers",
+            "comm_open",
+            {**comm, "data": {"x": 1}},
+            buffers=[b"\x00\x01bin", b"two"],
+            reply=False,
+        )
+        await request(
+            t,
+            ks,
+            "comm_msg with buffers",
+            "comm_msg",
+            {"comm_id": "c0ffee", "data": {"y": 2}},
+            buffers=[b"\xff\xfe\x00" * 1000],
+            reply=False,
+        )
         await request(t, ks, "comm_info", "comm_info_request", {"target_name": "echo"})
-        await request(t, ks, "comm_close", "comm_close", {"comm_id": "c0ffee", "data": {}},
-                      reply=False)
+        await request(
+            t, ks, "comm_close", "comm_close", {"comm_id": "c0ffee", "data": {}}, reply=False
+        )
         await request(t, ks, "large output", "execute_request", {"code": LARGE, "silent": False})
     finally:
         await kernel.close()
@@ -455,16 +563,25 @@ async def two_clients_script(server: Any, v1: bool) -> Transcript:
         second = await kernel.socket(v1)
         await request(t, first, "first: kernel_info", "kernel_info_request", {})
         await request(t, second, "second: kernel_info", "kernel_info_request", {})
-        model = await rest(t, server, "GET kernel with two sockets", "GET",
-                           f"api/kernels/{kernel.id}")
+        model = await rest(
+            t, server, "GET kernel with two sockets", "GET", f"api/kernels/{kernel.id}"
+        )
         t.record("GET kernel with two sockets", "connections", model["connections"])
-        msgs = await request(t, first, "first executes", "execute_request",
-                             {"code": "print('shared')", "silent": False})
+        msgs = await request(
+            t,
+            first,
+            "first executes",
+            "execute_request",
+            {"code": "print('shared')", "silent": False},
+        )
         parent = msgs[0]["parent_header"]["msg_id"]
         seen: list[dict[str, Any]] = []
         async with asyncio.timeout(30):
-            while not (seen and seen[-1]["header"]["msg_type"] == "status"
-                       and seen[-1]["content"]["execution_state"] == "idle"):
+            while not (
+                seen
+                and seen[-1]["header"]["msg_type"] == "status"
+                and seen[-1]["content"]["execution_state"] == "idle"
+            ):
                 m = await recv(second)
                 if m["parent_header"].get("msg_id") == parent:
                     seen.append(m)
@@ -474,8 +591,11 @@ async def two_clients_script(server: Any, v1: bool) -> Transcript:
 
         # both gone while a cell runs; the first comes back with its session_id and gets
         # what it missed (jupyter_server buffers for the last socket of a kernel)
-        msg_id = await send(first, "execute_request", {
-            "code": "import time; time.sleep(1); print('while away')", "silent": False})
+        msg_id = await send(
+            first,
+            "execute_request",
+            {"code": "import time; time.sleep(1); print('while away')", "silent": False},
+        )
         await first.close()
         await second.close()
         await asyncio.sleep(2)
@@ -483,9 +603,11 @@ async def two_clients_script(server: Any, v1: bool) -> Transcript:
         missed: list[dict[str, Any]] = []
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
-                while not (any(m["header"]["msg_type"] == "execute_reply" for m in missed)
-                           and missed[-1]["header"]["msg_type"] == "status"
-                           and missed[-1]["content"]["execution_state"] == "idle"):
+                while not (
+                    any(m["header"]["msg_type"] == "execute_reply" for m in missed)
+                    and missed[-1]["header"]["msg_type"] == "status"
+                    and missed[-1]["content"]["execution_state"] == "idle"
+                ):
                     m = await recv(back)
                     if m["parent_header"].get("msg_id") == msg_id:
                         missed.append(m)
@@ -508,9 +630,11 @@ async def lifecycle_script(server: Any, v1: bool) -> Transcript:
         await request(t, ks, "kernel_info", "kernel_info_request", {})
 
         # interrupt: the cell must be inside its sleep (see gwclient.start_long_cell)
-        msg_id = await send(ks, "execute_request", {
-            "code": "import time; print('sleeping', flush=True); time.sleep(30)",
-            "silent": False})
+        msg_id = await send(
+            ks,
+            "execute_request",
+            {"code": "import time; print('sleeping', flush=True); time.sleep(30)", "silent": False},
+        )
         before: list[dict[str, Any]] = []
         while not (before and before[-1]["header"]["msg_type"] == "stream"):
             before.append(await recv(ks))
@@ -518,26 +642,44 @@ async def lifecycle_script(server: Any, v1: bool) -> Transcript:
         await rest(t, server, "interrupt", "POST", f"api/kernels/{kernel.id}/interrupt", {})
         after: list[dict[str, Any]] = []
         async with asyncio.timeout(30):
-            while not (any(m["header"]["msg_type"] == "execute_reply" for m in after)
-                       and after[-1]["header"]["msg_type"] == "status"
-                       and after[-1]["content"]["execution_state"] == "idle"):
+            while not (
+                any(m["header"]["msg_type"] == "execute_reply" for m in after)
+                and after[-1]["header"]["msg_type"] == "status"
+                and after[-1]["content"]["execution_state"] == "idle"
+            ):
                 after.append(await recv(ks))
-        t.record_msgs("interrupted cell", [m for m in before + after
-                                           if m["parent_header"].get("msg_id") == msg_id])
+        t.record_msgs(
+            "interrupted cell",
+            [m for m in before + after if m["parent_header"].get("msg_id") == msg_id],
+        )
 
         await rest(t, server, "restart", "POST", f"api/kernels/{kernel.id}/restart", {})
-        await request(t, ks, "execute after restart", "execute_request",
-                      {"code": "print('x' in globals())", "silent": False})
+        await request(
+            t,
+            ks,
+            "execute after restart",
+            "execute_request",
+            {"code": "print('x' in globals())", "silent": False},
+        )
 
         await request(t, ks, "define y", "execute_request", {"code": "y = 1", "silent": False})
         # whether the dying kernel's iopub thread still sends busy and execute_input is a
         # race on both sides: only the absence of a reply is compared
         await send(ks, "execute_request", {"code": "import os; os._exit(1)", "silent": False})
         await until_status(t, ks, "crash: restarting", "restarting")
-        t.record("crash: restarting", "replies", [
-            o for o in t.others["crash: restarting"] if o.startswith("shell:")])
-        await request(t, ks, "execute after crash", "execute_request",
-                      {"code": "print('y' in globals())", "silent": False}, timeout=90)
+        t.record(
+            "crash: restarting",
+            "replies",
+            [o for o in t.others["crash: restarting"] if o.startswith("shell:")],
+        )
+        await request(
+            t,
+            ks,
+            "execute after crash",
+            "execute_request",
+            {"code": "print('y' in globals())", "silent": False},
+            timeout=90,
+        )
 
         await rest(t, server, "DELETE", "DELETE", f"api/kernels/{kernel.id}")
         code: Any = "still open"
@@ -570,18 +712,35 @@ async def rest_script(server: Any) -> Transcript:
         await rest(t, server, "GET kernel", "GET", f"api/kernels/{kid}")
         await rest(t, server, "GET kernels", "GET", "api/kernels")
         for kind in ("notebook", "file"):
-            session = await rest(t, server, f"POST {kind} session", "POST", "api/sessions",
-                                 {"path": f"a.{kind}", "type": kind, "name": "a",
-                                  "kernel": {"id": kid}})
+            session = await rest(
+                t,
+                server,
+                f"POST {kind} session",
+                "POST",
+                "api/sessions",
+                {"path": f"a.{kind}", "type": kind, "name": "a", "kernel": {"id": kid}},
+            )
             sid = session["id"]
             await rest(t, server, f"GET {kind} session", "GET", f"api/sessions/{sid}")
-            await rest(t, server, f"PATCH {kind} session", "PATCH", f"api/sessions/{sid}",
-                       {"path": f"b.{kind}"})
+            await rest(
+                t,
+                server,
+                f"PATCH {kind} session",
+                "PATCH",
+                f"api/sessions/{sid}",
+                {"path": f"b.{kind}"},
+            )
             await rest(t, server, f"GET sessions ({kind})", "GET", "api/sessions")
         specs = await rest(t, server, "GET kernelspecs", "GET", "api/kernelspecs")
-        t.record("GET kernelspecs", "body", {
-            "keys": sorted(specs), "default": specs["default"],
-            "python3": python3_spec(specs["kernelspecs"]["python3"])})
+        t.record(
+            "GET kernelspecs",
+            "body",
+            {
+                "keys": sorted(specs),
+                "default": specs["default"],
+                "python3": python3_spec(specs["kernelspecs"]["python3"]),
+            },
+        )
         one = await rest(t, server, "GET kernelspec", "GET", "api/kernelspecs/python3")
         t.record("GET kernelspec", "body", python3_spec(one))
         bad = str(uuid.uuid4())

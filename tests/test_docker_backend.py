@@ -37,8 +37,16 @@ def specs(tmp_path, docker, kernel_image):
     docker_spec(d, "dk-gpu", **base, gpus="all")
     docker_spec(d, "dk-noimage", **base | {"image": "rkg-test-absent:nope"})
     docker_spec(d, "dk-nodaemon", **base | {"docker_host": f"unix://{tmp_path}/none.sock"})
-    docker_spec(d, "dk-crash", **base, kernel_cmd=[
-        "python3", "-c", "import sys; print('no kernel today', flush=True); sys.exit(3)"])
+    docker_spec(
+        d,
+        "dk-crash",
+        **base,
+        kernel_cmd=[
+            "python3",
+            "-c",
+            "import sys; print('no kernel today', flush=True); sys.exit(3)",
+        ],
+    )
     docker_spec(d, "dk-hang", **base, kernel_cmd=["sleep", "600"])
     return d
 
@@ -93,24 +101,33 @@ async def test_kernel_runs_in_a_named_labelled_container(gw, docker):
     assert labels["kernel_id"] == kid and labels["component"] == "kernel"
     assert labels["app"] == "remote-kernel-gateway"
     ks = await KernelSocket.open(gw, kid, v1=True)
-    out, _ = await ks.execute("import os, socket; print(os.path.exists('/.dockerenv'), "
-                              "os.getuid(), os.environ.get('KERNEL_USERNAME'), "
-                              "'RKG_CONNECTION_INFO' in os.environ, socket.gethostname())")
-    assert out.split() == ["True", "1000", "ada@example.org", "False", inspect(
-        docker, name)["Config"]["Hostname"]]
+    out, _ = await ks.execute(
+        "import os, socket; print(os.path.exists('/.dockerenv'), "
+        "os.getuid(), os.environ.get('KERNEL_USERNAME'), "
+        "'RKG_CONNECTION_INFO' in os.environ, socket.gethostname())"
+    )
+    assert out.split() == [
+        "True",
+        "1000",
+        "ada@example.org",
+        "False",
+        inspect(docker, name)["Config"]["Hostname"],
+    ]
     await ks.close()
     assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
     assert docker.ours() == []
 
 
-async def test_engine_from_docker_host_and_kept_across_restart(gateway_factory, tmp_path,
-                                                               docker, kernel_image):
+async def test_engine_from_docker_host_and_kept_across_restart(
+    gateway_factory, tmp_path, docker, kernel_image
+):
     """A kernelspec without docker_host uses the gateway's DOCKER_HOST; --keep-kernels leaves
     the container running and the next gateway re-attaches to it."""
     d = tmp_path / "env-kernelspecs"
     docker_spec(d, "dk-env", image=kernel_image)
-    gw = gateway_factory(extra_args=["--kernelspec-dir", str(d), "--keep-kernels"],
-                         env={"DOCKER_HOST": docker.host})
+    gw = gateway_factory(
+        extra_args=["--kernelspec-dir", str(d), "--keep-kernels"], env={"DOCKER_HOST": docker.host}
+    )
     kid = (await start_kernel(gw, "dk-env"))["id"]
     ks = await KernelSocket.open(gw, kid, v1=True)
     await ks.execute("kept = 42")
@@ -132,8 +149,10 @@ async def test_limits_are_enforced(gw, docker):
     assert reply["status"] == "ok", reply
     assert out.split() == [str(256 * 1024 * 1024), "64", "50000"]
     # more memory than the limit: the kernel is killed, the gateway says so and restarts it
-    await ks.send("execute_request", {"code": "x = bytearray(600 * 1024 * 1024); x[::4096] = "
-                                              "b'1' * len(x[::4096])"})
+    await ks.send(
+        "execute_request",
+        {"code": "x = bytearray(600 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])"},
+    )
     await ks.until_status("restarting", timeout=60)
     assert (await ks.execute("print('x' in globals())", timeout=60))[0] == "False\n"
     await ks.close()
@@ -159,22 +178,26 @@ async def test_reached_on_the_container_network(gw, docker):
     model = await start_kernel(gw, "dk-network")
     info = inspect(docker, f"kernel-{model['id']}")
     assert not info["NetworkSettings"]["Ports"] or not any(
-        info["NetworkSettings"]["Ports"].values())
+        info["NetworkSettings"]["Ports"].values()
+    )
     ks = await KernelSocket.open(gw, model["id"], v1=True)
     assert (await ks.execute("print(6 * 7)"))[0] == "42\n"
     await ks.close()
     assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
 
 
-@pytest.mark.parametrize(("spec", "env", "status", "words"), [
-    ("dk-noimage", {}, 500, ["rkg-test-absent:nope", "build it there or pull it"]),
-    ("dk-nodaemon", {}, 503, ["unreachable", "none.sock"]),
-    ("dk-crash", {}, 500, ["exit", "no kernel today"]),
-    ("dk-hang", {"KERNEL_LAUNCH_TIMEOUT": "4"}, 504, ["within 4 s"]),
-    ("dk-root", {}, 403, ["uid 0"]),
-    ("dk", {"KERNEL_UID": "0"}, 403, ["uid 0"]),
-    ("dk-gpu", {}, 500, ["GPU"]),
-])
+@pytest.mark.parametrize(
+    ("spec", "env", "status", "words"),
+    [
+        ("dk-noimage", {}, 500, ["rkg-test-absent:nope", "build it there or pull it"]),
+        ("dk-nodaemon", {}, 503, ["unreachable", "none.sock"]),
+        ("dk-crash", {}, 500, ["exit", "no kernel today"]),
+        ("dk-hang", {"KERNEL_LAUNCH_TIMEOUT": "4"}, 504, ["within 4 s"]),
+        ("dk-root", {}, 403, ["uid 0"]),
+        ("dk", {"KERNEL_UID": "0"}, 403, ["uid 0"]),
+        ("dk-gpu", {}, 500, ["GPU"]),
+    ],
+)
 async def test_failed_starts_say_why_and_leave_nothing(gw, docker, spec, env, status, words):
     code, body = await api(gw, "POST", "api/kernels", {"name": spec, "env": env})
     assert code == status, body
@@ -188,8 +211,9 @@ async def test_failed_starts_say_why_and_leave_nothing(gw, docker, spec, env, st
     assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
 
 
-async def test_orphans_are_swept_at_start_and_others_kept(gateway_factory, specs, docker,
-                                                          kernel_image, tmp_path):
+async def test_orphans_are_swept_at_start_and_others_kept(
+    gateway_factory, specs, docker, kernel_image, tmp_path
+):
     """A gateway killed between creating a container and recording it leaves an orphan: the
     next start of that gateway removes it, and leaves alone containers of other gateways and
     the kernels it re-attaches to."""
@@ -197,9 +221,23 @@ async def test_orphans_are_swept_at_start_and_others_kept(gateway_factory, specs
     kept = (await start_kernel(gw, "dk"))["id"]
     lost = (await start_kernel(gw, "dk"))["id"]
     other = "rkg-test-other-gateway"
-    docker.run("docker", "run", "-d", "--name", other, "--label", "app=remote-kernel-gateway",
-               "--label", "rkg.gateway=someone-else", "--label", "kernel_id=x",
-               "--entrypoint", "sleep", kernel_image, "600")
+    docker.run(
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        other,
+        "--label",
+        "app=remote-kernel-gateway",
+        "--label",
+        "rkg.gateway=someone-else",
+        "--label",
+        "kernel_id=x",
+        "--entrypoint",
+        "sleep",
+        kernel_image,
+        "600",
+    )
     try:
         crash_before_recording(gw, lost)
         await until(lambda: f"kernel-{lost}" not in docker.ours())  # swept while serving
@@ -225,6 +263,7 @@ async def test_gateway_shutdown_removes_every_container(gateway_factory, specs, 
 
 # -- Swarm: a service per kernel on a one-node swarm of the same dockerd --------------------
 
+
 @pytest.fixture
 def swarm_gw(gateway_factory, tmp_path, swarm, kernel_image):
     d = tmp_path / "swarm-kernelspecs"
@@ -240,8 +279,13 @@ def swarm_gw(gateway_factory, tmp_path, swarm, kernel_image):
 
 def wait_none_left(swarm) -> None:
     # a service's task container goes a moment after the service
-    eventually_sync(lambda: swarm.ours("service") + swarm.ours(), until=lambda left: left == [],
-                    timeout=10, interval=0.25, what="no service or container left behind")
+    eventually_sync(
+        lambda: swarm.ours("service") + swarm.ours(),
+        until=lambda left: left == [],
+        timeout=10,
+        interval=0.25,
+        what="no service or container left behind",
+    )
 
 
 async def test_swarm_kernel_is_a_service_task_with_limits(swarm_gw, swarm):
@@ -260,11 +304,18 @@ async def test_swarm_kernel_is_a_service_task_with_limits(swarm_gw, swarm):
     wait_none_left(swarm)
 
 
-@pytest.mark.parametrize(("spec", "env", "status", "words"), [
-    ("sw-noimage", {}, 500, ["rkg-test-absent:nope", "does not pull"]),
-    ("sw-nowhere", {"KERNEL_LAUNCH_TIMEOUT": "4"}, 504, ["within 4 s", "pending",
-                                                         "no suitable node"]),
-])
+@pytest.mark.parametrize(
+    ("spec", "env", "status", "words"),
+    [
+        ("sw-noimage", {}, 500, ["rkg-test-absent:nope", "does not pull"]),
+        (
+            "sw-nowhere",
+            {"KERNEL_LAUNCH_TIMEOUT": "4"},
+            504,
+            ["within 4 s", "pending", "no suitable node"],
+        ),
+    ],
+)
 async def test_swarm_failed_starts_say_why(swarm_gw, swarm, spec, env, status, words):
     code, body = await api(swarm_gw, "POST", "api/kernels", {"name": spec, "env": env})
     assert code == status, body
@@ -298,20 +349,34 @@ def remote_engine(ssh_lab, docker, kernel_image, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("remote-dockerd")
     with running_dockerd(tmp, REMOTE_DATA_ROOT, netns=host.ns) as remote:
         if not remote.has_image(kernel_image):
-            with subprocess.Popen(["docker", "save", kernel_image], env=docker.env,
-                                  stdout=subprocess.PIPE) as save:
-                subprocess.run(["docker", "load"], stdin=save.stdout, env=remote.env,
-                               check=True, capture_output=True, timeout=600)
+            with subprocess.Popen(
+                ["docker", "save", kernel_image], env=docker.env, stdout=subprocess.PIPE
+            ) as save:
+                subprocess.run(
+                    ["docker", "load"],
+                    stdin=save.stdout,
+                    env=remote.env,
+                    check=True,
+                    capture_output=True,
+                    timeout=600,
+                )
         yield host, remote, f"ssh://root@{host.addr}{tmp / 'docker.sock'}"
 
 
-async def test_remote_engine_over_ssh(gateway_factory, ssh_lab, remote_engine, docker,
-                                      kernel_image, tmp_path):
+async def test_remote_engine_over_ssh(
+    gateway_factory, ssh_lab, remote_engine, docker, kernel_image, tmp_path
+):
     host, remote, url = remote_engine
     d = tmp_path / "remote-kernelspecs"
-    docker_spec(d, "dk-remote", image=kernel_image, docker_host=url, hostname="rkg-remote",
-                ssh_identity_file=str(ssh_lab.client_key),
-                ssh_known_hosts=str(ssh_lab.known_hosts))
+    docker_spec(
+        d,
+        "dk-remote",
+        image=kernel_image,
+        docker_host=url,
+        hostname="rkg-remote",
+        ssh_identity_file=str(ssh_lab.client_key),
+        ssh_known_hosts=str(ssh_lab.known_hosts),
+    )
     gw = gateway_factory(extra_args=["--kernelspec-dir", str(d)])
     kids = [(await start_kernel(gw, "dk-remote"))["id"] for _ in range(2)]
     assert sorted(remote.ours()) == sorted(f"kernel-{k}" for k in kids)
@@ -320,13 +385,17 @@ async def test_remote_engine_over_ssh(gateway_factory, ssh_lab, remote_engine, d
     # connection to the host
     assert host.established() == 1
     ks = await KernelSocket.open(gw, kids[0], v1=True)
-    out, _ = await ks.execute("import socket, os; print(socket.gethostname(), "
-                              "os.path.exists('/.dockerenv'))")
+    out, _ = await ks.execute(
+        "import socket, os; print(socket.gethostname(), os.path.exists('/.dockerenv'))"
+    )
     assert out.split() == ["rkg-remote", "True"]
     msg_id = await ks.start_long_cell()
     assert (await api(gw, "POST", f"api/kernels/{kids[0]}/interrupt", {}))[0] == 204
-    reply = next(m for m in await ks.reply_and_idle(msg_id, timeout=15)
-                 if m["header"]["msg_type"] == "execute_reply")["content"]
+    reply = next(
+        m
+        for m in await ks.reply_and_idle(msg_id, timeout=15)
+        if m["header"]["msg_type"] == "execute_reply"
+    )["content"]
     assert reply["ename"] == "KeyboardInterrupt"
     await ks.close()
     assert (await api(gw, "DELETE", f"api/kernels/{kids[0]}"))[0] == 204
@@ -335,21 +404,53 @@ async def test_remote_engine_over_ssh(gateway_factory, ssh_lab, remote_engine, d
     assert remote.ours() == []
 
 
-async def test_rkg_spec_add_docker_and_swarm(gateway_factory, tmp_path, docker, swarm,
-                                             kernel_image):
+async def test_rkg_spec_add_docker_and_swarm(
+    gateway_factory, tmp_path, docker, swarm, kernel_image
+):
     """`rkg spec add docker|swarm` write kernelspecs the gateway runs as they are; bad
     input is a one-line error."""
     d = tmp_path / "cli-kernelspecs"
 
     def rkg(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "gateway", "spec", *args, "--dir", str(d)],
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "spec", *args, "--dir", str(d)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
-    assert rkg("add", "docker", "cli-docker", "--image", kernel_image, "--docker-host",
-               docker.host, "--memory", "300m", "--env", "GREETING=hello",
-               "--label", "team=ml").returncode == 0
-    assert rkg("add", "swarm", "cli-swarm", "--image", kernel_image, "--docker-host",
-               swarm.host, "--constraint", "node.role==manager").returncode == 0
+    assert (
+        rkg(
+            "add",
+            "docker",
+            "cli-docker",
+            "--image",
+            kernel_image,
+            "--docker-host",
+            docker.host,
+            "--memory",
+            "300m",
+            "--env",
+            "GREETING=hello",
+            "--label",
+            "team=ml",
+        ).returncode
+        == 0
+    )
+    assert (
+        rkg(
+            "add",
+            "swarm",
+            "cli-swarm",
+            "--image",
+            kernel_image,
+            "--docker-host",
+            swarm.host,
+            "--constraint",
+            "node.role==manager",
+        ).returncode
+        == 0
+    )
     bad = rkg("add", "docker", "bad", "--image", kernel_image, "--env", "NOEQUALS")
     assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
     listed = rkg("list").stdout
@@ -359,8 +460,9 @@ async def test_rkg_spec_add_docker_and_swarm(gateway_factory, tmp_path, docker, 
     for name in ("cli-docker", "cli-swarm"):
         kid = (await start_kernel(gw, name))["id"]
         ks = await KernelSocket.open(gw, kid, v1=True)
-        out, _ = await ks.execute("import os; print(os.path.exists('/.dockerenv'), "
-                                  "os.environ.get('GREETING'))")
+        out, _ = await ks.execute(
+            "import os; print(os.path.exists('/.dockerenv'), os.environ.get('GREETING'))"
+        )
         assert out.split() == ["True", "hello" if name == "cli-docker" else "None"]
         if name == "cli-docker":
             labels = inspect(docker, f"kernel-{kid}")["Config"]["Labels"]
@@ -371,8 +473,9 @@ async def test_rkg_spec_add_docker_and_swarm(gateway_factory, tmp_path, docker, 
     wait_none_left(swarm)
 
 
-async def test_an_engine_that_never_answers_holds_nothing_up(gateway_factory, tmp_path,
-                                                           kernel_image):
+async def test_an_engine_that_never_answers_holds_nothing_up(
+    gateway_factory, tmp_path, kernel_image
+):
     """A socket that accepts connections and never answers: the gateway serves at once (the
     orphan sweep runs in the background), a start there ends with KERNEL_LAUNCH_TIMEOUT, and
     SIGTERM still stops the gateway promptly."""
@@ -385,8 +488,9 @@ async def test_an_engine_that_never_answers_holds_nothing_up(gateway_factory, tm
         t0 = time.monotonic()
         gw = gateway_factory(extra_args=["--kernelspec-dir", str(d)])
         assert time.monotonic() - t0 < 10
-        code, body = await api(gw, "POST", "api/kernels",
-                               {"name": "dk-hung", "env": {"KERNEL_LAUNCH_TIMEOUT": "3"}})
+        code, body = await api(
+            gw, "POST", "api/kernels", {"name": "dk-hung", "env": {"KERNEL_LAUNCH_TIMEOUT": "3"}}
+        )
         assert code == 504 and "within 3 s" in body["message"], body
         assert (await api(gw, "GET", "api/kernels"))[1] == []
         t0 = time.monotonic()
@@ -395,32 +499,62 @@ async def test_an_engine_that_never_answers_holds_nothing_up(gateway_factory, tm
         hung.close()
 
 
-async def test_swarm_reached_on_an_attachable_overlay(swarm, kernel_image, gateway_image,
-                                                      tmp_path):
+async def test_swarm_reached_on_an_attachable_overlay(swarm, kernel_image, gateway_image, tmp_path):
     """reach "network" on Swarm: the gateway runs in a container on an attachable overlay,
     kernels are dnsrr services on it without published ports, reached at their task's
     address there (the routing mesh and VIPs are not used: no IPVS here)."""
     net, name = "rkg-test-overlay", "rkg-test-overlay-gateway"
     d = tmp_path / "overlay-kernelspecs"
-    docker_spec(d, "sw-overlay", provisioner="rkg-swarm", image=kernel_image,
-                docker_host="unix:///var/run/docker.sock", network=net, reach="network")
+    docker_spec(
+        d,
+        "sw-overlay",
+        provisioner="rkg-swarm",
+        image=kernel_image,
+        docker_host="unix:///var/run/docker.sock",
+        network=net,
+        reach="network",
+    )
     d.chmod(0o755)
     port, token = free_port(), secrets.token_hex(16)
     swarm.run("docker", "network", "create", "--driver", "overlay", "--attachable", net)
     try:
-        swarm.run("docker", "run", "-d", "--name", name, "--network", net, "--user", "root",
-                  "-p", f"127.0.0.1:{port}:8888", "-e", f"RKG_TOKEN={token}",
-                  "-e", "RKG_KERNELSPEC_DIRS=/kernelspecs", "-v", f"{d}:/kernelspecs:ro",
-                  "-v", f"{swarm.host.removeprefix('unix://')}:/var/run/docker.sock",
-                  gateway_image)
-        gw = SimpleNamespace(url=f"http://127.0.0.1:{port}/", ws_url=f"ws://127.0.0.1:{port}/",
-                             token=token)
+        swarm.run(
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            net,
+            "--user",
+            "root",
+            "-p",
+            f"127.0.0.1:{port}:8888",
+            "-e",
+            f"RKG_TOKEN={token}",
+            "-e",
+            "RKG_KERNELSPEC_DIRS=/kernelspecs",
+            "-v",
+            f"{d}:/kernelspecs:ro",
+            "-v",
+            f"{swarm.host.removeprefix('unix://')}:/var/run/docker.sock",
+            gateway_image,
+        )
+        gw = SimpleNamespace(
+            url=f"http://127.0.0.1:{port}/", ws_url=f"ws://127.0.0.1:{port}/", token=token
+        )
         try:  # refused, or closed by the port proxy, until it serves
-            await eventually(lambda: api(gw, "GET", "api"), until=lambda r: r[0] == 200,
-                             timeout=20, interval=0.2, ignore=(Exception,))
+            await eventually(
+                lambda: api(gw, "GET", "api"),
+                until=lambda r: r[0] == 200,
+                timeout=20,
+                interval=0.2,
+                ignore=(Exception,),
+            )
         except AssertionError as e:
             raise AssertionError(
-                f"{e}\n{swarm.run('docker', 'logs', name, check=False).stderr}") from None
+                f"{e}\n{swarm.run('docker', 'logs', name, check=False).stderr}"
+            ) from None
         kid = (await start_kernel(gw, "sw-overlay"))["id"]
         service = json.loads(swarm.run("docker", "service", "inspect", f"kernel-{kid}").stdout)[0]
         assert service["Spec"]["EndpointSpec"]["Mode"] == "dnsrr"
@@ -438,5 +572,7 @@ async def test_swarm_reached_on_an_attachable_overlay(swarm, kernel_image, gatew
         with contextlib.suppress(AssertionError):
             eventually_sync(
                 lambda: swarm.run("docker", "network", "rm", net, check=False).returncode == 0,
-                timeout=10, interval=0.25)
+                timeout=10,
+                interval=0.25,
+            )
     wait_none_left(swarm)

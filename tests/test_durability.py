@@ -39,8 +39,12 @@ async def _assert_state(gw, ids):
 async def test_kill_9_then_restart_reattaches_every_kernel(gateway_factory):
     gw = gateway_factory()
     ids = await _kernels_with_state(gw, 5)
-    status, session = await api(gw, "POST", "api/sessions",
-                                {"path": "n.ipynb", "type": "notebook", "kernel": {"id": ids[0]}})
+    status, session = await api(
+        gw,
+        "POST",
+        "api/sessions",
+        {"path": "n.ipynb", "type": "notebook", "kernel": {"id": ids[0]}},
+    )
     assert status == 201
     pids = gw.kernel_pids()
     assert len(pids) == 5
@@ -95,8 +99,9 @@ async def test_kernel_gone_while_gateway_down_is_forgotten(gateway_factory):
 
 async def test_concurrent_starts_respect_the_global_limit(gateway_factory):
     gw = gateway_factory(extra_args=["--max-kernels", "10"])
-    results = await asyncio.gather(*[api(gw, "POST", "api/kernels", {"name": "python3"})
-                                     for _ in range(50)])
+    results = await asyncio.gather(
+        *[api(gw, "POST", "api/kernels", {"name": "python3"}) for _ in range(50)]
+    )
     codes = [status for status, _ in results]
     assert codes.count(201) == 10 and codes.count(429) == 40, codes
     assert {body["reason"] for status, body in results if status == 429} == {"Too Many Kernels"}
@@ -107,8 +112,9 @@ async def test_per_user_limit(gateway_factory):
     gw = gateway_factory(extra_args=["--max-kernels-per-user", "2"])
 
     async def start(user):
-        return await api(gw, "POST", "api/kernels",
-                         {"name": "python3", "env": {"KERNEL_USERNAME": user}})
+        return await api(
+            gw, "POST", "api/kernels", {"name": "python3", "env": {"KERNEL_USERNAME": user}}
+        )
 
     assert [(await start("alice"))[0] for _ in range(3)] == [201, 201, 429]
     assert (await start("bob"))[0] == 201
@@ -118,8 +124,7 @@ async def test_kernel_killed_from_outside_is_restarted(gateway):
     kid = (await start_kernel(gateway))["id"]
     ks = await KernelSocket.open(gateway, kid)
     await ks.execute("z = 1")
-    (pid,) = [p for p in gateway.kernel_pids()
-              if kid in Path(f"/proc/{p}/cmdline").read_text()]
+    (pid,) = [p for p in gateway.kernel_pids() if kid in Path(f"/proc/{p}/cmdline").read_text()]
     os.kill(pid, signal.SIGKILL)
     await ks.until_status("restarting", timeout=20)
     out, reply = await ks.execute("print('z' in globals())", timeout=30)

@@ -61,8 +61,10 @@ def eg_kernel(open_gateway) -> Iterator[Any]:
         # imported here, not at the top: the package is installed apart from the [test] extra
         from enterprise_gateway.client.gateway_client import GatewayClient as EGClient
     except ImportError:
-        require_infra(f"Enterprise Gateway's client is missing: ./dev installs it "
-                      f"(pip install --no-deps '{EG_CLIENT}')")
+        require_infra(
+            f"Enterprise Gateway's client is missing: ./dev installs it "
+            f"(pip install --no-deps '{EG_CLIENT}')"
+        )
     kc = EGClient(host=f"127.0.0.1:{open_gateway.port}").start_kernel("python3", timeout=30)
     try:
         yield kc
@@ -75,10 +77,9 @@ def test_eg_execute(eg_kernel):
     """execute() returns only what it sorted by top-level msg_type: stream, display_data,
     execute_result and error all have to come through."""
     out, has_error = eg_kernel.execute(
-        "from IPython.display import display\n"
-        "print('hello', flush=True)\n"
-        "display('shown')\n"
-        "6 * 7", timeout=30)
+        "from IPython.display import display\nprint('hello', flush=True)\ndisplay('shown')\n6 * 7",
+        timeout=30,
+    )
     assert (out, has_error) == ("hello\n'shown'42", False)
 
     out, has_error = eg_kernel.execute("raise ValueError('boom')", timeout=30)
@@ -88,9 +89,14 @@ def test_eg_execute(eg_kernel):
 def test_eg_interrupt(eg_kernel, tmp_path: Path):
     inside = tmp_path / "inside-cell"
     result: dict[str, Any] = {}
-    cell = threading.Thread(target=lambda: result.update(run=eg_kernel.execute(
-        f"import pathlib, time\npathlib.Path({str(inside)!r}).touch()\ntime.sleep(60)",
-        timeout=30)))
+    cell = threading.Thread(
+        target=lambda: result.update(
+            run=eg_kernel.execute(
+                f"import pathlib, time\npathlib.Path({str(inside)!r}).touch()\ntime.sleep(60)",
+                timeout=30,
+            )
+        )
+    )
     cell.start()
     try:
         # A SIGINT that lands once the cell's own code runs raises KeyboardInterrupt there;
@@ -122,8 +128,12 @@ def test_eg_shutdown(open_gateway, eg_kernel):
     assert pids
     assert eg_kernel.shutdown()
     assert eg_kernel.kernel_id not in kernel_ids(open_gateway)
-    eventually_sync(open_gateway.kernel_pids, until=lambda pids: not pids, timeout=30,
-                    what="the kernel process gone")
+    eventually_sync(
+        open_gateway.kernel_pids,
+        until=lambda pids: not pids,
+        timeout=30,
+        what="the kernel process gone",
+    )
 
 
 # --- jupyter_server's GatewayKernelManager + GatewayKernelClient -----------------------------
@@ -134,8 +144,9 @@ def js_gateway_client(open_gateway, monkeypatch) -> Iterator[JSGatewayClient]:
     """jupyter_server's GatewayClient singleton pointed at our gateway, as `--gateway-url` sets
     it. It writes KERNEL_LAUNCH_TIMEOUT into os.environ and onto its class: both are put back."""
     monkeypatch.setenv("KERNEL_LAUNCH_TIMEOUT", os.environ.get("KERNEL_LAUNCH_TIMEOUT", "40"))
-    monkeypatch.setattr(JSGatewayClient, "KERNEL_LAUNCH_TIMEOUT",
-                        JSGatewayClient.KERNEL_LAUNCH_TIMEOUT)
+    monkeypatch.setattr(
+        JSGatewayClient, "KERNEL_LAUNCH_TIMEOUT", JSGatewayClient.KERNEL_LAUNCH_TIMEOUT
+    )
     JSGatewayClient.clear_instance()
     client = JSGatewayClient.instance(url=open_gateway.url.rstrip("/"), request_timeout=60)
     try:
@@ -149,14 +160,17 @@ def outputs_of(cell: Any) -> list[dict[str, Any]]:
 
 
 async def test_notebook_through_gateway_kernel_manager(open_gateway, js_gateway_client):
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("print('hello from a cell')"),
-        nbformat.v4.new_code_cell("from IPython.display import HTML, display\n"
-                                  "display(HTML('<b>bold</b>'))"),
-        nbformat.v4.new_code_cell("6 * 7"),
-        nbformat.v4.new_code_cell("raise ValueError('boom')"),
-        nbformat.v4.new_code_cell("print('after the error')"),
-    ])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("print('hello from a cell')"),
+            nbformat.v4.new_code_cell(
+                "from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))"
+            ),
+            nbformat.v4.new_code_cell("6 * 7"),
+            nbformat.v4.new_code_cell("raise ValueError('boom')"),
+            nbformat.v4.new_code_cell("print('after the error')"),
+        ]
+    )
     # owns_kernel=False (true: the gateway owns the process) because the client's is_alive()
     # calls the manager's private _async_is_alive, which GatewayKernelManager does not
     # override, and jupyter_client's asserts on a local provisioner (jupyter_client#1047).
@@ -179,8 +193,7 @@ async def test_notebook_through_gateway_kernel_manager(open_gateway, js_gateway_
     assert km.kernel_id is not None
 
     printed, shown, result, error, after = (outputs_of(c) for c in nb.cells)
-    assert printed == [{"output_type": "stream", "name": "stdout",
-                        "text": "hello from a cell\n"}]
+    assert printed == [{"output_type": "stream", "name": "stdout", "text": "hello from a cell\n"}]
     assert len(shown) == 1 and shown[0]["output_type"] == "display_data", shown
     assert shown[0]["data"]["text/html"] == "<b>bold</b>"
     assert len(result) == 1 and result[0]["output_type"] == "execute_result", result

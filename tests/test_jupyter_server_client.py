@@ -38,10 +38,17 @@ def upstream(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Any]:
         yield request.getfixturevalue("gateway")
         return
     jkg = KernelGatewayPeer(free_port(), secrets.token_hex(16), tmp_path_factory.mktemp("jkg"))
-    jkg.start([str(BIN / "jupyter-kernelgateway"), "--KernelGatewayApp.ip=127.0.0.1",
-               f"--KernelGatewayApp.port={jkg.port}", "--KernelGatewayApp.port_retries=0",
-               f"--KernelGatewayApp.auth_token={jkg.token}",
-               "--JupyterWebsocketPersonality.list_kernels=True"], "api/kernelspecs")
+    jkg.start(
+        [
+            str(BIN / "jupyter-kernelgateway"),
+            "--KernelGatewayApp.ip=127.0.0.1",
+            f"--KernelGatewayApp.port={jkg.port}",
+            "--KernelGatewayApp.port_retries=0",
+            f"--KernelGatewayApp.auth_token={jkg.token}",
+            "--JupyterWebsocketPersonality.list_kernels=True",
+        ],
+        "api/kernelspecs",
+    )
     try:
         yield jkg
     finally:
@@ -55,9 +62,15 @@ def upstream(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def jupyter_server(upstream, tmp_path_factory) -> Iterator[Served]:
     js = Served(free_port(), secrets.token_hex(16), tmp_path_factory.mktemp("jupyter-server"))
-    js.start(jupyter_server_args(js, f"--gateway-url={upstream.url.rstrip('/')}",
-                                 f"--GatewayClient.auth_token={upstream.token}",
-                                 "--GatewayClient.request_timeout=60"), "api/status")
+    js.start(
+        jupyter_server_args(
+            js,
+            f"--gateway-url={upstream.url.rstrip('/')}",
+            f"--GatewayClient.auth_token={upstream.token}",
+            "--GatewayClient.request_timeout=60",
+        ),
+        "api/status",
+    )
     try:
         yield js
     finally:
@@ -74,7 +87,8 @@ def step(name: str, js: Served, upstream: Any) -> Iterator[None]:
         raise AssertionError(
             f"step {name!r} failed: {type(e).__name__}: {e}\n"
             f"--- jupyter_server log (tail)\n{tail(js.log().splitlines()[-25:])}\n"
-            f"--- gateway log (tail)\n{tail(upstream.log().splitlines()[-25:])}") from e
+            f"--- gateway log (tail)\n{tail(upstream.log().splitlines()[-25:])}"
+        ) from e
 
 
 def of_type(msgs: list[dict[str, Any]], msg_type: str) -> list[dict[str, Any]]:
@@ -99,9 +113,17 @@ async def test_notebook_flow(jupyter_server, upstream, v1):
     js = jupyter_server
 
     with step("POST /api/sessions", js, upstream):
-        status, session = await api(js, "POST", "api/sessions",
-                                    {"path": f"nb-{v1}.ipynb", "type": "notebook", "name": "",
-                                     "kernel": {"name": "python3"}})
+        status, session = await api(
+            js,
+            "POST",
+            "api/sessions",
+            {
+                "path": f"nb-{v1}.ipynb",
+                "type": "notebook",
+                "name": "",
+                "kernel": {"name": "python3"},
+            },
+        )
         assert status == 201, session
         kid = session["kernel"]["id"]
         status, model = await api(upstream, "GET", f"api/kernels/{kid}")
@@ -117,8 +139,11 @@ async def test_notebook_flow(jupyter_server, upstream, v1):
             (info,) = of_type(msgs, "kernel_info_reply")
             assert info["channel"] == "shell" and info["content"]["status"] == "ok"
             assert info["content"]["language_info"]["name"] == "python"
-            statuses = [m["content"]["execution_state"] for m in of_type(msgs, "status")
-                        if m["channel"] == "iopub"]
+            statuses = [
+                m["content"]["execution_state"]
+                for m in of_type(msgs, "status")
+                if m["channel"] == "iopub"
+            ]
             assert statuses[-1] == "idle", statuses
 
         with step("execute", js, upstream):
@@ -151,12 +176,16 @@ async def test_notebook_flow(jupyter_server, upstream, v1):
         with step("DELETE /api/sessions/ID", js, upstream):
             status, body = await api(js, "DELETE", f"api/sessions/{session['id']}")
             assert status == 204, (status, body)
-            await eventually(lambda: api(upstream, "GET", "api/kernels"),
-                             until=lambda r: r == (200, []), what="the gateway lists no kernel")
+            await eventually(
+                lambda: api(upstream, "GET", "api/kernels"),
+                until=lambda r: r == (200, []),
+                what="the gateway lists no kernel",
+            )
             status, sessions = await api(js, "GET", "api/sessions")
             assert status == 200 and sessions == [], sessions
-            await eventually(upstream.kernel_pids, until=lambda pids: pids == [],
-                             what="no kernel process alive")
+            await eventually(
+                upstream.kernel_pids, until=lambda pids: pids == [], what="no kernel process alive"
+            )
     finally:  # a failed flow must not leave its kernel to the next test
         if ks is not None:
             await ks.close()
@@ -165,7 +194,7 @@ async def test_notebook_flow(jupyter_server, upstream, v1):
 
 LARGE = {  # 5 MB of output in one piece; jupyter_server-based gateways rate-limit streams
     "display_data": "from IPython.display import display\n"
-                    "display({'text/plain': 'z' * 5_000_000}, raw=True)",
+    "display({'text/plain': 'z' * 5_000_000}, raw=True)",
     "stream": "print('z' * 5_000_000)",
 }
 
@@ -178,8 +207,9 @@ async def test_large_output_arrives_complete(jupyter_server, upstream, kind):
     ks = await KernelSocket.open(js, model["id"])
     try:
         with step(f"5 MB {kind}", js, upstream):
-            msgs = await ks.reply_and_idle(await ks.send("execute_request", {
-                "code": LARGE[kind], "silent": False}), timeout=60)
+            msgs = await ks.reply_and_idle(
+                await ks.send("execute_request", {"code": LARGE[kind], "silent": False}), timeout=60
+            )
             assert of_type(msgs, "execute_reply")[0]["content"]["status"] == "ok"
             if kind == "display_data":
                 (display,) = of_type(msgs, "display_data")
@@ -188,7 +218,8 @@ async def test_large_output_arrives_complete(jupyter_server, upstream, kind):
             else:
                 streams = of_type(msgs, "stream")
                 assert {m["content"]["name"] for m in streams} == {"stdout"}, [
-                    m["content"]["text"][:300] for m in streams if m["content"]["name"] != "stdout"]
+                    m["content"]["text"][:300] for m in streams if m["content"]["name"] != "stdout"
+                ]
                 text = "".join(m["content"]["text"] for m in streams)
                 assert text == "z" * 5_000_000 + "\n", f"got {len(text)} characters"
     finally:
@@ -206,10 +237,14 @@ async def test_binary_comm_buffers_keep_the_connection(jupyter_server, upstream)
     payload = b"\xff\xfe\x00binary"
     try:
         with step("comm_msg with buffers", js, upstream):
-            msg_id = await ks.send("execute_request", {
-                "code": "from ipykernel.comm import Comm\nc = Comm(target_name='t', data={})\n"
-                        f"c.send(data={{'a': 1}}, buffers=[{payload!r}])",
-                "silent": False})
+            msg_id = await ks.send(
+                "execute_request",
+                {
+                    "code": "from ipykernel.comm import Comm\nc = Comm(target_name='t', data={})\n"
+                    f"c.send(data={{'a': 1}}, buffers=[{payload!r}])",
+                    "silent": False,
+                },
+            )
             msgs = await ks.reply_and_idle(msg_id, timeout=30)
             assert of_type(msgs, "execute_reply")[0]["content"]["status"] == "ok"
             (comm,) = of_type(msgs, "comm_msg")

@@ -32,26 +32,41 @@ async def test_signal_stops_kernels_and_closes_sockets(gateway_factory, sig):
         while True:
             seen.append(await ks.recv(timeout=30))
     assert await stopping == 0
-    assert [m["content"]["execution_state"] for m in seen
-            if m["header"]["msg_type"] == "status"][-1] == "dead"
+    assert [m["content"]["execution_state"] for m in seen if m["header"]["msg_type"] == "status"][
+        -1
+    ] == "dead"
     assert not [p for p in pids if pid_alive(p)]
     assert "gateway stopped" in gw.log()
 
 
 async def test_kernel_env_is_filtered(gateway_factory, tmp_path):
     gw = gateway_factory(extra_args=["--env-allow", "ALLOWED_VAR", "--env-allow", "PATH"])
-    env = {"KERNEL_USERNAME": "ada", "ALLOWED_VAR": "yes", "LD_PRELOAD": "/tmp/evil.so",
-           "PATH": "/nowhere", "OTHER_SECRET": "no", "KERNEL_WORKING_DIR": str(tmp_path)}
+    env = {
+        "KERNEL_USERNAME": "ada",
+        "ALLOWED_VAR": "yes",
+        "LD_PRELOAD": "/tmp/evil.so",
+        "PATH": "/nowhere",
+        "OTHER_SECRET": "no",
+        "KERNEL_WORKING_DIR": str(tmp_path),
+    }
     model = await start_kernel(gw, "envdump", env=env)
     ks = await KernelSocket.open(gw, model["id"])
     out, _ = await ks.execute(
         "import os, json\nprint(json.dumps({k: os.environ.get(k) for k in "
         "['KERNEL_USERNAME', 'ALLOWED_VAR', 'LD_PRELOAD', 'OTHER_SECRET', 'KERNEL_ID', "
-        "'SPEC_VAR']} | {'cwd': os.getcwd(), 'path_ok': '/nowhere' not in os.environ['PATH']}))")
+        "'SPEC_VAR']} | {'cwd': os.getcwd(), 'path_ok': '/nowhere' not in os.environ['PATH']}))"
+    )
     seen = json.loads(out)
-    assert seen == {"KERNEL_USERNAME": "ada", "ALLOWED_VAR": "yes", "LD_PRELOAD": None,
-                    "OTHER_SECRET": None, "KERNEL_ID": model["id"], "SPEC_VAR": "from-spec",
-                    "cwd": str(tmp_path), "path_ok": True}
+    assert seen == {
+        "KERNEL_USERNAME": "ada",
+        "ALLOWED_VAR": "yes",
+        "LD_PRELOAD": None,
+        "OTHER_SECRET": None,
+        "KERNEL_ID": model["id"],
+        "SPEC_VAR": "from-spec",
+        "cwd": str(tmp_path),
+        "path_ok": True,
+    }
     await ks.close()
 
 
@@ -69,8 +84,11 @@ async def test_kernel_outlives_client_disconnect(gateway):
     ks = await KernelSocket.open(gateway, kid)
     await ks.execute("state = 'kept'")
     await ks.close()
-    await eventually(lambda: api(gateway, "GET", f"api/kernels/{kid}"),
-                     until=lambda r: r[1]["connections"] == 0, what="the gateway saw it close")
+    await eventually(
+        lambda: api(gateway, "GET", f"api/kernels/{kid}"),
+        until=lambda r: r[1]["connections"] == 0,
+        what="the gateway saw it close",
+    )
     ks = await KernelSocket.open(gateway, kid)  # a new client session
     assert (await ks.execute("print(state)"))[0] == "kept\n"
     await ks.close()
@@ -85,16 +103,25 @@ async def test_idle_kernels_are_culled_connected_and_busy_spared(gateway_factory
     kc = await KernelSocket.open(gw, connected)
     busy = (await start_kernel(gw))["id"]
     kb = await KernelSocket.open(gw, busy)
-    cell = await kb.send("execute_request", {"code": "import time; time.sleep(60)",
-                                             "silent": False})
-    await kb.until(lambda m: m["header"]["msg_type"] == "status"  # the gateway saw it busy
-                   and m["parent_header"].get("msg_id") == cell)
+    cell = await kb.send(
+        "execute_request", {"code": "import time; time.sleep(60)", "silent": False}
+    )
+    await kb.until(
+        lambda m: (
+            m["header"]["msg_type"] == "status"  # the gateway saw it busy
+            and m["parent_header"].get("msg_id") == cell
+        )
+    )
     await kb.close()
     # Started last, so idle no shorter than the other two and after them in the culler's
     # pass: by the time the culler has stopped it, it has judged the other two as well.
     idle = (await start_kernel(gw))["id"]
-    await eventually(lambda: api(gw, "GET", f"api/kernels/{idle}"), until=lambda r: r[0] == 404,
-                     timeout=30, what="the idle kernel culled")
+    await eventually(
+        lambda: api(gw, "GET", f"api/kernels/{idle}"),
+        until=lambda r: r[0] == 404,
+        timeout=30,
+        what="the idle kernel culled",
+    )
     assert (await api(gw, "GET", f"api/kernels/{connected}"))[0] == 200
     assert (await api(gw, "GET", f"api/kernels/{busy}"))[0] == 200
     await kc.close()
@@ -104,16 +131,21 @@ async def test_a_slow_start_is_not_culled(gateway_factory):
     """A start (e.g. a job queued for long) is not idleness: the culler leaves it alone, so
     it ends as its launch timeout says, not as a kernel deleted while starting."""
     gw = gateway_factory(extra_args=["--cull-idle-timeout", "1", "--cull-interval", "0.2"])
-    status, body = await api(gw, "POST", "api/kernels", {
-        "name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}})
+    status, body = await api(
+        gw, "POST", "api/kernels", {"name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}}
+    )
     assert status == 504, body
 
 
 async def test_generated_token_is_printed_and_works(tmp_path):
     """Without --token (and without --no-auth) the gateway makes one up and prints it."""
     gw = GatewayProcess(port=free_port(), token="", workdir=tmp_path)
-    with subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(gw.port)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(gw.port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
         try:
             line = ""
             for _ in range(50):
@@ -132,8 +164,12 @@ async def test_generated_token_is_printed_and_works(tmp_path):
 
 
 def test_port_in_use_is_a_clear_error(gateway):
-    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", str(gateway.port),
-                           "--token", "t"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(gateway.port), "--token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1
     assert "Address already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -173,9 +209,10 @@ async def test_delete_during_restart(gateway, tmp_path):
     await eventually(holding.exists, timeout=20, what="the old kernel exiting for the restart")
     # by hand, to know the request is in the gateway's socket before the release
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    writer.write(f"DELETE /api/kernels/{kid} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                 f"Authorization: token {gateway.token}\r\nConnection: close\r\n\r\n"
-                 .encode())
+    writer.write(
+        f"DELETE /api/kernels/{kid} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: token {gateway.token}\r\nConnection: close\r\n\r\n".encode()
+    )
     await writer.drain()
     # a request sent after the DELETE, and answered: the gateway (one event loop) has read
     # the DELETE as well, while the restart is still held (and says so: the old kernel's
@@ -210,8 +247,7 @@ async def test_local_kernel_ports_are_outside_the_ephemeral_range(gateway):
     lo, _hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     kid = (await start_kernel(gateway))["id"]
     info = json.loads((gateway.runtime_dir / f"kernel-{kid}.json").read_text())
-    ports = [info[k] for k in ("shell_port", "iopub_port", "stdin_port", "hb_port",
-                               "control_port")]
+    ports = [info[k] for k in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")]
     assert len(set(ports)) == 5 and all(1024 <= p < lo for p in ports), (ports, lo)
     assert (await api(gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204
 
@@ -222,8 +258,10 @@ async def test_starting_kernels_get_few_readiness_requests(gateway):
     kernels started together on a busy machine must not find a pile of requests waiting,
     each costing them a reply and two statuses (that made 20 concurrent starts 18% slower
     than without a gateway)."""
-    kids = [m["id"] for m in await asyncio.gather(
-        *(start_kernel(gateway, "debuglog") for _ in range(8)))]
+    kids = [
+        m["id"]
+        for m in await asyncio.gather(*(start_kernel(gateway, "debuglog") for _ in range(8)))
+    ]
     for kid in kids:
         # a kernel handles shell requests in turn: once it answered one sent now, it has
         # handled (and logged) every request the gateway sent it during the start
@@ -231,8 +269,12 @@ async def test_starting_kernels_get_few_readiness_requests(gateway):
         out, reply = await ks.execute("print(6 * 7)")
         assert out == "42\n" and reply["status"] == "ok"
         await ks.close()
-    handled = [(gateway.runtime_dir / f"kernel-{kid}.log").read_text().count(
-        "MESSAGE TYPE:kernel_info_request") for kid in kids]
+    handled = [
+        (gateway.runtime_dir / f"kernel-{kid}.log")
+        .read_text()
+        .count("MESSAGE TYPE:kernel_info_request")
+        for kid in kids
+    ]
     assert all(1 <= n <= 3 for n in handled), f"kernel_info requests handled: {handled}"
     for kid in kids:
         assert (await api(gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204
@@ -252,13 +294,26 @@ async def test_kernel_that_keeps_dying_is_declared_dead(gateway_factory):
 async def test_configured_by_environment(tmp_path):
     """docker-compose passes RKG_* variables, not flags."""
     gw = GatewayProcess(port=free_port(), token="from-env", base_url="/env/", workdir=tmp_path)
-    env = {**os.environ, "RKG_PORT": str(gw.port), "RKG_TOKEN": "from-env",
-           "RKG_BASE_URL": "/env/", "RKG_STATE_DB": ":memory:"}
-    with subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+    env = {
+        **os.environ,
+        "RKG_PORT": str(gw.port),
+        "RKG_TOKEN": "from-env",
+        "RKG_BASE_URL": "/env/",
+        "RKG_STATE_DB": ":memory:",
+    }
+    with subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
         try:
-            await eventually(lambda: api(gw, "GET", "api/kernels"),
-                             until=lambda r: r[0] == 200, ignore=(OSError,), timeout=20)
+            await eventually(
+                lambda: api(gw, "GET", "api/kernels"),
+                until=lambda r: r[0] == 200,
+                ignore=(OSError,),
+                timeout=20,
+            )
             assert (await api(gw, "GET", "api/kernels", token="other"))[0] == 403
         finally:
             proc.terminate()

@@ -24,19 +24,28 @@ def _tail(text: str, lines: int = 80) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def run_flow(node: str, gateway, script: str, *args: str, token: str | None = None,
-             timeout: float = 110) -> list[dict]:
+def run_flow(
+    node: str, gateway, script: str, *args: str, token: str | None = None, timeout: float = 110
+) -> list[dict]:
     """Run a flow script against `gateway`; returns its steps, all of which must have passed."""
-    env = {**os.environ, "BASE_URL": gateway.url,
-           "TOKEN": gateway.token if token is None else token}
+    env = {
+        **os.environ,
+        "BASE_URL": gateway.url,
+        "TOKEN": gateway.token if token is None else token,
+    }
     try:
-        proc = subprocess.run([node, script, *args], cwd=JS, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            [node, script, *args], cwd=JS, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{script} {' '.join(args)} hung for {timeout}s\nstdout:\n{e.stdout}\n"
-                    f"gateway log:\n{_tail(gateway.log())}")
-    report = (f"{script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
-              f"stderr:\n{_tail(proc.stderr, 40)}\ngateway log:\n{_tail(gateway.log())}")
+        pytest.fail(
+            f"{script} {' '.join(args)} hung for {timeout}s\nstdout:\n{e.stdout}\n"
+            f"gateway log:\n{_tail(gateway.log())}"
+        )
+    report = (
+        f"{script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+        f"stderr:\n{_tail(proc.stderr, 40)}\ngateway log:\n{_tail(gateway.log())}"
+    )
     try:  # stdout is nothing but the flow's JSON lines
         steps = [json.loads(line) for line in proc.stdout.splitlines()]
     except json.JSONDecodeError:
@@ -48,17 +57,30 @@ def run_flow(node: str, gateway, script: str, *args: str, token: str | None = No
 
 def assert_no_kernel_left(gateway, grace: float = 5) -> None:
     try:
-        eventually_sync(gateway.kernel_pids, until=lambda pids: pids == [], timeout=grace,
-                        what="no kernel process left after the flow")
+        eventually_sync(
+            gateway.kernel_pids,
+            until=lambda pids: pids == [],
+            timeout=grace,
+            what="no kernel process left after the flow",
+        )
     except AssertionError as e:
         raise AssertionError(f"{e}\n{_tail(gateway.log())}") from None
 
 
 def test_services7_flow(node, gateway):
     steps = {s["step"]: s for s in run_flow(node, gateway, "services7_flow.mjs")}
-    assert list(steps) == ["kernelspecs", "kernel-manager", "startNew", "execute",
-                           "large-output", "complete", "interrupt", "restart-then-execute",
-                           "rename", "shutdown"]
+    assert list(steps) == [
+        "kernelspecs",
+        "kernel-manager",
+        "startNew",
+        "execute",
+        "large-output",
+        "complete",
+        "interrupt",
+        "restart-then-execute",
+        "rename",
+        "shutdown",
+    ]
     assert steps["kernelspecs"]["logoStatus"] == 200
     # v1 negotiated on every socket, the one after the restart's reconnection included
     for name in ("kernel-manager", "startNew", "restart-then-execute"):
@@ -77,24 +99,38 @@ def test_services7_flow(node, gateway):
 
 def test_hydrogen_services052_flow(node, gateway):
     steps = {s["step"]: s for s in run_flow(node, gateway, "hydrogen_flow.js")}
-    assert list(steps) == ["getSpecs", "listSessions", "startNew", "execute", "large-output",
-                           "interrupt", "restart-then-execute", "setPath", "shutdown"]
+    assert list(steps) == [
+        "getSpecs",
+        "listSessions",
+        "startNew",
+        "execute",
+        "large-output",
+        "interrupt",
+        "restart-then-execute",
+        "setPath",
+        "shutdown",
+    ]
     assert steps["startNew"]["path"].startswith("file.py-")
     assert steps["execute"]["out"] == "42\n"
     assert steps["large-output"]["sizes"] == [1_600_001, 1_600_002, 1_600_003]
     assert steps["interrupt"]["ename"] == "KeyboardInterrupt"
     assert steps["interrupt"]["ms"] < 5000
     # output of the restarted kernel arrived on the socket opened before the restart
-    assert steps["restart-then-execute"] == {"step": "restart-then-execute", "ok": True,
-                                             "out": "False\n", "sockets": 1}
+    assert steps["restart-then-execute"] == {
+        "step": "restart-then-execute",
+        "ok": True,
+        "out": "False\n",
+        "sockets": 1,
+    }
     assert steps["setPath"]["path"].startswith("renamed.py-")
     assert_no_kernel_left(gateway)
 
 
 def test_hydrogen_wrong_token_is_a_clear_auth_error(node, gateway):
     started = time.monotonic()
-    steps = {s["step"]: s for s in run_flow(node, gateway, "hydrogen_flow.js", "bad-token",
-                                            timeout=90)}
+    steps = {
+        s["step"]: s for s in run_flow(node, gateway, "hydrogen_flow.js", "bad-token", timeout=90)
+    }
     assert list(steps) == ["bad-token-rest", "bad-token-websocket"]
     rest = steps["bad-token-rest"]
     assert rest["status"] in (401, 403)

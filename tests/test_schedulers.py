@@ -20,9 +20,18 @@ from gateway.errors import SchedulerError
 
 pytestmark = pytest.mark.unit
 
-FULL = JobRequest(name="rkg-k1", output="/shared/rt/k1.log", workdir="/shared/me",
-                  queue="gpu", cpus=4, memory="16G", gpus=1, walltime="01:30:00",
-                  account="proj42", extra_args=("--extra",))
+FULL = JobRequest(
+    name="rkg-k1",
+    output="/shared/rt/k1.log",
+    workdir="/shared/me",
+    queue="gpu",
+    cpus=4,
+    memory="16G",
+    gpus=1,
+    walltime="01:30:00",
+    account="proj42",
+    extra_args=("--extra",),
+)
 BARE = JobRequest(name="rkg-k1", output="/shared/rt/k1.log")
 
 # -- SLURM ---------------------------------------------------------------------------------
@@ -41,13 +50,36 @@ SLURM_SQUEUE = """\
 def test_slurm_commands():
     s = SCHEDULERS["slurm"]
     assert s.submit(FULL) == [
-        "sbatch", "--parsable", "--job-name=rkg-k1", "--output=/shared/rt/k1.log", "--nodes=1",
-        "--ntasks=1", "--chdir=/shared/me", "--partition=gpu", "--mem=16G", "--time=01:30:00",
-        "--account=proj42", "--cpus-per-task=4", "--gpus=1", "--extra"]
-    assert s.submit(BARE) == ["sbatch", "--parsable", "--job-name=rkg-k1",
-                              "--output=/shared/rt/k1.log", "--nodes=1", "--ntasks=1"]
-    assert s.status(["41", "42"]) == ["squeue", "--noheader", "--states=all", "--jobs=41,42",
-                                      "--format=%i|%T|%r|%N"]
+        "sbatch",
+        "--parsable",
+        "--job-name=rkg-k1",
+        "--output=/shared/rt/k1.log",
+        "--nodes=1",
+        "--ntasks=1",
+        "--chdir=/shared/me",
+        "--partition=gpu",
+        "--mem=16G",
+        "--time=01:30:00",
+        "--account=proj42",
+        "--cpus-per-task=4",
+        "--gpus=1",
+        "--extra",
+    ]
+    assert s.submit(BARE) == [
+        "sbatch",
+        "--parsable",
+        "--job-name=rkg-k1",
+        "--output=/shared/rt/k1.log",
+        "--nodes=1",
+        "--ntasks=1",
+    ]
+    assert s.status(["41", "42"]) == [
+        "squeue",
+        "--noheader",
+        "--states=all",
+        "--jobs=41,42",
+        "--format=%i|%T|%r|%N",
+    ]
     assert s.signal("41", "INT") == ["scancel", "--signal=INT", "--full", "41"]
     assert s.cancel("41") == ["scancel", "41"]
 
@@ -85,9 +117,33 @@ job-ID  prior   name       user         state submit/start at     queue         
 def test_sge_commands():
     s = SCHEDULERS["sge"]
     assert s.submit(FULL) == [
-        "qsub", "-terse", "-N", "rkg-k1", "-o", "/shared/rt/k1.log", "-j", "y", "-S", "/bin/sh",
-        "-wd", "/shared/me", "-q", "gpu", "-pe", "smp", "4", "-l", "h_vmem=16G", "-l", "gpu=1",
-        "-l", "h_rt=01:30:00", "-P", "proj42", "--extra"]
+        "qsub",
+        "-terse",
+        "-N",
+        "rkg-k1",
+        "-o",
+        "/shared/rt/k1.log",
+        "-j",
+        "y",
+        "-S",
+        "/bin/sh",
+        "-wd",
+        "/shared/me",
+        "-q",
+        "gpu",
+        "-pe",
+        "smp",
+        "4",
+        "-l",
+        "h_vmem=16G",
+        "-l",
+        "gpu=1",
+        "-l",
+        "h_rt=01:30:00",
+        "-P",
+        "proj42",
+        "--extra",
+    ]
     assert s.submit(BARE)[-1] == "-cwd"
     assert s.cancel("4711") == ["qdel", "4711"]
     assert not s.can_signal
@@ -158,11 +214,34 @@ PBS_QSTAT_JSON = """\
 def test_pbs_commands():
     s = SCHEDULERS["pbs"]
     assert s.submit(FULL) == [
-        "qsub", "-N", "rkg-k1", "-o", "/shared/rt/k1.log", "-j", "oe",
-        "-l", "select=1:ncpus=4:mem=16gb:ngpus=1", "-q", "gpu", "-l", "walltime=01:30:00",
-        "-A", "proj42", "--extra"]
-    assert s.submit(BARE) == ["qsub", "-N", "rkg-k1", "-o", "/shared/rt/k1.log", "-j", "oe",
-                              "-l", "select=1:ncpus=1"]
+        "qsub",
+        "-N",
+        "rkg-k1",
+        "-o",
+        "/shared/rt/k1.log",
+        "-j",
+        "oe",
+        "-l",
+        "select=1:ncpus=4:mem=16gb:ngpus=1",
+        "-q",
+        "gpu",
+        "-l",
+        "walltime=01:30:00",
+        "-A",
+        "proj42",
+        "--extra",
+    ]
+    assert s.submit(BARE) == [
+        "qsub",
+        "-N",
+        "rkg-k1",
+        "-o",
+        "/shared/rt/k1.log",
+        "-j",
+        "oe",
+        "-l",
+        "select=1:ncpus=1",
+    ]
     long_name = JobRequest(name="rkg-0123456789abcdef", output="o")
     assert s.submit(long_name)[2] == "rkg-0123456789a"  # PBS keeps 15 characters
     assert s.status(["1234.pbs01"]) == ["qstat", "-f", "-F", "json", "-x", "1234.pbs01"]
@@ -203,13 +282,40 @@ Job <5507> is not found
 def test_lsf_commands():
     s = SCHEDULERS["lsf"]
     assert s.submit(FULL) == [
-        "bsub", "-J", "rkg-k1", "-o", "/shared/rt/k1.log", "-cwd", "/shared/me", "-q", "gpu",
-        "-n", "4", "-R", "span[hosts=1]", "-M", "16GB", "-R", "rusage[mem=16GB]",
-        "-gpu", "num=1", "-W", "1:30", "-P", "proj42", "--extra"]
+        "bsub",
+        "-J",
+        "rkg-k1",
+        "-o",
+        "/shared/rt/k1.log",
+        "-cwd",
+        "/shared/me",
+        "-q",
+        "gpu",
+        "-n",
+        "4",
+        "-R",
+        "span[hosts=1]",
+        "-M",
+        "16GB",
+        "-R",
+        "rusage[mem=16GB]",
+        "-gpu",
+        "num=1",
+        "-W",
+        "1:30",
+        "-P",
+        "proj42",
+        "--extra",
+    ]
     assert s.submit(BARE) == ["bsub", "-J", "rkg-k1", "-o", "/shared/rt/k1.log"]
     assert s.submit(JobRequest(name="n", output="o", walltime="00:10:30"))[-1] == "0:11"
-    assert s.status(["5501"]) == ["bjobs", "-noheader", "-o",
-                                  "jobid stat exec_host pend_reason delimiter='|'", "5501"]
+    assert s.status(["5501"]) == [
+        "bjobs",
+        "-noheader",
+        "-o",
+        "jobid stat exec_host pend_reason delimiter='|'",
+        "5501",
+    ]
     assert s.signal("5501", "INT") == ["bkill", "-s", "INT", "5501"]
     assert s.cancel("5501") == ["bkill", "5501"]
 
@@ -234,14 +340,16 @@ def test_job_script():
     from gateway.backends.batch import job_script
     from gateway.backends.common import remote_env
 
-    script = job_script(cmd=["python3", "-m", "ipykernel_launcher", "-f", "/rt/k 1.json"],
-                        env={"KERNEL_ID": "k1", "A": "x y"}, workdir="~/work dir",
-                        pre_command="module load cuda")
+    script = job_script(
+        cmd=["python3", "-m", "ipykernel_launcher", "-f", "/rt/k 1.json"],
+        env={"KERNEL_ID": "k1", "A": "x y"},
+        workdir="~/work dir",
+        pre_command="module load cuda",
+    )
     lines = script.splitlines()
     assert lines[0] == "#!/bin/sh" and lines[1] == "umask 077"
     assert lines[2].startswith("""cd "$HOME"'/work dir' || """)
     assert "module load cuda" in script and "export A='x y'" in script
     assert lines[-1] == "exec python3 -m ipykernel_launcher -f '/rt/k 1.json' </dev/null"
-    env = remote_env({"KERNEL_ID": "k1", "BAD-NAME": "1"}, {"PATH": "/x"},
-                     {"OMP_NUM_THREADS": "4"})
+    env = remote_env({"KERNEL_ID": "k1", "BAD-NAME": "1"}, {"PATH": "/x"}, {"OMP_NUM_THREADS": "4"})
     assert env == {"KERNEL_ID": "k1", "OMP_NUM_THREADS": "4"}

@@ -20,8 +20,13 @@ from gwclient import KernelSocket, api, start_kernel
 
 
 def _gateway(slurm, specs, workdir) -> GatewayProcess:
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16), env=slurm.env,
-                        extra_args=["--kernelspec-dir", str(specs)], workdir=workdir)
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        env=slurm.env,
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=workdir,
+    )
     gw.start()
     return gw
 
@@ -34,8 +39,13 @@ def specs(slurm, tmp_path_factory: pytest.TempPathFactory):
     slurm.write_spec(specs, "slurm-huge", cpus=slurm.cpus + 1)  # more than the node has
     slurm.write_spec(specs, "slurm-nosuch", partition="nosuch")
     (specs / "wd").mkdir()
-    slurm.write_spec(specs, "slurm-wd", workdir=str(specs / "wd"), pre="export PRE=done",
-                     config={"env": {"FROM_SPEC": "yes"}})
+    slurm.write_spec(
+        specs,
+        "slurm-wd",
+        workdir=str(specs / "wd"),
+        pre="export PRE=done",
+        config={"env": {"FROM_SPEC": "yes"}},
+    )
     slurm.write_spec(specs, "slurm-nopython", python="/nonexistent/python3")
     return specs
 
@@ -62,8 +72,13 @@ def _job_of(slurm, kernel_id: str) -> list[str]:
 
 
 async def _gone(slurm, kernel_id: str, timeout: float = 15) -> None:
-    await eventually(lambda: _job_of(slurm, kernel_id), until=lambda jobs: jobs == [],
-                     timeout=timeout, interval=0.2, what=f"no job of kernel {kernel_id}")
+    await eventually(
+        lambda: _job_of(slurm, kernel_id),
+        until=lambda jobs: jobs == [],
+        timeout=timeout,
+        interval=0.2,
+        what=f"no job of kernel {kernel_id}",
+    )
 
 
 async def test_kernel_runs_inside_its_job_and_delete_cancels_it(slurm, slurm_gateway):
@@ -95,8 +110,10 @@ async def test_kernel_runs_inside_its_job_and_delete_cancels_it(slurm, slurm_gat
 async def test_workdir_pre_command_and_env(slurm, slurm_gateway, specs):
     model = await start_kernel(slurm_gateway, "slurm-wd")
     ks = await KernelSocket.open(slurm_gateway, model["id"], v1=True)
-    out, _ = await ks.execute("import os; print(os.getcwd(), os.environ.get('PRE'), "
-                              "os.environ.get('FROM_SPEC'), os.environ.get('KERNEL_ID'))")
+    out, _ = await ks.execute(
+        "import os; print(os.getcwd(), os.environ.get('PRE'), "
+        "os.environ.get('FROM_SPEC'), os.environ.get('KERNEL_ID'))"
+    )
     assert out.split() == [str(specs / "wd"), "done", "yes", model["id"]]
     await ks.close()
     assert (await api(slurm_gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
@@ -105,12 +122,20 @@ async def test_workdir_pre_command_and_env(slurm, slurm_gateway, specs):
 
 async def test_queued_job_is_cancelled_after_the_launch_timeout(slurm, slurm_gateway):
     """The partition is DOWN, so the job stays PENDING; the kernel is `starting` meanwhile."""
-    post = asyncio.ensure_future(api(slurm_gateway, "POST", "api/kernels", {
-        "name": "slurm-closed", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}}))
+    post = asyncio.ensure_future(
+        api(
+            slurm_gateway,
+            "POST",
+            "api/kernels",
+            {"name": "slurm-closed", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}},
+        )
+    )
     _, listed = await eventually(
         lambda: api(slurm_gateway, "GET", "api/kernels"),
         until=lambda r: r[1] and any(j.split()[1] == "PENDING" for j in slurm.jobs()),
-        timeout=3, what="the kernel listed and its job pending")
+        timeout=3,
+        what="the kernel listed and its job pending",
+    )
     assert [k["execution_state"] for k in listed] == ["starting"]
     assert any("PENDING" in j for j in slurm.jobs())
     status, body = await post
@@ -125,8 +150,12 @@ async def test_queued_job_is_cancelled_after_the_launch_timeout(slurm, slurm_gat
 
 
 async def test_job_wanting_more_cpus_than_there_are_times_out(slurm, slurm_gateway):
-    status, body = await api(slurm_gateway, "POST", "api/kernels", {
-        "name": "slurm-huge", "env": {"KERNEL_LAUNCH_TIMEOUT": "3"}})
+    status, body = await api(
+        slurm_gateway,
+        "POST",
+        "api/kernels",
+        {"name": "slurm-huge", "env": {"KERNEL_LAUNCH_TIMEOUT": "3"}},
+    )
     assert status == 504, body
     assert "still queued: PENDING" in body["message"], body
     assert "the job has been cancelled" in body["message"], body
@@ -154,8 +183,12 @@ async def test_gateway_shutdown_cancels_running_and_queued_jobs(slurm, specs, tm
     try:
         model = await start_kernel(gw, "slurm-debug")
         pending = asyncio.ensure_future(api(gw, "POST", "api/kernels", {"name": "slurm-closed"}))
-        await eventually(slurm.jobs, until=lambda jobs: any("PENDING" in j for j in jobs),
-                         timeout=5, what="the second job pending")
+        await eventually(
+            slurm.jobs,
+            until=lambda jobs: any("PENDING" in j for j in jobs),
+            timeout=5,
+            what="the second job pending",
+        )
         assert len(slurm.jobs()) == 2, slurm.jobs()
         assert await asyncio.to_thread(gw.stop, signal.SIGTERM) == 0
         await asyncio.gather(pending, return_exceptions=True)
@@ -170,25 +203,80 @@ async def test_gateway_shutdown_cancels_running_and_queued_jobs(slurm, specs, tm
 def test_spec_cli(tmp_path):
     import subprocess
 
-    subprocess.run([sys.executable, "-m", "gateway", "spec", "add", "slurm", "gpu-a100",
-                    "--partition", "gpu", "--cpus", "8", "--memory", "32G", "--gpus", "1",
-                    "--walltime", "04:00:00", "--account", "proj42", "--submit-arg=--qos=short",
-                    "--pre", "module load cuda", "--login", "me@login1", "--jump", "me@bastion",
-                    "--dir", str(tmp_path)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "spec",
+            "add",
+            "slurm",
+            "gpu-a100",
+            "--partition",
+            "gpu",
+            "--cpus",
+            "8",
+            "--memory",
+            "32G",
+            "--gpus",
+            "1",
+            "--walltime",
+            "04:00:00",
+            "--account",
+            "proj42",
+            "--submit-arg=--qos=short",
+            "--pre",
+            "module load cuda",
+            "--login",
+            "me@login1",
+            "--jump",
+            "me@bastion",
+            "--dir",
+            str(tmp_path),
+        ],
+        check=True,
+    )
     spec = json.loads((tmp_path / "gpu-a100" / "kernel.json").read_text())
     prov = spec["metadata"]["kernel_provisioner"]
     assert prov["provisioner_name"] == "rkg-batch"
-    assert prov["config"] == {"scheduler": "slurm", "python": "python3", "partition": "gpu",
-                              "cpus": 8, "memory": "32G", "gpus": 1, "walltime": "04:00:00",
-                              "account": "proj42", "submit_args": ["--qos=short"],
-                              "pre_command": "module load cuda", "login": "me@login1",
-                              "jump_hosts": ["me@bastion"]}
-    subprocess.run([sys.executable, "-m", "gateway", "spec", "add", "sge", "sge-all",
-                    "--queue", "all.q", "--dir", str(tmp_path)], check=True)
+    assert prov["config"] == {
+        "scheduler": "slurm",
+        "python": "python3",
+        "partition": "gpu",
+        "cpus": 8,
+        "memory": "32G",
+        "gpus": 1,
+        "walltime": "04:00:00",
+        "account": "proj42",
+        "submit_args": ["--qos=short"],
+        "pre_command": "module load cuda",
+        "login": "me@login1",
+        "jump_hosts": ["me@bastion"],
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "spec",
+            "add",
+            "sge",
+            "sge-all",
+            "--queue",
+            "all.q",
+            "--dir",
+            str(tmp_path),
+        ],
+        check=True,
+    )
     sge = json.loads((tmp_path / "sge-all" / "kernel.json").read_text())
     assert sge["interrupt_mode"] == "message"
-    listed = subprocess.run([sys.executable, "-m", "gateway", "spec", "list", "--dir",
-                             str(tmp_path)], check=True, capture_output=True, text=True).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "gateway", "spec", "list", "--dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "gpu-a100\trkg-batch slurm me@login1" in listed
 
 
@@ -196,8 +284,12 @@ async def test_through_a_login_node_the_ports_are_forwarded(slurm, slurm_login, 
     """The gateway has no SLURM_CONF: every command goes through the login node."""
     specs = tmp_path / "specs"
     slurm.write_spec(specs, "slurm-login", config=slurm_login.config)
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
-                        extra_args=["--kernelspec-dir", str(specs)], workdir=tmp_path)
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=tmp_path,
+    )
     gw.start()
     try:
         model = await start_kernel(gw, "slurm-login")
@@ -225,17 +317,32 @@ async def test_login_node_in_its_own_network_namespace(slurm, ssh_lab, tmp_path)
     host = ssh_lab.hosts["rhost1"]
     outer = host.addr.rsplit(".", 1)[0] + ".1"  # this machine's end of rhost1's link
     conf = tmp_path / "slurm-rhost1.conf"  # the same cluster, its controller at `outer`
-    conf.write_text(slurm.conf.read_text().replace(
-        f"SlurmctldHost={slurm.node}(127.0.0.1)", f"SlurmctldHost={slurm.node}({outer})"))
+    conf.write_text(
+        slurm.conf.read_text().replace(
+            f"SlurmctldHost={slurm.node}(127.0.0.1)", f"SlurmctldHost={slurm.node}({outer})"
+        )
+    )
     ssh = ssh_lab.config("rhost1")
     runtime = tmp_path / "runtime"
     specs = tmp_path / "specs"
-    slurm.write_spec(specs, "slurm-rhost1", config={
-        "login": ssh["host"], "identity_file": ssh["identity_file"],
-        "known_hosts": ssh["known_hosts"], "runtime_dir": str(runtime), "ip": outer,
-        "scheduler_env": {"SLURM_CONF": str(conf)}})
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
-                        extra_args=["--kernelspec-dir", str(specs)], workdir=tmp_path)
+    slurm.write_spec(
+        specs,
+        "slurm-rhost1",
+        config={
+            "login": ssh["host"],
+            "identity_file": ssh["identity_file"],
+            "known_hosts": ssh["known_hosts"],
+            "runtime_dir": str(runtime),
+            "ip": outer,
+            "scheduler_env": {"SLURM_CONF": str(conf)},
+        },
+    )
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=tmp_path,
+    )
     gw.start()
     try:
         model = await start_kernel(gw, "slurm-rhost1")

@@ -18,17 +18,25 @@ from conftest import eventually
 from gwclient import KernelSocket, api
 
 # ipykernel, after a pause long enough to be sure the SIGTERM lands during the start
-_SLOW_READY = ("import runpy, sys, time; time.sleep(3); "
-               "sys.argv = ['ipykernel_launcher', '-f', sys.argv[1]]; "
-               "runpy.run_module('ipykernel_launcher', run_name='__main__', alter_sys=True)")
+_SLOW_READY = (
+    "import runpy, sys, time; time.sleep(3); "
+    "sys.argv = ['ipykernel_launcher', '-f', sys.argv[1]]; "
+    "runpy.run_module('ipykernel_launcher', run_name='__main__', alter_sys=True)"
+)
 
 
 def _slow_ready_spec(root: Path) -> Path:
     spec = root / "specs" / "slowready"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-c", _SLOW_READY, "{connection_file}"],
-        "display_name": "Python, ready after 3 s", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-c", _SLOW_READY, "{connection_file}"],
+                "display_name": "Python, ready after 3 s",
+                "language": "python",
+            }
+        )
+    )
     return spec.parent
 
 
@@ -36,8 +44,11 @@ async def _sigterm_during_start(gw, body):
     post = asyncio.create_task(api(gw, "POST", "api/kernels", body))
 
     async def starting():
-        return [k for k in (await api(gw, "GET", "api/kernels"))[1]
-                if k["execution_state"] == "starting"]
+        return [
+            k
+            for k in (await api(gw, "GET", "api/kernels"))[1]
+            if k["execution_state"] == "starting"
+        ]
 
     await eventually(starting, timeout=30, what="the kernel listed as starting")
     assert not post.done()
@@ -50,8 +61,9 @@ async def _sigterm_during_start(gw, body):
 async def test_start_in_flight_at_keep_kernels_restart_completes(gateway_factory, tmp_path):
     """--keep-kernels: the start is let finish (bounded), so its client gets its kernel, and
     the next gateway re-attaches to it like to any other."""
-    gw = gateway_factory(extra_args=["--keep-kernels",
-                                     "--kernelspec-dir", str(_slow_ready_spec(tmp_path))])
+    gw = gateway_factory(
+        extra_args=["--keep-kernels", "--kernelspec-dir", str(_slow_ready_spec(tmp_path))]
+    )
     status, model = await _sigterm_during_start(gw, {"name": "slowready"})
     assert status == 201, model
     gw.start()
@@ -68,7 +80,8 @@ async def test_start_undone_by_shutdown_is_503_not_unexpected(gateway_factory):
     """Without --keep-kernels the start is undone: a 503 that says why, and nothing is left."""
     gw = gateway_factory()
     status, body = await _sigterm_during_start(
-        gw, {"name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}})
+        gw, {"name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}}
+    )
     assert status == 503, body
     assert body["reason"] == "Service Unavailable" and "shutting down" in body["message"], body
     assert gw.kernel_pids() == []
@@ -77,12 +90,21 @@ async def test_start_undone_by_shutdown_is_503_not_unexpected(gateway_factory):
 async def test_delete_during_start_undoes_it(gateway):
     """DELETE of a kernel still starting cancels the start (a queued job is not waited for):
     204 to the DELETE, a JSON 409 to the POST instead of a 500, and nothing left."""
-    post = asyncio.create_task(api(gateway, "POST", "api/kernels", {
-        "name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}}))
+    post = asyncio.create_task(
+        api(
+            gateway,
+            "POST",
+            "api/kernels",
+            {"name": "slowstart", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}},
+        )
+    )
 
     async def starting():
-        return [k["id"] for k in (await api(gateway, "GET", "api/kernels"))[1]
-                if k["execution_state"] == "starting"]
+        return [
+            k["id"]
+            for k in (await api(gateway, "GET", "api/kernels"))[1]
+            if k["execution_state"] == "starting"
+        ]
 
     (kid,) = await eventually(starting, timeout=30, what="the kernel listed as starting")
     await eventually(gateway.kernel_pids, timeout=30, what="its process running")

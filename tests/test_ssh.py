@@ -30,12 +30,18 @@ def ssh_gateway(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
     ssh_lab.write_spec(specs, "ssh-badkey", "rhost2", known_hosts=str(empty_known_hosts))
     ssh_lab.write_spec(specs, "ssh-down", "rdown")
     ssh_lab.write_spec(specs, "ssh-gone", "rhost2", reconnect_timeout=3, keepalive_interval=1)
-    ssh_lab.write_spec(specs, "ssh-nopython", "rhost1",
-                       kernel_cmd=["/nonexistent/python3", "-m", "ipykernel_launcher", "-f",
-                                   "{connection_file}"])
-    gw = GatewayProcess(port=free_port(), token=secrets.token_hex(16),
-                        extra_args=["--kernelspec-dir", str(specs)],
-                        workdir=tmp_path_factory.mktemp("gateway-ssh"))
+    ssh_lab.write_spec(
+        specs,
+        "ssh-nopython",
+        "rhost1",
+        kernel_cmd=["/nonexistent/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    )
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        extra_args=["--kernelspec-dir", str(specs)],
+        workdir=tmp_path_factory.mktemp("gateway-ssh"),
+    )
     gw.start()
     yield gw
     leftovers = _cleanup(gw)
@@ -49,8 +55,12 @@ async def _delete_all(gw: GatewayProcess, ids: list[str]) -> None:
 
 
 async def _no_kernels_on(host, timeout: float = 10) -> None:
-    await eventually(host.kernels, until=lambda kernels: kernels == [], timeout=timeout,
-                     what="no kernel left on the host")
+    await eventually(
+        host.kernels,
+        until=lambda kernels: kernels == [],
+        timeout=timeout,
+        what="no kernel left on the host",
+    )
 
 
 async def test_kernel_behind_a_jump_host(ssh_gateway, ssh_lab):
@@ -85,9 +95,14 @@ async def test_kernel_survives_a_dropped_connection(ssh_gateway, ssh_lab):
     for pid in children:  # the connection's sshd processes: the link drops, the kernel stays
         os.kill(pid, 9)
     # a request sent while the tunnels are down may be lost: ask again
-    await eventually(lambda: ks.execute("print(x)", timeout=3),
-                     until=lambda r: r[0] == "still here\n", timeout=30, interval=0,
-                     ignore=(TimeoutError,), what="the kernel answering through new tunnels")
+    await eventually(
+        lambda: ks.execute("print(x)", timeout=3),
+        until=lambda r: r[0] == "still here\n",
+        timeout=30,
+        interval=0,
+        ignore=(TimeoutError,),
+        what="the kernel answering through new tunnels",
+    )
     assert host.established() == 1
     status, kernel = await api(ssh_gateway, "GET", f"api/kernels/{model['id']}")
     assert status == 200 and kernel["execution_state"] != "dead"
@@ -125,19 +140,38 @@ def test_spec_add_list_remove(tmp_path):
     rkg = [sys.executable, "-m", "gateway", "spec"]
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*rkg, *args, "--dir", str(tmp_path)], capture_output=True,
-                              text=True, timeout=30)
+        return subprocess.run(
+            [*rkg, *args, "--dir", str(tmp_path)], capture_output=True, text=True, timeout=30
+        )
 
-    added = run("add", "ssh", "gpu", "--host", "me@gpu1:2222", "--jump", "me@bastion",
-                "--python", "/opt/py/bin/python", "--workdir", "~/work", "--pre",
-                "module load cuda", "--display-name", "GPU box")
+    added = run(
+        "add",
+        "ssh",
+        "gpu",
+        "--host",
+        "me@gpu1:2222",
+        "--jump",
+        "me@bastion",
+        "--python",
+        "/opt/py/bin/python",
+        "--workdir",
+        "~/work",
+        "--pre",
+        "module load cuda",
+        "--display-name",
+        "GPU box",
+    )
     assert added.returncode == 0, added.stderr
     spec = json.loads((tmp_path / "gpu" / "kernel.json").read_text())
     prov = spec["metadata"]["kernel_provisioner"]
     assert prov["provisioner_name"] == "rkg-ssh"
-    assert prov["config"] == {"host": "me@gpu1:2222", "python": "/opt/py/bin/python",
-                              "jump_hosts": ["me@bastion"], "workdir": "~/work",
-                              "pre_command": "module load cuda"}
+    assert prov["config"] == {
+        "host": "me@gpu1:2222",
+        "python": "/opt/py/bin/python",
+        "jump_hosts": ["me@bastion"],
+        "workdir": "~/work",
+        "pre_command": "module load cuda",
+    }
     assert spec["display_name"] == "GPU box"
     listed = run("list")
     assert listed.stdout.split("\t")[:2] == ["gpu", "rkg-ssh me@gpu1:2222"]
@@ -152,9 +186,13 @@ def test_old_provisioner_names_still_work():
     from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
     eps = KernelProvisionerFactory.instance().provisioners
-    for old, new in [("rkg-local-provisioner", "rkg-local"), ("ssh-provisioner", "rkg-ssh"),
-                     ("slurm-provisioner", "rkg-batch"), ("docker-provisioner", "rkg-docker"),
-                     ("swarm-provisioner", "rkg-swarm")]:
+    for old, new in [
+        ("rkg-local-provisioner", "rkg-local"),
+        ("ssh-provisioner", "rkg-ssh"),
+        ("slurm-provisioner", "rkg-batch"),
+        ("docker-provisioner", "rkg-docker"),
+        ("swarm-provisioner", "rkg-swarm"),
+    ]:
         if not eps[old].value.startswith("gateway."):
             continue  # gateway_provisioners, installed too, took docker-provisioner
         assert eps[old].value == eps[new].value, (old, new)

@@ -32,9 +32,15 @@ SEED = 12  # fixed: a failure reproduces
 
 
 def _message(rng: random.Random, buffers: int = 0) -> list[bytes]:
-    header = {"msg_id": f"m{rng.randrange(10**6)}", "msg_type": "execute_request",
-              "session": "s", "username": "u", "date": "2024-01-01T00:00:00Z", "version": "5.3"}
-    content = {"code": "".join(rng.choice("aé😀\"\\\n{}") for _ in range(rng.randrange(40)))}
+    header = {
+        "msg_id": f"m{rng.randrange(10**6)}",
+        "msg_type": "execute_request",
+        "session": "s",
+        "username": "u",
+        "date": "2024-01-01T00:00:00Z",
+        "version": "5.3",
+    }
+    content = {"code": "".join(rng.choice('aé😀"\\\n{}') for _ in range(rng.randrange(40)))}
     parts = [json.dumps(d, ensure_ascii=False).encode() for d in (header, {}, {"m": 1}, content)]
     return parts + [rng.randbytes(rng.randrange(200)) for _ in range(buffers)]
 
@@ -62,15 +68,19 @@ def _gateway_imports(path: Path) -> set[str]:
     return {m for m in found if m.startswith("gateway.")}
 
 
-@pytest.mark.parametrize(("layer", "above"), [
-    ("kernels", ("gateway.bridge", "gateway.handlers", "gateway.app")),
-    ("wire.py", ("gateway.bridge", "gateway.handlers", "gateway.app", "gateway.kernels")),
-])
+@pytest.mark.parametrize(
+    ("layer", "above"),
+    [
+        ("kernels", ("gateway.bridge", "gateway.handlers", "gateway.app")),
+        ("wire.py", ("gateway.bridge", "gateway.handlers", "gateway.app", "gateway.kernels")),
+    ],
+)
 def test_layers_depend_one_way(layer, above):
     paths = sorted((GATEWAY / layer).glob("*.py")) if layer != "wire.py" else [GATEWAY / layer]
     assert paths
-    wrong = {f"{p.name} imports {m}" for p in paths for m in _gateway_imports(p)
-             if m.startswith(above)}
+    wrong = {
+        f"{p.name} imports {m}" for p in paths for m in _gateway_imports(p) if m.startswith(above)
+    }
     assert not wrong
 
 
@@ -211,15 +221,20 @@ def test_fuzz_zmq():
 
 
 def test_client_env_keeps_kernel_and_allowed_names_only():
-    asked = {"KERNEL_USERNAME": "al", "ALLOWED": "1", "OTHER": "2", "PATH": "/evil",
-             "LD_PRELOAD": "x.so"}
-    assert kenv.client_env(asked, ["ALLOWED", "PATH"]) == {"KERNEL_USERNAME": "al",
-                                                           "ALLOWED": "1"}
+    asked = {
+        "KERNEL_USERNAME": "al",
+        "ALLOWED": "1",
+        "OTHER": "2",
+        "PATH": "/evil",
+        "LD_PRELOAD": "x.so",
+    }
+    assert kenv.client_env(asked, ["ALLOWED", "PATH"]) == {"KERNEL_USERNAME": "al", "ALLOWED": "1"}
     assert kenv.client_env(None, ["ALLOWED"]) == {}
 
 
-@pytest.mark.parametrize("bad", [["KERNEL_X"], "KERNEL_X=1", {"KERNEL_X": 1},
-                                 {"KERNEL_X": None}, {1: "x"}])
+@pytest.mark.parametrize(
+    "bad", [["KERNEL_X"], "KERNEL_X=1", {"KERNEL_X": 1}, {"KERNEL_X": None}, {1: "x"}]
+)
 def test_client_env_refuses_what_is_not_strings(bad):
     with pytest.raises(BadRequest):
         kenv.client_env(bad, [])
@@ -263,10 +278,12 @@ def test_shell_path():
 def _remote_provisioner(parent: object) -> SSHProvisioner:
     from jupyter_client.kernelspec import KernelSpec
 
-    spec = KernelSpec(argv=["python3"], display_name="x", language="python",
-                      env={"FROM_SPEC": "{resource_dir}"})
-    return SSHProvisioner(kernel_id="k1", kernel_spec=spec, parent=parent, host="h",
-                          env={"FROM_CONFIG": "2"})
+    spec = KernelSpec(
+        argv=["python3"], display_name="x", language="python", env={"FROM_SPEC": "{resource_dir}"}
+    )
+    return SSHProvisioner(
+        kernel_id="k1", kernel_spec=spec, parent=parent, host="h", env={"FROM_CONFIG": "2"}
+    )
 
 
 def test_remote_kernel_env_is_what_the_client_spec_and_config_set(monkeypatch):
@@ -277,13 +294,19 @@ def test_remote_kernel_env_is_what_the_client_spec_and_config_set(monkeypatch):
 
     monkeypatch.setenv("RKG_TOKEN", "secret")
     monkeypatch.setenv("KERNEL_OF_THE_GATEWAY", "not the client's")
-    km = GatewayKernelManager(client_env={"KERNEL_USERNAME": "ada", "ALLOWED": "1",
-                                          "KERNEL_ID": "k1", "BAD-NAME": "x"},
-                              launch_timeout=7)
+    km = GatewayKernelManager(
+        client_env={"KERNEL_USERNAME": "ada", "ALLOWED": "1", "KERNEL_ID": "k1", "BAD-NAME": "x"},
+        launch_timeout=7,
+    )
     prov = _remote_provisioner(km)
     launch = {**os.environ, "FROM_SPEC": "/res", "KERNEL_USERNAME": "ada", "ALLOWED": "1"}
-    assert prov._env(launch) == {"KERNEL_USERNAME": "ada", "ALLOWED": "1", "KERNEL_ID": "k1",
-                                 "FROM_SPEC": "/res", "FROM_CONFIG": "2"}
+    assert prov._env(launch) == {
+        "KERNEL_USERNAME": "ada",
+        "ALLOWED": "1",
+        "KERNEL_ID": "k1",
+        "FROM_SPEC": "/res",
+        "FROM_CONFIG": "2",
+    }
     assert prov.gateway_timeout({"KERNEL_LAUNCH_TIMEOUT": "99"}, 60) == 7
 
 
@@ -293,18 +316,34 @@ def test_remote_kernel_env_under_a_plain_kernel_manager():
     from jupyter_client.manager import AsyncKernelManager
 
     prov = _remote_provisioner(AsyncKernelManager())
-    launch = {"PATH": "/bin", "RKG_TOKEN": "secret", "KERNEL_USERNAME": "ada",
-              "FROM_SPEC": "/res", "KERNEL_LAUNCH_TIMEOUT": "40"}
-    assert prov._env(launch) == {"KERNEL_USERNAME": "ada", "KERNEL_LAUNCH_TIMEOUT": "40",
-                                 "FROM_SPEC": "/res", "FROM_CONFIG": "2"}
+    launch = {
+        "PATH": "/bin",
+        "RKG_TOKEN": "secret",
+        "KERNEL_USERNAME": "ada",
+        "FROM_SPEC": "/res",
+        "KERNEL_LAUNCH_TIMEOUT": "40",
+    }
+    assert prov._env(launch) == {
+        "KERNEL_USERNAME": "ada",
+        "KERNEL_LAUNCH_TIMEOUT": "40",
+        "FROM_SPEC": "/res",
+        "FROM_CONFIG": "2",
+    }
     assert prov.gateway_timeout(launch, 60) == 40
     assert prov.gateway_timeout({}, 60) == 60
 
 
 def _script(**kw: object) -> list[str]:
-    args: dict = {"cmd": ["python3", "-m", "ipykernel_launcher", "-f", "/rt/k 1.json"],
-                  "conn_file": "/rt/k 1.json", "log_file": "~/rt/k.log", "env": {},
-                  "workdir": "", "kernel_workdir": "", "pre_command": "", "steps": 40}
+    args: dict = {
+        "cmd": ["python3", "-m", "ipykernel_launcher", "-f", "/rt/k 1.json"],
+        "conn_file": "/rt/k 1.json",
+        "log_file": "~/rt/k.log",
+        "env": {},
+        "workdir": "",
+        "kernel_workdir": "",
+        "pre_command": "",
+        "steps": 40,
+    }
     return launch_script(**args | kw).splitlines()
 
 
@@ -321,10 +360,14 @@ def test_launch_script_runs_the_kernel_detached_and_waits():
 
 def test_launch_script_working_directories():
     assert _script(workdir="~/work dir")[1] == (
-        """cd "$HOME"/'work dir' || { echo 'NOWORKDIR'; exit 0; }""")
+        """cd "$HOME"/'work dir' || { echo 'NOWORKDIR'; exit 0; }"""
+    )
     lines = _script(workdir="/w", kernel_workdir="/k d")
-    assert lines[1:4] == ["if [ -d '/k d' ]; then cd '/k d'",
-                          "elif [ -n /w ]; then cd /w || exit 3", "fi"]
+    assert lines[1:4] == [
+        "if [ -d '/k d' ]; then cd '/k d'",
+        "elif [ -n /w ]; then cd /w || exit 3",
+        "fi",
+    ]
 
 
 def test_launch_script_pre_command():
@@ -338,33 +381,50 @@ def test_launch_script_pre_command():
 
 def _docker(**config: object) -> DockerProvisioner:
     """A provisioner as the kernel manager makes one, before launch: no engine is touched."""
-    prov = DockerProvisioner(kernel_id="k1", kernel_spec=KernelSpec(display_name="dk"),
-                             **{"image": "img:1"} | config)
-    prov.connection_info = {"key": b"abc", "ip": "127.0.0.1", "transport": "tcp",
-                            "signature_scheme": "hmac-sha256", "shell_port": 1}
+    prov = DockerProvisioner(
+        kernel_id="k1", kernel_spec=KernelSpec(display_name="dk"), **{"image": "img:1"} | config
+    )
+    prov.connection_info = {
+        "key": b"abc",
+        "ip": "127.0.0.1",
+        "transport": "tcp",
+        "signature_scheme": "hmac-sha256",
+        "shell_port": 1,
+    }
     return prov
 
 
 def test_container_config():
-    body = _docker(env={"FROM_CONFIG": "1"}, memory="512m", cpus=1.5, pids_limit=64,
-                   volumes=["/d:/d:ro"], mirror_working_dir=True, labels={"team": "ml"}
-                   ).container_config({"KERNEL_USERNAME": "al", "KERNEL_WORKING_DIR": "/w",
-                                       "KERNEL_UID": "1001"})
+    body = _docker(
+        env={"FROM_CONFIG": "1"},
+        memory="512m",
+        cpus=1.5,
+        pids_limit=64,
+        volumes=["/d:/d:ro"],
+        mirror_working_dir=True,
+        labels={"team": "ml"},
+    ).container_config({"KERNEL_USERNAME": "al", "KERNEL_WORKING_DIR": "/w", "KERNEL_UID": "1001"})
     env = dict(e.split("=", 1) for e in body["Env"])
     info = json.loads(env.pop("RKG_CONNECTION_INFO"))
     assert info["key"] == "abc" and info["ip"] == "0.0.0.0"  # the container's own namespace
     assert {info[f"{ch}_port"] for ch in CONTAINER_PORTS} == set(CONTAINER_PORTS.values())
-    assert env == {"FROM_CONFIG": "1", "KERNEL_ID": "k1", "KERNEL_UID": "1001",
-                   "KERNEL_USERNAME": "al", "KERNEL_WORKING_DIR": "/w",
-                   "RKG_CONNECTION_FILE": "/tmp/rkg-kernel-k1.json"}
+    assert env == {
+        "FROM_CONFIG": "1",
+        "KERNEL_ID": "k1",
+        "KERNEL_UID": "1001",
+        "KERNEL_USERNAME": "al",
+        "KERNEL_WORKING_DIR": "/w",
+        "RKG_CONNECTION_FILE": "/tmp/rkg-kernel-k1.json",
+    }
     assert body["Cmd"][-2:] == ["-f", "/tmp/rkg-kernel-k1.json"]
     assert body["User"] == "1001:100" and body["WorkingDir"] == "/w"
     assert body["Labels"]["team"] == "ml" and body["Labels"]["kernel_id"] == "k1"
     host = body["HostConfig"]
     assert host["Binds"] == ["/d:/d:ro", "/w:/w"]
     assert (host["NanoCpus"], host["Memory"], host["PidsLimit"]) == (1_500_000_000, 2**29, 64)
-    assert all(b == [{"HostIp": "127.0.0.1", "HostPort": ""}]
-               for b in host["PortBindings"].values())
+    assert all(
+        b == [{"HostIp": "127.0.0.1", "HostPort": ""}] for b in host["PortBindings"].values()
+    )
 
 
 def test_container_config_refusals():

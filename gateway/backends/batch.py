@@ -80,10 +80,15 @@ class StatusCache:
         ids = sorted(self.watched)
         code, out, err = await site.run(self.scheduler.status(ids))
         # squeue exits 1 with "Invalid job id" when none of the jobs is known any more
-        if code and "nvalid job id" not in err and "not found" not in err + out \
-                and "Unknown Job" not in err:
-            raise SchedulerError(f"{shlex.join(self.scheduler.status(ids)[:1])} failed: "
-                                 f"{err.strip() or out.strip()}")
+        if (
+            code
+            and "nvalid job id" not in err
+            and "not found" not in err + out
+            and "Unknown Job" not in err
+        ):
+            raise SchedulerError(
+                f"{shlex.join(self.scheduler.status(ids)[:1])} failed: {err.strip() or out.strip()}"
+            )
         self.states = self.scheduler.parse_status(out)
         self.read_at = time.monotonic()
 
@@ -105,12 +110,17 @@ def job_script(*, cmd: list[str], env: dict[str, str], workdir: str, pre_command
     ends when the kernel does and a signal to the job reaches the kernel itself)."""
     lines = ["#!/bin/sh", "umask 077"]
     if workdir:
-        where = '"$HOME"' + shlex.quote(workdir[1:]) if workdir.startswith("~") else \
-            shlex.quote(workdir)
+        where = (
+            '"$HOME"' + shlex.quote(workdir[1:])
+            if workdir.startswith("~")
+            else shlex.quote(workdir)
+        )
         lines.append(f"cd {where} || {{ echo 'rkg: cannot cd to {workdir}' >&2; exit 3; }}")
     if pre_command:
-        lines.append(f"{{ {pre_command}\n}} </dev/null || "
-                     "{ echo 'rkg: the pre_command failed' >&2; exit 4; }")
+        lines.append(
+            f"{{ {pre_command}\n}} </dev/null || "
+            "{ echo 'rkg: the pre_command failed' >&2; exit 4; }"
+        )
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     lines.append("exec " + " ".join(shlex.quote(a) for a in cmd) + " </dev/null")
     return "\n".join(lines) + "\n"
@@ -129,26 +139,49 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
     submit_args = List(Unicode(), config=True, help="more arguments for sbatch/qsub/bsub")
     pre_command = Unicode("", config=True, help="shell run first: module load, conda activate")
     workdir = Unicode("", config=True, help="the kernel's working directory on the node")
-    ip = Unicode("0.0.0.0", config=True,
-                 help="what the kernel binds on its node; the gateway connects to the node")
-    runtime_dir = Unicode("", config=True, help="directory for connection files and job "
-                          "output, shared with the compute nodes (default: Jupyter's runtime)")
-    login = Unicode("", config=True, help="[user@]host[:port] of a login node to submit from "
-                    "over SSH (default: submit on the gateway's machine)")
+    ip = Unicode(
+        "0.0.0.0",
+        config=True,
+        help="what the kernel binds on its node; the gateway connects to the node",
+    )
+    runtime_dir = Unicode(
+        "",
+        config=True,
+        help="directory for connection files and job "
+        "output, shared with the compute nodes (default: Jupyter's runtime)",
+    )
+    login = Unicode(
+        "",
+        config=True,
+        help="[user@]host[:port] of a login node to submit from "
+        "over SSH (default: submit on the gateway's machine)",
+    )
     login_port = Integer(22, config=True)
     jump_hosts = List(Unicode(), config=True, help="[user@]host[:port] hops to the login node")
     identity_file = Unicode("", config=True, help="private key; default: ssh-agent, ~/.ssh")
     known_hosts = Unicode("~/.ssh/known_hosts", config=True)
     connect_timeout = Float(10.0, config=True)
-    scheduler_env = Dict(config=True, help="environment of the scheduler's commands (not of "
-                         "the kernel), e.g. {\"SLURM_CONF\": \"/etc/slurm/other.conf\"}")
+    scheduler_env = Dict(
+        config=True,
+        help="environment of the scheduler's commands (not of "
+        'the kernel), e.g. {"SLURM_CONF": "/etc/slurm/other.conf"}',
+    )
     poll_interval = Float(2.0, config=True, help="seconds a job state is reused by poll()")
-    launch_timeout = Float(0, config=True, help="give a start up after this (0: the gateway's "
-                           "launch timeout, else KERNEL_LAUNCH_TIMEOUT, else 600 s)")
+    launch_timeout = Float(
+        0,
+        config=True,
+        help="give a start up after this (0: the gateway's "
+        "launch timeout, else KERNEL_LAUNCH_TIMEOUT, else 600 s)",
+    )
 
     restored: ClassVar[dict[str, str]] = {
-        "scheduler": "scheduler", "job_id": "job_id", "node": "node", "ports": "ports",
-        "local_ports": "local_ports", "connection_file": "conn_file"}
+        "scheduler": "scheduler",
+        "job_id": "job_id",
+        "node": "node",
+        "ports": "ports",
+        "local_ports": "local_ports",
+        "connection_file": "conn_file",
+    }
     noted = ("login",)
     wait_step = 0.2  # a scheduler is asked at most this often while the job ends
 
@@ -171,9 +204,16 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
             else:
                 hop = sshpool.Hop.parse(self.login, self.login_port, None)
                 jumps = tuple(sshpool.Hop.parse(j, 22, hop.username) for j in self.jump_hosts)
-                self._site = await LoginSite.open(sshpool.Target(
-                    hop, jumps, self.identity_file or None, self.known_hosts,
-                    self.connect_timeout), self._scheduler_env)
+                self._site = await LoginSite.open(
+                    sshpool.Target(
+                        hop,
+                        jumps,
+                        self.identity_file or None,
+                        self.known_hosts,
+                        self.connect_timeout,
+                    ),
+                    self._scheduler_env,
+                )
         return self._site
 
     @property
@@ -193,9 +233,11 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
         try:
             return SCHEDULERS[self.scheduler]
         except KeyError:
-            raise KernelStartError(f"kernelspec {self.kernel_spec.display_name!r}: unknown "
-                                   f"scheduler {self.scheduler!r} (one of "
-                                   f"{', '.join(SCHEDULERS)})") from None
+            raise KernelStartError(
+                f"kernelspec {self.kernel_spec.display_name!r}: unknown "
+                f"scheduler {self.scheduler!r} (one of "
+                f"{', '.join(SCHEDULERS)})"
+            ) from None
 
     @property
     def job_label(self) -> str:
@@ -203,7 +245,7 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
 
     @property
     def log_file(self) -> str:
-        return self.conn_file[:-len(".json")] + ".log" if self.conn_file else ""
+        return self.conn_file[: -len(".json")] + ".log" if self.conn_file else ""
 
     @property
     def has_process(self) -> bool:
@@ -218,9 +260,17 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
         # KERNEL_WORKING_DIR (cwd) is a path on the gateway's machine: not for a login node
         workdir = "" if self._script_cds() else self.workdir or ("" if self.login else cwd)
         return JobRequest(
-            name=f"rkg-{self.kernel_id}", output=self.log_file, workdir=workdir,
-            queue=self.partition, cpus=self.cpus, memory=self.memory, gpus=self.gpus,
-            walltime=self.walltime, account=self.account, extra_args=tuple(self.submit_args))
+            name=f"rkg-{self.kernel_id}",
+            output=self.log_file,
+            workdir=workdir,
+            queue=self.partition,
+            cpus=self.cpus,
+            memory=self.memory,
+            gpus=self.gpus,
+            walltime=self.walltime,
+            account=self.account,
+            extra_args=tuple(self.submit_args),
+        )
 
     def launch_note(self) -> str:
         """Where the last start stood: not submitted, queued (and why), running."""
@@ -245,10 +295,16 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
             await asyncio.shield(self._cancel_job(forget_files=True))
             if isinstance(e, KernelError) or not isinstance(e, Exception):
                 raise
-            raise KernelStartError(f"starting the kernel as a batch job: "
-                                   f"{type(e).__name__}: {e}") from e
-        log.info("%s of kernel %s runs on %s (ready %.1f s after submission)", self.job_label,
-                 self.kernel_id, self.node, time.monotonic() - started)
+            raise KernelStartError(
+                f"starting the kernel as a batch job: {type(e).__name__}: {e}"
+            ) from e
+        log.info(
+            "%s of kernel %s runs on %s (ready %.1f s after submission)",
+            self.job_label,
+            self.kernel_id,
+            self.node,
+            time.monotonic() - started,
+        )
         return self.connection_info
 
     def _deadline(self, env: dict[str, str], started: float) -> float:
@@ -260,14 +316,19 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
         runtime = await self._site.realpath(self.runtime_dir or default_runtime)
         self.conn_file = f"{runtime}/batch-kernel-{self.kernel_id}.json"
         await self._site.write_private(self.conn_file, self._conn_text())
-        script = job_script(cmd=self._command(self.conn_file), env=self._env(env),
-                            workdir=self.workdir if self._script_cds() else "",
-                            pre_command=self.pre_command)
+        script = job_script(
+            cmd=self._command(self.conn_file),
+            env=self._env(env),
+            workdir=self.workdir if self._script_cds() else "",
+            pre_command=self.pre_command,
+        )
         argv = self.sched.submit(self._request(cwd))
         code, out, err = await self._site.run(argv, stdin=script)
         if code:
-            raise KernelStartError(f"{argv[0]} refused the kernel's job: "
-                                   f"{err.strip() or out.strip() or f'exit code {code}'}")
+            raise KernelStartError(
+                f"{argv[0]} refused the kernel's job: "
+                f"{err.strip() or out.strip() or f'exit code {code}'}"
+            )
         try:
             self.job_id = self.sched.parse_submit(out)
         except SchedulerError as e:
@@ -313,16 +374,18 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
                     await self._read_tail()
                     word = state.describe() if state else "ended"
                     raise KernelStartError(
-                        f"{self.job_label} {word} before the kernel bound its ports" +
-                        (f"; its output:\n{self._tail}" if self._tail else ""))
-                where = (f" on {state.node}" if state.node and state.phase != PENDING else "")
+                        f"{self.job_label} {word} before the kernel bound its ports"
+                        + (f"; its output:\n{self._tail}" if self._tail else "")
+                    )
+                where = f" on {state.node}" if state.node and state.phase != PENDING else ""
                 queued = "still queued" if state.phase == PENDING else "running"
                 self._note = f"{self.job_label} was {queued}{where}: {state.describe()}"
                 next_status = now + step
                 step = min(step * 2, self.poll_interval)
             if now >= deadline:
-                raise KernelTimeout(f"{self._note}, past the launch timeout; the job has been "
-                                    "cancelled")
+                raise KernelTimeout(
+                    f"{self._note}, past the launch timeout; the job has been cancelled"
+                )
             await asyncio.sleep(FILE_STEP)
         self.ports = ports
         state = await cache.get(self.job_id, 0, site)
@@ -408,11 +471,14 @@ class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
                     log.warning("%s %s: %s", argv[0], job_id, (err or out).strip())
                     done = f"cancelling the job failed: {(err or out).strip()}"
                 else:
-                    log.info("%s %s cancelled (kernel %s)", self.sched.label, job_id,
-                             self.kernel_id)
+                    log.info(
+                        "%s %s cancelled (kernel %s)", self.sched.label, job_id, self.kernel_id
+                    )
                 if self._last is not None and self._last.phase == PENDING:
-                    self._note = (f"{self.sched.label} {job_id} was still queued: "
-                                  f"{self._last.describe()}; {done}")
+                    self._note = (
+                        f"{self.sched.label} {job_id} was still queued: "
+                        f"{self._last.describe()}; {done}"
+                    )
                 else:
                     self._note = f"{self._note}; {done}"
             status_cache(self.sched, site).forget(job_id)

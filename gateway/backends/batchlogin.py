@@ -36,11 +36,14 @@ def command_errors(argv: list[str], where: str) -> Iterator[None]:
     try:
         yield
     except TimeoutError as e:
-        raise BackendUnavailable(f"{argv[0]} did not answer within {COMMAND_TIMEOUT:g} s on "
-                                 f"{where}") from e
+        raise BackendUnavailable(
+            f"{argv[0]} did not answer within {COMMAND_TIMEOUT:g} s on {where}"
+        ) from e
     except OSError as e:
-        raise BackendUnavailable(f"cannot run {argv[0]} on {where}: {e.strerror or e} (is the "
-                                 "scheduler's client on the gateway's PATH?)") from e
+        raise BackendUnavailable(
+            f"cannot run {argv[0]} on {where}: {e.strerror or e} (is the "
+            "scheduler's client on the gateway's PATH?)"
+        ) from e
 
 
 class LocalSite:
@@ -56,12 +59,15 @@ class LocalSite:
         """A scheduler command as an asyncio subprocess: (exit code, stdout, stderr)."""
         with command_errors(argv, self.name):
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True,
-                env={**os.environ, **self.env} if self.env else None)
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
+            )
             try:
-                out, err = await asyncio.wait_for(proc.communicate(stdin.encode()),
-                                                  COMMAND_TIMEOUT)
+                out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), COMMAND_TIMEOUT)
             except BaseException:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -74,10 +80,12 @@ class LocalSite:
             full = os.path.abspath(os.path.expanduser(path))
             os.makedirs(full, exist_ok=True)
             return full
+
         return await asyncio.to_thread(real)
 
     async def write_private(self, path: str, text: str) -> None:
         """Mode 0600 from its creation."""
+
         def write() -> None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
@@ -85,6 +93,7 @@ class LocalSite:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+
         await asyncio.to_thread(write)
 
     async def read(self, path: str, tail: int = 0) -> str | None:
@@ -96,6 +105,7 @@ class LocalSite:
                     return f.read().decode(errors="replace")
             except OSError:
                 return None
+
         return await asyncio.to_thread(read)
 
     async def remove(self, paths: list[str]) -> None:
@@ -103,17 +113,20 @@ class LocalSite:
             with contextlib.suppress(OSError):
                 os.remove(path)
 
-    async def connect(self, node: str, ip: str, ports: dict[str, int], forwards: PortForwards
-                      ) -> tuple[str, dict[str, int]]:
+    async def connect(
+        self, node: str, ip: str, ports: dict[str, int], forwards: PortForwards
+    ) -> tuple[str, dict[str, int]]:
         """(address, ports) the gateway's ZMQ sockets connect to: the node itself."""
         if ip not in ("0.0.0.0", "*", ""):
             return ip, ports
         try:
             addrs = await asyncio.get_running_loop().getaddrinfo(
-                node, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+                node, None, family=socket.AF_INET, type=socket.SOCK_STREAM
+            )
         except OSError as e:
-            raise KernelStartError(f"the kernel runs on node {node!r}, which this gateway "
-                                   f"cannot resolve: {e}") from e
+            raise KernelStartError(
+                f"the kernel runs on node {node!r}, which this gateway cannot resolve: {e}"
+            ) from e
         return str(addrs[0][4][0]), ports
 
     def close(self) -> None:
@@ -130,15 +143,15 @@ class LoginSite:
         self.key = f"{self.name} {sorted(self.env.items())}"
 
     @classmethod
-    async def open(cls, target: sshpool.Target, env: dict[str, str] | None = None
-                   ) -> LoginSite:
+    async def open(cls, target: sshpool.Target, env: dict[str, str] | None = None) -> LoginSite:
         return cls(await sshpool.acquire(target), env)
 
     async def run(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
         prefix = ["env", *[f"{k}={v}" for k, v in sorted(self.env.items())]]
         command = shlex.join(prefix + argv if self.env else argv)
-        result = await self.host.exec(command, what=f"running {argv[0]} on {self.name}",
-                                      stdin=stdin, limit=COMMAND_TIMEOUT)
+        result = await self.host.exec(
+            command, what=f"running {argv[0]} on {self.name}", stdin=stdin, limit=COMMAND_TIMEOUT
+        )
         code = result.exit_status if result.exit_status is not None else -1
         return code, str(result.stdout or ""), str(result.stderr or "")
 
@@ -179,8 +192,9 @@ class LoginSite:
                 with contextlib.suppress(mod.SFTPError):
                     await sftp.remove(path)
 
-    async def connect(self, node: str, ip: str, ports: dict[str, int], forwards: PortForwards
-                      ) -> tuple[str, dict[str, int]]:
+    async def connect(
+        self, node: str, ip: str, ports: dict[str, int], forwards: PortForwards
+    ) -> tuple[str, dict[str, int]]:
         """Forwards from 127.0.0.1 here through the login node to the compute node, on the
         local ports `forwards` had (after a gateway restart: the recorded ones), else new."""
         dest = node if ip in ("0.0.0.0", "*", "") else ip

@@ -36,8 +36,9 @@ DEFAULT_CMD = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"
 _LOCAL_ONLY = frozenset({"JPY_PARENT_PID", "PATH", "HOME", "PWD", "SHELL", "USER", "LOGNAME"})
 
 
-def remote_env(client: dict[str, str], spec: dict[str, str], config: dict[str, str]
-               ) -> dict[str, str]:
+def remote_env(
+    client: dict[str, str], spec: dict[str, str], config: dict[str, str]
+) -> dict[str, str]:
     """What reaches a remote kernel, later entries winning: what the client set (KERNEL_*,
     allow-listed names), the kernelspec's env, the provisioner config's env. Nothing of
     this machine's own environment; names that are not identifiers are dropped (they
@@ -65,9 +66,14 @@ class PortForwards:
     def is_open(self) -> bool:
         return self._host is not None
 
-    async def open(self, host: SSHHost, dest: str, remote: dict[str, int],
-                   local: dict[str, int] | None = None, pid: int | None = None
-                   ) -> dict[str, int]:
+    async def open(
+        self,
+        host: SSHHost,
+        dest: str,
+        remote: dict[str, int],
+        local: dict[str, int] | None = None,
+        pid: int | None = None,
+    ) -> dict[str, int]:
         """Forward to `remote` ports at `dest` (as the far host sees it), on the `local`
         ports when given (a re-attach), else on free ones. Returns the local ports."""
         from .sshpool import ssh_errors
@@ -87,8 +93,10 @@ class PortForwards:
         before = dict(self.local)
         await self._forward(conn)
         if self.local != before:
-            self.moved = (f"the SSH connection to {self._host.name if self._host else '?'} was "
-                          "re-established but the kernel's local ports were taken meanwhile")
+            self.moved = (
+                f"the SSH connection to {self._host.name if self._host else '?'} was "
+                "re-established but the kernel's local ports were taken meanwhile"
+            )
 
     async def _forward(self, conn: asyncssh.SSHClientConnection) -> None:
         self._close_listeners()
@@ -123,8 +131,11 @@ class RemoteProvisioner(GatewayProvisioner):  # type: ignore[misc]
     while it runs, cleanup after it stopped (restart=True between the two launches of a
     restart); get/load_provisioner_info to record it and to re-attach after a gateway restart."""
 
-    python = Unicode("python3", config=True, help="the python that runs the kernel, where it "
-                     "runs ({python} in kernel_cmd)")
+    python = Unicode(
+        "python3",
+        config=True,
+        help="the python that runs the kernel, where it runs ({python} in kernel_cmd)",
+    )
     kernel_cmd = List(Unicode(), config=True, help="kernel command with {connection_file}")
     env = Dict(config=True, help="more environment for the kernel")
     poll_interval = Float(1.0, config=True, help="seconds a liveness answer is reused")
@@ -165,22 +176,27 @@ class RemoteProvisioner(GatewayProvisioner):  # type: ignore[misc]
 
     def _command(self, conn_file: str) -> list[str]:
         """kernel_cmd (or ipykernel's) with the connection file and python filled in."""
-        return [a.replace("{connection_file}", conn_file).replace("{python}", self.python)
-                for a in list(self.kernel_cmd) or DEFAULT_CMD]
+        return [
+            a.replace("{connection_file}", conn_file).replace("{python}", self.python)
+            for a in list(self.kernel_cmd) or DEFAULT_CMD
+        ]
 
     def _env(self, env: dict[str, str]) -> dict[str, str]:
         """The kernel's environment. `env` is the launch's (this process's environment with
         the kernelspec's env substituted in by jupyter_client): only the kernelspec's names
         are taken from it; the client's come from the kernel manager."""
         spec = {k: env[k] for k in (self.kernel_spec.env or {}) if k in env}
-        return remote_env(self.client_env(env), spec,
-                          {str(k): str(v) for k, v in self.env.items()})
+        return remote_env(self.client_env(env), spec, {str(k): str(v) for k, v in self.env.items()})
 
     def _connection_file(self, ports: dict[str, int], ip: str) -> dict[str, Any]:
         """The connection info as the kernel is to read it, with these ports and address."""
         info: dict[str, Any] = dict(self.connection_info)
-        info.update({f"{ch}_port": ports.get(ch, 0) for ch in CHANNELS}, ip=ip,
-                    transport="tcp", key=self._key())
+        info.update(
+            {f"{ch}_port": ports.get(ch, 0) for ch in CHANNELS},
+            ip=ip,
+            transport="tcp",
+            key=self._key(),
+        )
         return info
 
     def _key(self) -> str:

@@ -25,12 +25,21 @@ class GatewayKernelManager(AsyncKernelManager):  # type: ignore[misc]
     `env` is this process's whole environment, from which a remote backend cannot tell the
     client's variables apart)."""
 
-    gateway_id = Unicode("", help="this gateway's id: container backends label what they "
-                         "create with it, so that the gateway finds its orphans after a crash")
-    client_env = Dict(value_trait=Unicode(), help="what the client set for its kernel: "
-                      "KERNEL_* and the allow-listed names, and KERNEL_ID")
-    launch_timeout = Float(0.0, help="seconds the gateway gives this start (the client's "
-                           "KERNEL_LAUNCH_TIMEOUT, else --kernel-launch-timeout); 0: unknown")
+    gateway_id = Unicode(
+        "",
+        help="this gateway's id: container backends label what they "
+        "create with it, so that the gateway finds its orphans after a crash",
+    )
+    client_env = Dict(
+        value_trait=Unicode(),
+        help="what the client set for its kernel: "
+        "KERNEL_* and the allow-listed names, and KERNEL_ID",
+    )
+    launch_timeout = Float(
+        0.0,
+        help="seconds the gateway gives this start (the client's "
+        "KERNEL_LAUNCH_TIMEOUT, else --kernel-launch-timeout); 0: unknown",
+    )
 
 
 class GatewayHooks:
@@ -50,8 +59,9 @@ class GatewayHooks:
         return ""
 
     @classmethod
-    async def reap(cls, config: dict[str, Any], owned: Container[str], gateway_id: str
-                   ) -> list[str]:
+    async def reap(
+        cls, config: dict[str, Any], owned: Container[str], gateway_id: str
+    ) -> list[str]:
         """Called by the gateway once at start, per distinct kernelspec config naming this
         provisioner: remove what an earlier run of this gateway (`gateway_id`) created and
         no kernel in `owned` (kernel ids) owns. Returns what it removed, for the log."""

@@ -46,10 +46,12 @@ log = logging.getLogger(__name__)
 # inside the container's own network namespace: nothing else binds there
 CONTAINER_PORTS = dict(zip(CHANNELS, range(52700, 52705), strict=True))
 # Writes the connection file (mode 0600) from the environment, then becomes the kernel.
-BOOT = ("import os,sys\n"
-        "p=os.environ.pop('RKG_CONNECTION_FILE');i=os.environ.pop('RKG_CONNECTION_INFO')\n"
-        "f=os.open(p,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600);os.write(f,i.encode());os.close(f)\n"
-        "os.execvp(sys.argv[1],sys.argv[1:])\n")
+BOOT = (
+    "import os,sys\n"
+    "p=os.environ.pop('RKG_CONNECTION_FILE');i=os.environ.pop('RKG_CONNECTION_INFO')\n"
+    "f=os.open(p,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600);os.write(f,i.encode());os.close(f)\n"
+    "os.execvp(sys.argv[1],sys.argv[1:])\n"
+)
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]+")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -73,7 +75,7 @@ def device_requests(gpus: str) -> list[dict[str, Any]]:
     elif gpus.isdigit():
         req["Count"] = int(gpus)
     elif gpus.startswith("device="):
-        req["DeviceIDs"] = [d for d in gpus[len("device="):].split(",") if d]
+        req["DeviceIDs"] = [d for d in gpus[len("device=") :].split(",") if d]
     else:
         raise KernelStartError(f"gpus {gpus!r}: use 'all', a count, or 'device=0,1'")
     return [req]
@@ -90,11 +92,15 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
     image = Unicode("", config=True, help="the kernel image; it must be on the engine already")
     docker_host = Unicode("", config=True, help="engine URL; default: DOCKER_HOST, the socket")
     network = Unicode("", config=True, help="network to attach to; default: the bridge")
-    reach = Unicode("published", config=True,
-                    help="'published': ports on 127.0.0.1; 'network': the container's address")
+    reach = Unicode(
+        "published",
+        config=True,
+        help="'published': ports on 127.0.0.1; 'network': the container's address",
+    )
     volumes = List(Unicode(), config=True, help="binds, as docker run -v: src:dst[:ro]")
-    mirror_working_dir = Bool(False, config=True,
-                              help="bind KERNEL_WORKING_DIR at the same path and start there")
+    mirror_working_dir = Bool(
+        False, config=True, help="bind KERNEL_WORKING_DIR at the same path and start there"
+    )
     workdir = Unicode("", config=True, help="working directory inside the container")
     uid = Integer(1000, config=True, help="default user; KERNEL_UID overrides")
     gid = Integer(100, config=True, help="default group; KERNEL_GID overrides")
@@ -106,16 +112,20 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
     labels = Dict(config=True, help="extra container labels")
     hostname = Unicode("", config=True, help="the container's hostname; default: its id")
     poll_interval = Float(0.5, config=True, help="seconds a liveness listing is reused")
-    reap_orphans = Bool(True, config=True,
-                        help="at gateway start, remove our containers no kernel owns")
+    reap_orphans = Bool(
+        True, config=True, help="at gateway start, remove our containers no kernel owns"
+    )
     ssh_identity_file = Unicode("", config=True, help="for an ssh:// docker_host")
     ssh_known_hosts = Unicode("~/.ssh/known_hosts", config=True, help="for an ssh:// docker_host")
     ssh_jump_hosts = List(Unicode(), config=True, help="for an ssh:// docker_host, like ssh -J")
 
     restored: ClassVar[dict[str, str]] = {
-        "docker_host": "docker_host", "container_id": "container_id",
-        "container_name": "container_name", "remote_addr": "remote_addr",
-        "remote_ports": "remote_ports"}
+        "docker_host": "docker_host",
+        "container_id": "container_id",
+        "container_name": "container_name",
+        "remote_addr": "remote_addr",
+        "remote_ports": "remote_ports",
+    }
 
     container_id: str | None = None
     container_name = ""
@@ -133,15 +143,27 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = self.acquire_engine(self.docker_host, self.ssh_identity_file,
-                                               self.ssh_known_hosts, list(self.ssh_jump_hosts))
+            self._engine = self.acquire_engine(
+                self.docker_host,
+                self.ssh_identity_file,
+                self.ssh_known_hosts,
+                list(self.ssh_jump_hosts),
+            )
         return self._engine
 
     @staticmethod
-    def acquire_engine(url: str, identity_file: str = "", known_hosts: str = "~/.ssh/known_hosts",
-                       jump_hosts: list[str] | None = None) -> Engine:
-        return dockerengine.acquire(url, identity_file=identity_file, known_hosts=known_hosts,
-                                    jump_hosts=tuple(jump_hosts or ()))
+    def acquire_engine(
+        url: str,
+        identity_file: str = "",
+        known_hosts: str = "~/.ssh/known_hosts",
+        jump_hosts: list[str] | None = None,
+    ) -> Engine:
+        return dockerengine.acquire(
+            url,
+            identity_file=identity_file,
+            known_hosts=known_hosts,
+            jump_hosts=tuple(jump_hosts or ()),
+        )
 
     @property
     def has_process(self) -> bool:
@@ -154,8 +176,10 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
         except ValueError:
             raise Forbidden("KERNEL_UID and KERNEL_GID must be numbers") from None
         if uid in self.prohibited_uids:
-            raise Forbidden(f"kernels may not run as uid {uid} here (prohibited_uids of "
-                            f"kernelspec {self.kernel_spec.display_name!r})")
+            raise Forbidden(
+                f"kernels may not run as uid {uid} here (prohibited_uids of "
+                f"kernelspec {self.kernel_spec.display_name!r})"
+            )
         return f"{uid}:{gid}"
 
     def _command(self, conn_file: str) -> list[str]:
@@ -165,16 +189,19 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
     def container_config(self, env: dict[str, str]) -> dict[str, Any]:
         """The Engine API's POST /containers/create body for this kernel."""
         if not self.image:
-            raise KernelStartError(f"kernelspec {self.kernel_spec.display_name!r} uses the "
-                                   "rkg-docker provisioner but its config names no image")
+            raise KernelStartError(
+                f"kernelspec {self.kernel_spec.display_name!r} uses the "
+                "rkg-docker provisioner but its config names no image"
+            )
         if self.reach not in ("published", "network"):
             raise KernelStartError(f"reach {self.reach!r}: use 'published' or 'network'")
         conn_file = f"/tmp/rkg-kernel-{self.kernel_id}.json"  # noqa: S108 - in the container
         kenv = self._env(env)
         # the container's own network namespace: bind everything there
         info = json.dumps(self._connection_file(CONTAINER_PORTS, "0.0.0.0"))
-        kenv.update(RKG_CONNECTION_FILE=conn_file, RKG_CONNECTION_INFO=info,
-                    KERNEL_ID=self.kernel_id)
+        kenv.update(
+            RKG_CONNECTION_FILE=conn_file, RKG_CONNECTION_INFO=info, KERNEL_ID=self.kernel_id
+        )
         binds = list(self.volumes)
         workdir = self.workdir
         wd = env.get("KERNEL_WORKING_DIR", "")
@@ -185,8 +212,10 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
         if self.network:
             host["NetworkMode"] = self.network
         if self.reach == "published":
-            host["PortBindings"] = {f"{p}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]
-                                    for p in CONTAINER_PORTS.values()}
+            host["PortBindings"] = {
+                f"{p}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]
+                for p in CONTAINER_PORTS.values()
+            }
         if self.cpus:
             host["NanoCpus"] = int(self.cpus * 1e9)
         if self.memory:
@@ -198,9 +227,14 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
         labels = {str(k): str(v) for k, v in self.labels.items()}
         labels.update(dockerengine.our_labels(self.kernel_id, self.gateway_id))
         return {
-            "Image": self.image, "Cmd": self._command(conn_file), "Entrypoint": [],
-            "Env": [f"{k}={v}" for k, v in sorted(kenv.items())], "Labels": labels,
-            "User": self._user(env), "WorkingDir": workdir, "Hostname": self.hostname,
+            "Image": self.image,
+            "Cmd": self._command(conn_file),
+            "Entrypoint": [],
+            "Env": [f"{k}={v}" for k, v in sorted(kenv.items())],
+            "Labels": labels,
+            "User": self._user(env),
+            "WorkingDir": workdir,
+            "Hostname": self.hostname,
             "ExposedPorts": {f"{p}/tcp": {} for p in CONTAINER_PORTS.values()},
             "HostConfig": host,
         }
@@ -229,30 +263,40 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
         try:
             container = await self.engine.call(
                 f"creating container {self.container_name}",
-                lambda c: c.containers.create(config, name=self.container_name))
+                lambda c: c.containers.create(config, name=self.container_name),
+            )
         except EngineError as e:
             if e.code == 404:
                 raise KernelStartError(
                     f"image {self.image!r} is not on the Docker engine at {self.engine.name}: "
                     f"build it there or pull it (docker pull {self.image}); the gateway does "
-                    "not pull images") from e
+                    "not pull images"
+                ) from e
             raise
         self.container_id = container.id
         try:
-            await self.engine.call(f"starting container {self.container_name}",
-                                   lambda c: c.containers.container(container.id).start())
+            await self.engine.call(
+                f"starting container {self.container_name}",
+                lambda c: c.containers.container(container.id).start(),
+            )
         except EngineError as e:
             if "gpu" in e.message.lower() or "device driver" in e.message:
-                raise KernelStartError(f"the kernelspec asks for GPUs ({self.gpus}) but the "
-                                       f"Docker engine cannot provide them: {e.message}") from e
+                raise KernelStartError(
+                    f"the kernelspec asks for GPUs ({self.gpus}) but the "
+                    f"Docker engine cannot provide them: {e.message}"
+                ) from e
             raise
 
     async def _inspect(self) -> dict[str, Any]:
         cid = self.container_id
         assert cid is not None
-        return cast(dict[str, Any], await self.engine.call(
-            f"inspecting container {self.container_name}",
-            lambda c: c.containers.container(cid).show()))
+        return cast(
+            dict[str, Any],
+            await self.engine.call(
+                f"inspecting container {self.container_name}",
+                lambda c: c.containers.container(cid).show(),
+            ),
+        )
 
     async def _locate(self) -> None:
         """Point the connection info at the container: its published 127.0.0.1 ports or its
@@ -262,9 +306,11 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
         if not state.get("Running"):
             self._exit = int(state.get("ExitCode", -1))
             await self._read_tail()
-            raise KernelStartError(f"container {self.container_name} exited during start "
-                                   f"(exit code {self._exit})"
-                                   + (f"; its last output:\n{self._tail}" if self._tail else ""))
+            raise KernelStartError(
+                f"container {self.container_name} exited during start "
+                f"(exit code {self._exit})"
+                + (f"; its last output:\n{self._tail}" if self._tail else "")
+            )
         net = info.get("NetworkSettings", {})
         conn: dict[str, Any] = dict(self.connection_info)
         if self.reach == "published":
@@ -272,18 +318,23 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
             for ch, p in CONTAINER_PORTS.items():
                 bound = [b for b in ports.get(f"{p}/tcp") or [] if b.get("HostIp") == "127.0.0.1"]
                 if not bound:
-                    raise KernelStartError(f"the engine did not publish port {p} of container "
-                                           f"{self.container_name} on 127.0.0.1")
+                    raise KernelStartError(
+                        f"the engine did not publish port {p} of container "
+                        f"{self.container_name} on 127.0.0.1"
+                    )
                 conn[f"{ch}_port"] = int(bound[0]["HostPort"])
             conn["ip"] = "127.0.0.1"
         else:
             nets = net.get("Networks") or {}
             attached: dict[str, Any] = nets.get(self.network) or next(iter(nets.values()), {})
             if not attached.get("IPAddress"):
-                raise KernelStartError(f"container {self.container_name} has no address on "
-                                       f"network {self.network or 'bridge'!r}")
-            conn.update({f"{ch}_port": p for ch, p in CONTAINER_PORTS.items()},
-                        ip=attached["IPAddress"])
+                raise KernelStartError(
+                    f"container {self.container_name} has no address on "
+                    f"network {self.network or 'bridge'!r}"
+                )
+            conn.update(
+                {f"{ch}_port": p for ch, p in CONTAINER_PORTS.items()}, ip=attached["IPAddress"]
+            )
         conn["transport"] = "tcp"
         self.connection_info = cast(KernelConnectionInfo, conn)
 
@@ -309,8 +360,10 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
         if cid is None:
             return self._tail
         with contextlib.suppress(KernelError):
-            lines = await self.engine.call("reading the kernel's log", lambda c: (
-                c.containers.container(cid).log(stdout=True, stderr=True, tail=40)))
+            lines = await self.engine.call(
+                "reading the kernel's log",
+                lambda c: c.containers.container(cid).log(stdout=True, stderr=True, tail=40),
+            )
             self._tail = dockerengine.log_text(lines)
         return self._tail
 
@@ -357,8 +410,9 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
         name = signal.Signals(signum).name
         found = True
         try:
-            await self.engine.call(f"signalling {what}",
-                                   lambda c: c.containers.container(cid).kill(signal=name))
+            await self.engine.call(
+                f"signalling {what}", lambda c: c.containers.container(cid).kill(signal=name)
+            )
         except EngineError as e:
             if e.code not in (404, 409):  # 409: not running, nothing to signal
                 raise
@@ -396,16 +450,19 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
         self.local_ports = self._recorded_ports() or self.local_ports
 
     @classmethod
-    async def reap(cls, config: dict[str, Any], owned: Container[str], gateway_id: str
-                   ) -> list[str]:
+    async def reap(
+        cls, config: dict[str, Any], owned: Container[str], gateway_id: str
+    ) -> list[str]:
         """Called by the gateway at start, once per engine its kernelspecs name: remove what
         this gateway labelled that none of its kernels owns. Returns the names removed."""
         if not config.get("reap_orphans", True):
             return []
-        engine = cls.acquire_engine(str(config.get("docker_host", "")),
-                                    str(config.get("ssh_identity_file", "")),
-                                    str(config.get("ssh_known_hosts", "~/.ssh/known_hosts")),
-                                    list(config.get("ssh_jump_hosts") or []))
+        engine = cls.acquire_engine(
+            str(config.get("docker_host", "")),
+            str(config.get("ssh_identity_file", "")),
+            str(config.get("ssh_known_hosts", "~/.ssh/known_hosts")),
+            list(config.get("ssh_jump_hosts") or []),
+        )
         labels = [f"{LABEL_APP}={APP}", f"{LABEL_GATEWAY}={gateway_id}"]
         try:
             gone = []
@@ -420,10 +477,14 @@ class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
     @classmethod
     async def _labelled(cls, engine: Engine, labels: list[str]) -> list[tuple[str, str, str]]:
         """(kernel id, id, name) of every container carrying all `labels`."""
-        rows = await engine.call("listing containers", lambda c: c.containers.list(
-            all=True, filters=json.dumps({"label": labels})))
-        return [(row["Labels"].get(LABEL_KERNEL, ""), row["Id"], row["Names"][0].lstrip("/"))
-                for row in rows]
+        rows = await engine.call(
+            "listing containers",
+            lambda c: c.containers.list(all=True, filters=json.dumps({"label": labels})),
+        )
+        return [
+            (row["Labels"].get(LABEL_KERNEL, ""), row["Id"], row["Names"][0].lstrip("/"))
+            for row in rows
+        ]
 
     @classmethod
     async def _remove_orphan(cls, engine: Engine, ref: str) -> None:

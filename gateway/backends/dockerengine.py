@@ -41,14 +41,19 @@ log = logging.getLogger(__name__)
 
 APP = "remote-kernel-gateway"
 LABEL_APP, LABEL_COMPONENT, LABEL_KERNEL, LABEL_GATEWAY = (
-    "app", "component", "kernel_id", "rkg.gateway")
+    "app",
+    "component",
+    "kernel_id",
+    "rkg.gateway",
+)
 T = TypeVar("T")
 
 
 def require_aiodocker() -> None:
     if aiodocker is None:
-        raise KernelStartError("the Docker backends need aiodocker: "
-                               "pip install 'remote-kernel-gateway[docker]'")
+        raise KernelStartError(
+            "the Docker backends need aiodocker: pip install 'remote-kernel-gateway[docker]'"
+        )
 
 
 @contextlib.contextmanager
@@ -56,8 +61,10 @@ def docker_errors(engine: str, what: str) -> Iterator[None]:
     """aiodocker's failures in the block as gateway errors: a request the engine refused is an
     EngineError with its status; an engine that cannot be reached or does not answer is a
     BackendUnavailable."""
-    unreachable = (f"the Docker engine at {engine} is unreachable ({{}}); is dockerd running, "
-                   "and is DOCKER_HOST / docker_host right?")
+    unreachable = (
+        f"the Docker engine at {engine} is unreachable ({{}}); is dockerd running, "
+        "and is DOCKER_HOST / docker_host right?"
+    )
     try:
         yield
     except aiodocker.DockerError as e:
@@ -71,12 +78,21 @@ def docker_errors(engine: str, what: str) -> Iterator[None]:
 
 
 def our_labels(kernel_id: str, gateway_id: str) -> dict[str, str]:
-    return {LABEL_APP: APP, LABEL_COMPONENT: "kernel", LABEL_KERNEL: kernel_id,
-            LABEL_GATEWAY: gateway_id}
+    return {
+        LABEL_APP: APP,
+        LABEL_COMPONENT: "kernel",
+        LABEL_KERNEL: kernel_id,
+        LABEL_GATEWAY: gateway_id,
+    }
 
 
-def ssh_endpoint(url: str, *, identity_file: str = "", known_hosts: str = "~/.ssh/known_hosts",
-                 jump_hosts: tuple[str, ...] = ()) -> tuple[Target, str] | None:
+def ssh_endpoint(
+    url: str,
+    *,
+    identity_file: str = "",
+    known_hosts: str = "~/.ssh/known_hosts",
+    jump_hosts: tuple[str, ...] = (),
+) -> tuple[Target, str] | None:
     """ssh://[user@]host[:port][/socket] -> (where to connect, the engine's socket there)."""
     if not url.startswith("ssh://"):
         return None
@@ -85,8 +101,10 @@ def ssh_endpoint(url: str, *, identity_file: str = "", known_hosts: str = "~/.ss
         raise KernelStartError(f"docker_host {url!r} names no host")
     hop = Hop(parts.hostname, parts.port or 22, parts.username)
     jumps = tuple(Hop.parse(j, 22, hop.username) for j in jump_hosts)
-    return (Target(hop, jumps, identity_file or None, known_hosts),
-            parts.path or "/var/run/docker.sock")
+    return (
+        Target(hop, jumps, identity_file or None, known_hosts),
+        parts.path or "/var/run/docker.sock",
+    )
 
 
 class Engine:
@@ -121,9 +139,10 @@ class Engine:
                 try:
                     self.client = aiodocker.Docker(url=url)
                 except (ValueError, OSError) as e:
-                    raise KernelStartError(f"cannot use the Docker engine {self.name!r}: {e} "
-                                           "(set DOCKER_HOST or the kernelspec's docker_host)"
-                                           ) from e
+                    raise KernelStartError(
+                        f"cannot use the Docker engine {self.name!r}: {e} "
+                        "(set DOCKER_HOST or the kernelspec's docker_host)"
+                    ) from e
         return self.client
 
     async def _open_ssh(self) -> str:
@@ -142,8 +161,10 @@ class Engine:
         sock = f"{self._sock_dir}/docker.sock"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
-        with ssh_errors(self._ssh_target[0], f"forwarding the Docker socket "
-                        f"{self._ssh_target[1]} of {self.name}"):
+        with ssh_errors(
+            self._ssh_target[0],
+            f"forwarding the Docker socket {self._ssh_target[1]} of {self.name}",
+        ):
             self._listener = await conn.forward_local_path(sock, self._ssh_target[1])
 
     async def call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
@@ -162,8 +183,7 @@ class Engine:
         """Swarm: service id -> the Status of its newest task, shared the same way."""
         return await self._cached("tasks", max_age, self._list_tasks)
 
-    async def _cached(self, key: str, max_age: float, fetch: Callable[[], Awaitable[Any]]
-                      ) -> Any:
+    async def _cached(self, key: str, max_age: float, fetch: Callable[[], Awaitable[Any]]) -> Any:
         seen_at, value = self._seen.get(key, (0.0, None))
         if time.monotonic() - seen_at <= max_age:
             return value
@@ -179,8 +199,10 @@ class Engine:
             self._seen[key] = (time.monotonic(), fut.result())
 
     async def _list_containers(self) -> dict[str, str]:
-        rows = await self.call("listing containers", lambda c: c.containers.list(
-            all=True, filters=f'{{"label": ["{LABEL_APP}={APP}"]}}'))
+        rows = await self.call(
+            "listing containers",
+            lambda c: c.containers.list(all=True, filters=f'{{"label": ["{LABEL_APP}={APP}"]}}'),
+        )
         return {row["Id"]: row["State"] for row in rows}
 
     async def _list_tasks(self) -> dict[str, dict[str, Any]]:
@@ -192,8 +214,9 @@ class Engine:
 
     async def remove(self, ref: str, what: str) -> None:
         """Force-remove a container (id or name); one already gone is what we wanted."""
-        await ignore_missing(self.call(
-            f"removing {what}", lambda c: c.containers.container(ref).delete(force=True)))
+        await ignore_missing(
+            self.call(f"removing {what}", lambda c: c.containers.container(ref).delete(force=True))
+        )
 
     def forget_states(self) -> None:
         self._seen.clear()

@@ -52,7 +52,7 @@ class JobState:
 
 
 def _memory(value: str, *, suffix: str = "") -> str:
-    """"4G" -> "4G" (or "4gb" style with suffix="b" lower-cased, as PBS wants)."""
+    """ "4G" -> "4G" (or "4gb" style with suffix="b" lower-cased, as PBS wants)."""
     value = value.strip()
     return (value.lower() + suffix) if suffix and value[-1:].isalpha() else value
 
@@ -94,16 +94,36 @@ class Scheduler:
 
 class Slurm(Scheduler):
     name, label = "slurm", "SLURM job"
-    _PENDING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                "RESV_DEL_HOLD", "RESIZING", "SPECIAL_EXIT"})
+    _PENDING = frozenset(
+        {
+            "PENDING",
+            "CONFIGURING",
+            "REQUEUED",
+            "REQUEUE_HOLD",
+            "REQUEUE_FED",
+            "RESV_DEL_HOLD",
+            "RESIZING",
+            "SPECIAL_EXIT",
+        }
+    )
     _RUNNING = frozenset({"RUNNING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"})
 
     def submit(self, job: JobRequest) -> list[str]:
-        argv = ["sbatch", "--parsable", f"--job-name={job.name}", f"--output={job.output}",
-                "--nodes=1", "--ntasks=1"]
-        for flag, value in (("--chdir", job.workdir), ("--partition", job.queue),
-                            ("--mem", job.memory), ("--time", job.walltime),
-                            ("--account", job.account)):
+        argv = [
+            "sbatch",
+            "--parsable",
+            f"--job-name={job.name}",
+            f"--output={job.output}",
+            "--nodes=1",
+            "--ntasks=1",
+        ]
+        for flag, value in (
+            ("--chdir", job.workdir),
+            ("--partition", job.queue),
+            ("--mem", job.memory),
+            ("--time", job.walltime),
+            ("--account", job.account),
+        ):
             if value:
                 argv.append(f"{flag}={value}")
         if job.cpus:
@@ -115,14 +135,20 @@ class Slurm(Scheduler):
     def parse_submit(self, out: str) -> str:
         # --parsable: "123" or "123;cluster"; without it "Submitted batch job 123"
         m = re.search(r"^(\d+)(?:;\S*)?\s*$", out.strip(), re.M) or re.search(
-            r"Submitted batch job (\d+)", out)
+            r"Submitted batch job (\d+)", out
+        )
         if not m:
             raise SchedulerError(f"no job id in sbatch's answer {out.strip()!r}")
         return m.group(1)
 
     def status(self, job_ids: list[str]) -> list[str]:
-        return ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
-                "--format=%i|%T|%r|%N"]
+        return [
+            "squeue",
+            "--noheader",
+            "--states=all",
+            f"--jobs={','.join(job_ids)}",
+            "--format=%i|%T|%r|%N",
+        ]
 
     def parse_status(self, out: str) -> dict[str, JobState]:
         states = {}
@@ -132,8 +158,13 @@ class Slurm(Scheduler):
                 continue
             job_id, state, reason, nodes = fields
             state = state.split()[0].rstrip("+") if state else "UNKNOWN"
-            phase = (PENDING if state in self._PENDING else
-                     RUNNING if state in self._RUNNING else FINISHED)
+            phase = (
+                PENDING
+                if state in self._PENDING
+                else RUNNING
+                if state in self._RUNNING
+                else FINISHED
+            )
             reason = "" if reason in ("None", "(null)") else reason
             node = nodes.split(",")[0] if nodes not in ("", "(null)", "n/a") else ""
             states[job_id] = JobState(job_id, phase, state, reason, _first_node(node))
@@ -149,7 +180,7 @@ class Slurm(Scheduler):
 
 
 def _first_node(nodelist: str) -> str:
-    """"node[01-04]" -> "node01"; "gpu7" -> "gpu7"."""
+    """ "node[01-04]" -> "node01"; "gpu7" -> "gpu7"."""
     m = re.match(r"^([^\[,]*)\[(\d+)", nodelist)
     return m.group(1) + m.group(2) if m else nodelist.split(",")[0]
 
@@ -180,7 +211,8 @@ class GridEngine(Scheduler):
     def parse_submit(self, out: str) -> str:
         # -terse: "4711"; without: 'Your job 4711 ("name") has been submitted'
         m = re.search(r"^(\d+)(?:\.\S+)?\s*$", out.strip(), re.M) or re.search(
-            r"Your job (\d+)", out)
+            r"Your job (\d+)", out
+        )
         if not m:
             raise SchedulerError(f"no job id in qsub's answer {out.strip()!r}")
         return m.group(1)
@@ -208,8 +240,10 @@ class GridEngine(Scheduler):
         return states
 
     def signal(self, job_id: str, signame: str) -> list[str]:
-        raise SchedulerError("Grid Engine cannot send a signal to a job "
-                             "(use interrupt_mode 'message' in the kernelspec)")
+        raise SchedulerError(
+            "Grid Engine cannot send a signal to a job "
+            "(use interrupt_mode 'message' in the kernelspec)"
+        )
 
     def cancel(self, job_id: str) -> list[str]:
         return ["qdel", job_id]
@@ -227,8 +261,17 @@ class PBS(Scheduler):
             select.append(f"mem={_memory(job.memory, suffix='b')}")
         if job.gpus:
             select.append(f"ngpus={job.gpus}")
-        argv = ["qsub", "-N", job.name[:15], "-o", job.output, "-j", "oe",
-                "-l", "select=1:" + ":".join(select)]
+        argv = [
+            "qsub",
+            "-N",
+            job.name[:15],
+            "-o",
+            job.output,
+            "-j",
+            "oe",
+            "-l",
+            "select=1:" + ":".join(select),
+        ]
         if job.queue:
             argv += ["-q", job.queue]
         if job.walltime:
@@ -258,8 +301,9 @@ class PBS(Scheduler):
         states = {}
         for job_id, attrs in jobs.items():
             state = attrs.get("job_state", "?")
-            phase = (FINISHED if state in ("F", "X") else
-                     PENDING if state in self._PENDING else RUNNING)  # R, E (exiting)
+            phase = (
+                FINISHED if state in ("F", "X") else PENDING if state in self._PENDING else RUNNING
+            )  # R, E (exiting)
             if state == "E":
                 phase = FINISHED  # the kernel process has already exited
             node = attrs.get("exec_host", "").split("/")[0].split("+")[0]
@@ -290,8 +334,12 @@ class LSF(Scheduler):
         if job.cpus:
             argv += ["-n", str(job.cpus), "-R", "span[hosts=1]"]
         if job.memory:
-            argv += ["-M", job.memory.upper() + ("B" if job.memory[-1:].isalpha() else ""),
-                     "-R", f"rusage[mem={job.memory.upper()}B]"]
+            argv += [
+                "-M",
+                job.memory.upper() + ("B" if job.memory[-1:].isalpha() else ""),
+                "-R",
+                f"rusage[mem={job.memory.upper()}B]",
+            ]
         if job.gpus:
             argv += ["-gpu", f"num={job.gpus}"]
         if job.walltime:
@@ -307,8 +355,13 @@ class LSF(Scheduler):
         return m.group(1)
 
     def status(self, job_ids: list[str]) -> list[str]:
-        return ["bjobs", "-noheader", "-o", "jobid stat exec_host pend_reason delimiter='|'",
-                *job_ids]
+        return [
+            "bjobs",
+            "-noheader",
+            "-o",
+            "jobid stat exec_host pend_reason delimiter='|'",
+            *job_ids,
+        ]
 
     def parse_status(self, out: str) -> dict[str, JobState]:
         states = {}
@@ -317,8 +370,13 @@ class LSF(Scheduler):
             if len(fields) != 4 or not fields[0].isdigit():
                 continue  # "Job <12> is not found"
             job_id, state, hosts, reason = (f.strip() for f in fields)
-            phase = (PENDING if state in self._PENDING else
-                     RUNNING if state in self._RUNNING else FINISHED)  # DONE, EXIT, ZOMBI
+            phase = (
+                PENDING
+                if state in self._PENDING
+                else RUNNING
+                if state in self._RUNNING
+                else FINISHED
+            )  # DONE, EXIT, ZOMBI
             node = hosts.split(":")[0].split("*")[-1] if hosts not in ("", "-") else ""
             reason = "" if reason == "-" else reason.rstrip(";")
             states[job_id] = JobState(job_id, phase, state, reason, node)

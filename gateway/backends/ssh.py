@@ -52,8 +52,17 @@ def shell_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def launch_script(*, cmd: list[str], conn_file: str, log_file: str, env: dict[str, str],
-                  workdir: str, kernel_workdir: str, pre_command: str, steps: int) -> str:
+def launch_script(
+    *,
+    cmd: list[str],
+    conn_file: str,
+    log_file: str,
+    env: dict[str, str],
+    workdir: str,
+    kernel_workdir: str,
+    pre_command: str,
+    steps: int,
+) -> str:
     """POSIX sh run over SSH: start the kernel detached, print `PID n`, then wait for the
     rewritten connection file and print `READY` and the file (or `EXITED` / `TIMEOUT`)."""
     cd = []
@@ -65,8 +74,10 @@ def launch_script(*, cmd: list[str], conn_file: str, log_file: str, env: dict[st
         cd.append(f"cd {shell_path(workdir)} || {{ echo 'NOWORKDIR'; exit 0; }}")
     lines = ["umask 077", *cd]
     if pre_command:
-        lines.append(f"{{ {pre_command}\n}} </dev/null >>{shell_path(log_file)} 2>&1 "
-                     "|| { echo PREFAILED; exit 0; }")
+        lines.append(
+            f"{{ {pre_command}\n}} </dev/null >>{shell_path(log_file)} 2>&1 "
+            "|| { echo PREFAILED; exit 0; }"
+        )
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     argv = " ".join(shlex.quote(a) for a in cmd)
     cf = shell_path(conn_file)
@@ -110,16 +121,23 @@ class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
     jump_hosts = List(Unicode(), config=True, help="[user@]host[:port] hops, like ssh -J")
     workdir = Unicode("", config=True)
     pre_command = Unicode("", config=True, help="shell run first: module load, conda activate")
-    runtime_dir = Unicode(".local/share/jupyter/runtime", config=True,
-                          help="remote directory of connection files (relative: to $HOME)")
+    runtime_dir = Unicode(
+        ".local/share/jupyter/runtime",
+        config=True,
+        help="remote directory of connection files (relative: to $HOME)",
+    )
     connect_timeout = Float(10.0, config=True)
     keepalive_interval = Float(5.0, config=True)
     reconnect_timeout = Float(30.0, config=True, help="give a dropped host up after this")
     poll_interval = Float(1.0, config=True, help="seconds between liveness probes")
 
     restored: ClassVar[dict[str, str]] = {
-        "pid": "pid", "pgid": "pgid", "remote_ports": "remote_ports",
-        "local_ports": "local_ports", "remote_connection_file": "remote_file"}
+        "pid": "pid",
+        "pgid": "pgid",
+        "remote_ports": "remote_ports",
+        "local_ports": "local_ports",
+        "remote_connection_file": "remote_file",
+    }
     noted = ("host", "port", "username", "jump_hosts")
 
     pid: int | None = None
@@ -137,13 +155,21 @@ class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
 
     def target(self) -> Target:
         if not self.host:
-            raise KernelStartError(f"kernelspec {self.kernel_spec.display_name!r} uses the "
-                                   "rkg-ssh provisioner but its config names no host")
+            raise KernelStartError(
+                f"kernelspec {self.kernel_spec.display_name!r} uses the "
+                "rkg-ssh provisioner but its config names no host"
+            )
         hop = Hop.parse(self.host, self.port, self.username or None)
         jumps = tuple(Hop.parse(j, 22, hop.username) for j in self.jump_hosts)
-        return Target(hop, jumps, self.identity_file or None, self.known_hosts,
-                      self.connect_timeout, self.keepalive_interval,
-                      reconnect_timeout=self.reconnect_timeout)
+        return Target(
+            hop,
+            jumps,
+            self.identity_file or None,
+            self.known_hosts,
+            self.connect_timeout,
+            self.keepalive_interval,
+            reconnect_timeout=self.reconnect_timeout,
+        )
 
     @property
     def has_process(self) -> bool:
@@ -166,8 +192,9 @@ class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
             await asyncio.shield(self._abort(restart=False))
             if isinstance(e, KernelError) or not isinstance(e, Exception):
                 raise
-            raise KernelStartError(f"starting the kernel on {self._ssh_name}: "
-                                   f"{type(e).__name__}: {e}") from e
+            raise KernelStartError(
+                f"starting the kernel on {self._ssh_name}: {type(e).__name__}: {e}"
+            ) from e
         return self.connection_info
 
     @property
@@ -183,9 +210,15 @@ class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
         timeout = self.gateway_timeout(env, 60)
         cmd = self._command(self.remote_file)
         script = launch_script(
-            cmd=cmd, conn_file=self.remote_file, log_file=self._log_file, env=self._env(env),
-            workdir=self.workdir, kernel_workdir=env.get("KERNEL_WORKING_DIR", ""),
-            pre_command=self.pre_command, steps=int(timeout / POLL_STEP) + 1)
+            cmd=cmd,
+            conn_file=self.remote_file,
+            log_file=self._log_file,
+            env=self._env(env),
+            workdir=self.workdir,
+            kernel_workdir=env.get("KERNEL_WORKING_DIR", ""),
+            pre_command=self.pre_command,
+            steps=int(timeout / POLL_STEP) + 1,
+        )
         conn = await self._ssh.connection()
         async with self._ssh.sessions, await conn.create_process(script) as proc:
             first = (await proc.stdout.readline()).strip()
@@ -198,12 +231,15 @@ class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
             self.remote_ports = {ch: int(ports[f"{ch}_port"]) for ch in CHANNELS}
             return
         if first == "TIMEOUT":
-            raise KernelTimeout(f"the kernel on {self._ssh_name} did not bind its ports within "
-                                f"{timeout:g} s (KERNEL_LAUNCH_TIMEOUT)")
+            raise KernelTimeout(
+                f"the kernel on {self._ssh_name} did not bind its ports within "
+                f"{timeout:g} s (KERNEL_LAUNCH_TIMEOUT)"
+            )
         tail = await self._read_tail()
         if first == "PREFAILED":
-            raise KernelStartError(f"the pre_command {self.pre_command!r} failed on "
-                                   f"{self._ssh_name}: {tail}")
+            raise KernelStartError(
+                f"the pre_command {self.pre_command!r} failed on {self._ssh_name}: {tail}"
+            )
         if first == "NOWORKDIR":
             raise KernelStartError(f"cannot cd to {self.workdir!r} on {self._ssh_name}")
         raise KernelStartError(explain_exit(tail, cmd, self._ssh_name))
@@ -218,12 +254,13 @@ class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
             await asyncio.sleep(POLL_STEP)
             async with sftp.open(self.remote_file) as f:
                 text = await f.read()
-        raise KernelStartError(f"the kernel on {self._ssh_name} wrote an unreadable "
-                               f"connection file {self.remote_file}")
+        raise KernelStartError(
+            f"the kernel on {self._ssh_name} wrote an unreadable connection file {self.remote_file}"
+        )
 
     @property
     def _log_file(self) -> str:
-        return self.remote_file[:-len(".json")] + ".log"
+        return self.remote_file[: -len(".json")] + ".log"
 
     async def _upload(self, sftp: asyncssh.SFTPClient) -> None:
         """The connection file, mode 0600 from its creation, every port 0."""
@@ -238,8 +275,9 @@ class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
 
     async def _read_tail(self, size: int = 4096) -> str:
         assert self._ssh is not None
-        self._tail = (await self._ssh.run(f"tail -c {size} {shell_path(self._log_file)}",
-                                          limit=10)).strip()
+        self._tail = (
+            await self._ssh.run(f"tail -c {size} {shell_path(self._log_file)}", limit=10)
+        ).strip()
         return "\n".join(self._tail.splitlines()[-15:])
 
     async def _forward(self) -> None:
@@ -247,8 +285,7 @@ class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
         were any (so connected ZMQ sockets reconnect by themselves); the host's liveness
         probe covers the kernel from now on."""
         assert self._ssh is not None
-        ports = await self.forwards.open(self._ssh, "127.0.0.1", self.remote_ports,
-                                         pid=self.pid)
+        ports = await self.forwards.open(self._ssh, "127.0.0.1", self.remote_ports, pid=self.pid)
         self._connect_to("127.0.0.1", ports)
 
     # -- while it runs -------------------------------------------------------------------

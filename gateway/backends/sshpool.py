@@ -40,8 +40,9 @@ def require_asyncssh() -> Any:
     try:
         import asyncssh
     except ImportError as e:
-        raise KernelStartError("the SSH backend needs asyncssh: "
-                               "pip install 'remote-kernel-gateway[ssh]'") from e
+        raise KernelStartError(
+            "the SSH backend needs asyncssh: pip install 'remote-kernel-gateway[ssh]'"
+        ) from e
     return asyncssh
 
 
@@ -85,8 +86,10 @@ class Watcher(Protocol):
     async def reforward(self, conn: asyncssh.SSHClientConnection) -> None: ...
 
 
-ALIVE_FN = ('alive() { kill -0 "$1" 2>/dev/null || return 1; [ -r "/proc/$1/stat" ] || return 0; '
-            'case "$(sed "s/.*) //" "/proc/$1/stat")" in Z*|X*) return 1;; esac; }')
+ALIVE_FN = (
+    'alive() { kill -0 "$1" 2>/dev/null || return 1; [ -r "/proc/$1/stat" ] || return 0; '
+    'case "$(sed "s/.*) //" "/proc/$1/stat")" in Z*|X*) return 1;; esac; }'
+)
 
 
 @contextlib.contextmanager
@@ -102,22 +105,25 @@ def ssh_errors(target: Target, what: str, hop: Hop | None = None) -> Iterator[No
         yield
     except mod.HostKeyNotVerifiable as e:
         scan = f"ssh-keyscan -p {hop.port} {hop.host} >> {kh}"
-        raise KernelStartError(f"the SSH host key of {hop.host}:{hop.port} is not known "
-                               f"(unknown host keys are refused; checked {kh}). If you trust "
-                               f"this host, accept its key with: {scan}") from e
+        raise KernelStartError(
+            f"the SSH host key of {hop.host}:{hop.port} is not known "
+            f"(unknown host keys are refused; checked {kh}). If you trust "
+            f"this host, accept its key with: {scan}"
+        ) from e
     except mod.PermissionDenied as e:
         ident = target.identity_file or "ssh-agent / ~/.ssh/id_*"
-        raise KernelStartError(f"SSH authentication to {hop} was refused ({e.reason}); "
-                               f"check the username and the key ({ident})") from e
+        raise KernelStartError(
+            f"SSH authentication to {hop} was refused ({e.reason}); "
+            f"check the username and the key ({ident})"
+        ) from e
     except TimeoutError as e:
-        raise BackendUnavailable(f"{what}: SSH host {hop} did not answer in time (host "
-                                 "unreachable?)") from e
+        raise BackendUnavailable(
+            f"{what}: SSH host {hop} did not answer in time (host unreachable?)"
+        ) from e
     except (mod.DisconnectError, mod.ChannelOpenError) as e:
-        raise BackendUnavailable(f"{what}: the SSH connection to {hop} failed: "
-                                 f"{e.reason}") from e
+        raise BackendUnavailable(f"{what}: the SSH connection to {hop} failed: {e.reason}") from e
     except OSError as e:
-        raise BackendUnavailable(f"{what}: cannot reach SSH host {hop}: "
-                                 f"{e.strerror or e}") from e
+        raise BackendUnavailable(f"{what}: cannot reach SSH host {hop}: {e.strerror or e}") from e
     except mod.Error as e:
         raise KernelError(f"{what} on {hop}: {e.reason}") from e
 
@@ -173,17 +179,21 @@ class SSHHost:
         try:
             tunnel = None
             for hop in (*t.jumps, t.hop):
-                opts: dict[str, Any] = {"known_hosts": known, "tunnel": tunnel,
-                                        "keepalive_interval": t.keepalive_interval,
-                                        "keepalive_count_max": t.keepalive_count_max,
-                                        "connect_timeout": t.connect_timeout}
+                opts: dict[str, Any] = {
+                    "known_hosts": known,
+                    "tunnel": tunnel,
+                    "keepalive_interval": t.keepalive_interval,
+                    "keepalive_count_max": t.keepalive_count_max,
+                    "connect_timeout": t.connect_timeout,
+                }
                 if hop.username:
                     opts["username"] = hop.username
                 if keys is not None:
                     opts["client_keys"] = keys
                 with ssh_errors(t, "connecting", hop):
-                    conn = await asyncio.wait_for(mod.connect(hop.host, hop.port, **opts),
-                                                  t.connect_timeout)
+                    conn = await asyncio.wait_for(
+                        mod.connect(hop.host, hop.port, **opts), t.connect_timeout
+                    )
                 opened.append(conn)
                 tunnel = conn
         except BaseException:
@@ -244,9 +254,11 @@ class SSHHost:
                     break
                 except KernelError as e:
                     if loop.time() + delay > deadline:
-                        self.lost = (f"lost the SSH connection to {self.name} and could not "
-                                     f"reconnect within {self.target.reconnect_timeout:g} s: "
-                                     f"{e.message}")
+                        self.lost = (
+                            f"lost the SSH connection to {self.name} and could not "
+                            f"reconnect within {self.target.reconnect_timeout:g} s: "
+                            f"{e.message}"
+                        )
                         log.error("%s", self.lost)
                         _POOL.pop(self.target, None)
                         self._connected.set()  # wake waiters: they see `lost`
@@ -318,9 +330,15 @@ class SSHHost:
             return ""
         return str(result.stdout or "")
 
-    async def exec(self, command: str, *, what: str = "", wait: float = 30.0,
-                   limit: float | None = None, stdin: str | None = None
-                   ) -> asyncssh.SSHCompletedProcess:
+    async def exec(
+        self,
+        command: str,
+        *,
+        what: str = "",
+        wait: float = 30.0,
+        limit: float | None = None,
+        stdin: str | None = None,
+    ) -> asyncssh.SSHCompletedProcess:
         """Run `command` on one of the host's sessions (waiting at most `wait` s for the
         connection, `limit` s for the command); its failures as gateway errors."""
         conn = await self.connection(wait=wait)

@@ -49,30 +49,44 @@ def mounts(binds: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def task_template(container: dict[str, Any], gpus: str, constraints: list[str],
-                  network: str) -> dict[str, Any]:
+def task_template(
+    container: dict[str, Any], gpus: str, constraints: list[str], network: str
+) -> dict[str, Any]:
     """The Docker backend's container config as a Swarm TaskTemplate."""
     host = container["HostConfig"]
     spec: dict[str, Any] = {
-        "Image": container["Image"], "Command": container["Cmd"],
-        "Env": dict(e.split("=", 1) for e in container["Env"]), "Labels": container["Labels"],
-        "User": container["User"], "Init": True, "Mounts": mounts(host.get("Binds", [])),
+        "Image": container["Image"],
+        "Command": container["Cmd"],
+        "Env": dict(e.split("=", 1) for e in container["Env"]),
+        "Labels": container["Labels"],
+        "User": container["User"],
+        "Init": True,
+        "Mounts": mounts(host.get("Binds", [])),
     }
     if container.get("WorkingDir"):
         spec["Dir"] = container["WorkingDir"]
     if container.get("Hostname"):
         spec["Hostname"] = container["Hostname"]
-    limits = {k2: host[k1] for k1, k2 in (("NanoCpus", "NanoCPUs"), ("Memory", "MemoryBytes"),
-                                          ("PidsLimit", "Pids")) if host.get(k1)}
+    limits = {
+        k2: host[k1]
+        for k1, k2 in (("NanoCpus", "NanoCPUs"), ("Memory", "MemoryBytes"), ("PidsLimit", "Pids"))
+        if host.get(k1)
+    }
     resources: dict[str, Any] = {"Limits": limits}
     if gpus:
         if not gpus.isdigit():
-            raise KernelStartError(f"gpus {gpus!r}: Swarm allocates GPUs by count (e.g. 1), as "
-                                   "generic resources the nodes advertise")
-        resources["Reservations"] = {"GenericResources": [
-            {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": int(gpus)}}]}
+            raise KernelStartError(
+                f"gpus {gpus!r}: Swarm allocates GPUs by count (e.g. 1), as "
+                "generic resources the nodes advertise"
+            )
+        resources["Reservations"] = {
+            "GenericResources": [
+                {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": int(gpus)}}
+            ]
+        }
     template: dict[str, Any] = {
-        "ContainerSpec": spec, "Resources": resources,
+        "ContainerSpec": spec,
+        "Resources": resources,
         "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
         "Placement": {"Constraints": list(constraints)},
     }
@@ -82,15 +96,18 @@ def task_template(container: dict[str, Any], gpus: str, constraints: list[str],
 
 
 async def _delete_service(engine: Engine, ref: str, what: str) -> None:
-    await dockerengine.ignore_missing(engine.call(f"removing {what}",
-                                                  lambda c: c.services.delete(ref)))
+    await dockerengine.ignore_missing(
+        engine.call(f"removing {what}", lambda c: c.services.delete(ref))
+    )
 
 
 def endpoint_spec(reach: str) -> dict[str, Any]:
     spec: dict[str, Any] = {"Mode": "dnsrr"}  # no virtual IP: it needs IPVS
     if reach == "published":
-        spec["Ports"] = [{"Protocol": "tcp", "TargetPort": p, "PublishMode": "host"}
-                         for p in CONTAINER_PORTS.values()]
+        spec["Ports"] = [
+            {"Protocol": "tcp", "TargetPort": p, "PublishMode": "host"}
+            for p in CONTAINER_PORTS.values()
+        ]
     return spec
 
 
@@ -124,9 +141,14 @@ class SwarmProvisioner(DockerProvisioner):
             # a restart's earlier service may linger (cleanup is best effort): its name is ours
             await _delete_service(self.engine, self.container_name, "an earlier service")
             created = await self.engine.call(
-                f"creating service {self.container_name}", lambda c: c.services.create(
-                    template, name=self.container_name, labels=container["Labels"],
-                    endpoint_spec=endpoint_spec(self.reach)))
+                f"creating service {self.container_name}",
+                lambda c: c.services.create(
+                    template,
+                    name=self.container_name,
+                    labels=container["Labels"],
+                    endpoint_spec=endpoint_spec(self.reach),
+                ),
+            )
             self.service_id = created["ID"]
             task = await self._running_task()
             await self._locate_task(task)
@@ -139,15 +161,15 @@ class SwarmProvisioner(DockerProvisioner):
     async def _check_image(self) -> None:
         """Swarm would try a registry for a missing image; say what to do instead."""
         try:
-            await self.engine.call("looking up the image",
-                                   lambda c: c.images.inspect(self.image))
+            await self.engine.call("looking up the image", lambda c: c.images.inspect(self.image))
         except EngineError as e:
             if e.code != 404:
                 raise
             raise KernelStartError(
                 f"image {self.image!r} is not on the Swarm manager at {self.engine.name}: "
                 "build or load it on every node that may run kernels (or push it to a registry "
-                "they can reach); the gateway does not pull images") from e
+                "they can reach); the gateway does not pull images"
+            ) from e
 
     async def _running_task(self) -> dict[str, Any]:
         while True:
@@ -156,8 +178,7 @@ class SwarmProvisioner(DockerProvisioner):
             if task is not None:
                 status = task.get("Status", {})
                 state = status.get("State", "")
-                self._status = f"task {state}" + (f": {status['Err']}" if status.get("Err")
-                                                  else "")
+                self._status = f"task {state}" + (f": {status['Err']}" if status.get("Err") else "")
                 if state == "running":
                     return task
                 if state in FAILED:
@@ -165,7 +186,8 @@ class SwarmProvisioner(DockerProvisioner):
                     await self._read_tail()
                     raise KernelStartError(
                         f"the kernel's Swarm task {self._status}"
-                        + (f"; its last output:\n{self._tail}" if self._tail else ""))
+                        + (f"; its last output:\n{self._tail}" if self._tail else "")
+                    )
             await asyncio.sleep(0.1)
 
     def launch_note(self) -> str:
@@ -175,14 +197,19 @@ class SwarmProvisioner(DockerProvisioner):
     async def _locate_task(self, task: dict[str, Any]) -> None:
         conn: dict[str, Any] = dict(self.connection_info)
         if self.reach == "published":
-            ports = {p["TargetPort"]: p["PublishedPort"]
-                     for p in task["Status"].get("PortStatus", {}).get("Ports", [])}
+            ports = {
+                p["TargetPort"]: p["PublishedPort"]
+                for p in task["Status"].get("PortStatus", {}).get("Ports", [])
+            }
             missing = [p for p in CONTAINER_PORTS.values() if not ports.get(p)]
             if missing:
-                raise KernelStartError(f"Swarm did not publish ports {missing} of service "
-                                       f"{self.container_name}")
-            conn.update({f"{ch}_port": ports[p] for ch, p in CONTAINER_PORTS.items()},
-                        ip=await self._node_address(task["NodeID"]))
+                raise KernelStartError(
+                    f"Swarm did not publish ports {missing} of service {self.container_name}"
+                )
+            conn.update(
+                {f"{ch}_port": ports[p] for ch, p in CONTAINER_PORTS.items()},
+                ip=await self._node_address(task["NodeID"]),
+            )
         else:
             ip = ""
             for att in task.get("NetworksAttachments", []):
@@ -190,15 +217,18 @@ class SwarmProvisioner(DockerProvisioner):
                 if net == self.network and att.get("Addresses"):
                     ip = att["Addresses"][0].split("/")[0]
             if not ip:
-                raise KernelStartError(f"the task of service {self.container_name} has no "
-                                       f"address on network {self.network!r}")
+                raise KernelStartError(
+                    f"the task of service {self.container_name} has no "
+                    f"address on network {self.network!r}"
+                )
             conn.update({f"{ch}_port": p for ch, p in CONTAINER_PORTS.items()}, ip=ip)
         conn["transport"] = "tcp"
         self.connection_info = cast(KernelConnectionInfo, conn)
 
     async def _node_address(self, node_id: str) -> str:
-        node = await self.engine.call("inspecting the node",
-                                      lambda c: c.nodes.inspect(node_id=node_id))
+        node = await self.engine.call(
+            "inspecting the node", lambda c: c.nodes.inspect(node_id=node_id)
+        )
         addr = str(node.get("Status", {}).get("Addr", ""))
         return "127.0.0.1" if addr in ("", "0.0.0.0") else addr
 
@@ -207,8 +237,10 @@ class SwarmProvisioner(DockerProvisioner):
         if sid is None:
             return self._tail
         try:
-            text = await self.engine.call("reading the kernel's log", lambda c: c.services.logs(
-                sid, stdout=True, stderr=True, tail="40"))
+            text = await self.engine.call(
+                "reading the kernel's log",
+                lambda c: c.services.logs(sid, stdout=True, stderr=True, tail="40"),
+            )
             self._tail = dockerengine.log_text(text)
         except KernelError as e:
             log.debug("service logs of %s: %s", self.container_name, e.message)
@@ -240,11 +272,14 @@ class SwarmProvisioner(DockerProvisioner):
         cid = task.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")
         if not cid:
             return
-        if not await self._signal(cid, signum, f"service {self.container_name}") \
-                and signum == signal.SIGINT:
+        if (
+            not await self._signal(cid, signum, f"service {self.container_name}")
+            and signum == signal.SIGINT
+        ):
             raise KernelError(
                 f"the kernel of service {self.container_name} runs on another node; use "
-                '"interrupt_mode": "message" in its kernelspec to interrupt it')
+                '"interrupt_mode": "message" in its kernelspec to interrupt it'
+            )
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -259,10 +294,13 @@ class SwarmProvisioner(DockerProvisioner):
     @classmethod
     async def _labelled(cls, engine: Engine, labels: list[str]) -> list[tuple[str, str, str]]:
         """(kernel id, id, name) of every service carrying all `labels`."""
-        rows = await engine.call("listing services", lambda c: c.services.list(
-            filters={"label": labels}))
-        return [(row["Spec"].get("Labels", {}).get(LABEL_KERNEL, ""), row["ID"],
-                 row["Spec"]["Name"]) for row in rows]
+        rows = await engine.call(
+            "listing services", lambda c: c.services.list(filters={"label": labels})
+        )
+        return [
+            (row["Spec"].get("Labels", {}).get(LABEL_KERNEL, ""), row["ID"], row["Spec"]["Name"])
+            for row in rows
+        ]
 
     @classmethod
     async def _remove_orphan(cls, engine: Engine, ref: str) -> None:

@@ -85,17 +85,25 @@ def _header_ids(header: Part) -> bytes:
     return json.dumps(ids, ensure_ascii=False)[1:-1].encode() + b","
 
 
-def _legacy_json(channel: bytes, parts: Sequence[Part], buffers: list[str] | None
-                 ) -> list[Part]:
+def _legacy_json(channel: bytes, parts: Sequence[Part], buffers: list[str] | None) -> list[Part]:
     h, p, m, c = parts[:4]
     tail = b"" if buffers is None else b',"buffers":' + json.dumps(buffers).encode()
-    return [b'{"header":', h, b"," + _header_ids(h) + b'"parent_header":', p,
-            b',"metadata":', m, b',"content":', c,
-            b',"channel":"' + channel + b'"' + tail + b"}"]
+    return [
+        b'{"header":',
+        h,
+        b"," + _header_ids(h) + b'"parent_header":',
+        p,
+        b',"metadata":',
+        m,
+        b',"content":',
+        c,
+        b',"channel":"' + channel + b'"' + tail + b"}",
+    ]
 
 
-def legacy_pieces(channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
-                  ) -> tuple[list[Part], bool]:
+def legacy_pieces(
+    channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
+) -> tuple[list[Part], bool]:
     """(pieces of the frame, is_binary). Messages with buffers become binary frames, or, for
     a client that cannot take binary frames (`binary_ok=False`), text with base64 buffers."""
     buffers = parts[4:]
@@ -111,8 +119,9 @@ def legacy_pieces(channel: bytes, parts: Sequence[Part], *, binary_ok: bool = Tr
     return [struct.pack(f">{len(sizes) + 1}I", len(sizes), *offsets), *text, *buffers], True
 
 
-def legacy_from_parts(channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
-                      ) -> tuple[bytes, bool]:
+def legacy_from_parts(
+    channel: bytes, parts: Sequence[Part], *, binary_ok: bool = True
+) -> tuple[bytes, bool]:
     pieces, binary = legacy_pieces(channel, parts, binary_ok=binary_ok)
     return b"".join(pieces), binary
 

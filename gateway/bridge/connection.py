@@ -98,8 +98,11 @@ class KernelWebSocket(websocket.WebSocketHandler):
             if channel not in codec.CLIENT_CHANNELS:
                 raise codec.BadFrame(f"cannot send on channel {channel!r}")
         except codec.BadFrame as e:
-            log.warning("kernel %s: dropped a bad frame from a client: %s",
-                        self.kernel.id if self.kernel else "?", e)
+            log.warning(
+                "kernel %s: dropped a bad frame from a client: %s",
+                self.kernel.id if self.kernel else "?",
+                e,
+            )
             return
         await self.session.send_to_kernel(channel, parts)
 
@@ -117,8 +120,10 @@ class KernelWebSocket(websocket.WebSocketHandler):
         self._pending += size
         fut.add_done_callback(lambda f: self._written(f, size))
         if self._pending > MAX_PENDING_BYTES:
-            log.warning("kernel %s: a client is not reading; closing its socket",
-                        self.kernel.id if self.kernel else "?")
+            log.warning(
+                "kernel %s: a client is not reading; closing its socket",
+                self.kernel.id if self.kernel else "?",
+            )
             self.close_with(1013, "client too slow")
 
     def _write(self, pieces: list[Part], size: int, binary: bool) -> Any:

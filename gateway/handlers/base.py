@@ -42,10 +42,11 @@ class APIHandler(web.RequestHandler):
             if self.request.headers.get("Origin") != allowed:
                 return
         self.set_header("Access-Control-Allow-Origin", allowed)
-        self.set_header("Access-Control-Allow-Headers",
-                        "Authorization, Content-Type, X-Requested-With, X-XSRFToken")
-        self.set_header("Access-Control-Allow-Methods",
-                        "GET, POST, PATCH, PUT, DELETE, OPTIONS")
+        self.set_header(
+            "Access-Control-Allow-Headers",
+            "Authorization, Content-Type, X-Requested-With, X-XSRFToken",
+        )
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, PATCH, PUT, DELETE, OPTIONS")
 
     def prepare(self) -> None:
         if self.request.method != "OPTIONS":
@@ -83,17 +84,29 @@ class APIHandler(web.RequestHandler):
             reason = exc.reason or self._reason
             body = {"reason": reason, "message": exc.log_message or reason}
         else:
-            body = {"reason": self._reason,
-                    "message": "unexpected error in the gateway; its log has the details"}
+            body = {
+                "reason": self._reason,
+                "message": "unexpected error in the gateway; its log has the details",
+            }
         self.finish(json.dumps(body))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ClientError):
-            log.info("%s %s -> %d %s", self.request.method, self.request.path, value.status,
-                     value.message)
+            log.info(
+                "%s %s -> %d %s",
+                self.request.method,
+                self.request.path,
+                value.status,
+                value.message,
+            )
         elif isinstance(value, GatewayError):
-            log.warning("%s %s -> %d %s", self.request.method, self.request.path, value.status,
-                        value.message)
+            log.warning(
+                "%s %s -> %d %s",
+                self.request.method,
+                self.request.path,
+                value.status,
+                value.message,
+            )
         elif isinstance(value, web.HTTPError):
             log.info("%s %s -> %d", self.request.method, self.request.path, value.status_code)
         else:

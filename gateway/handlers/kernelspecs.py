@@ -22,7 +22,8 @@ def spec_model(base_url: str, name: str, spec: dict[str, Any], resource_dir: str
         stem = os.path.splitext(fname)[0]
         if stem.startswith("logo-") or fname in ("kernel.js", "kernel.css"):
             resources[stem if stem.startswith("logo-") else fname] = (
-                f"{base_url}kernelspecs/{name}/{fname}")
+                f"{base_url}kernelspecs/{name}/{fname}"
+            )
     return {"name": name, "spec": spec, "resources": resources}
 
 
@@ -30,8 +31,10 @@ class KernelSpecsHandler(APIHandler):
     specs: KernelSpecManager
 
     def _models(self) -> dict[str, dict[str, Any]]:
-        return {name: spec_model(self.config.base_url, name, info["spec"], info["resource_dir"])
-                for name, info in self.specs.get_all_specs().items()}
+        return {
+            name: spec_model(self.config.base_url, name, info["spec"], info["resource_dir"])
+            for name, info in self.specs.get_all_specs().items()
+        }
 
     def get(self) -> None:
         # jupyter_server with KERNEL_USERNAME asks for one spec as ?user=alice/python3

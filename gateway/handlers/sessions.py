@@ -22,7 +22,7 @@ def _text(body: dict[str, Any], key: str, default: str = "") -> str:
 def _kernel_field(body: dict[str, Any]) -> dict[str, Any]:
     kernel = body.get("kernel") or {}
     if not isinstance(kernel, dict):
-        raise BadRequest("'kernel' must be an object like {\"name\": \"python3\"}")
+        raise BadRequest('\'kernel\' must be an object like {"name": "python3"}')
     return kernel
 
 
@@ -38,10 +38,15 @@ class SessionBase(APIHandler):
 
     def model(self, session: Session) -> dict[str, Any]:
         kernel = self.registry.get(session.kernel_id).model()
-        return {"id": session.id, "path": session.path, "name": session.name,
-                "type": session.type, "kernel": kernel,
-                # services 0.x and notebook < 5 read the older shape
-                "notebook": {"path": session.path, "name": session.name}}
+        return {
+            "id": session.id,
+            "path": session.path,
+            "name": session.name,
+            "type": session.type,
+            "kernel": kernel,
+            # services 0.x and notebook < 5 read the older shape
+            "notebook": {"path": session.path, "name": session.name},
+        }
 
     def live(self) -> list[Session]:
         """Sessions whose kernel still exists (a deleted or culled kernel ends its session)."""
@@ -89,8 +94,9 @@ class SessionsHandler(SessionBase):
             self.sessions.forget(existing.id)
         kernel_id = await self.kernel_for(_kernel_field(body), body.get("env"))
         name = _text(body, "name") or _text(notebook, "name")
-        session = await self.sessions.create(path=path, name=name, type=_text(body, "type"),
-                                       kernel_id=kernel_id)
+        session = await self.sessions.create(
+            path=path, name=name, type=_text(body, "type"), kernel_id=kernel_id
+        )
         self.set_header("Location", f"{self.config.base_url}api/sessions/{session.id}")
         self.write_json(self.model(session), 201)
 

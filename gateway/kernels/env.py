@@ -10,8 +10,18 @@ from typing import Any
 from ..errors import BadRequest
 
 # Never from a client, whatever the allow list says: they would change what runs.
-_NEVER = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME",
-                    "PYTHONSTARTUP", "PYTHONEXECUTABLE", "JPY_PARENT_PID"})
+_NEVER = frozenset(
+    {
+        "PATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONEXECUTABLE",
+        "JPY_PARENT_PID",
+    }
+)
 
 
 def client_env(env: Any, allowlist: Iterable[str]) -> dict[str, str]:

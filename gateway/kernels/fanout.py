@@ -20,8 +20,14 @@ log = logging.getLogger(__name__)
 
 
 class Fanout:
-    def __init__(self, kernel: KernelLink, *, replay_seconds: float, replay_max_bytes: int,
-                 on_iopub: Callable[[Sequence[wire.Part]], None]) -> None:
+    def __init__(
+        self,
+        kernel: KernelLink,
+        *,
+        replay_seconds: float,
+        replay_max_bytes: int,
+        on_iopub: Callable[[Sequence[wire.Part]], None],
+    ) -> None:
         self.kernel = kernel
         self.sessions: dict[str, ClientSession] = {}
         self.live: asyncio.Future[None] | None = None  # done at iopub's first message

@@ -32,8 +32,9 @@ from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 
-def connect(km: AsyncKernelManager, channel: str, identity: bytes | None = None, *,
-            immediate: bool = False) -> zmq.asyncio.Socket:
+def connect(
+    km: AsyncKernelManager, channel: str, identity: bytes | None = None, *, immediate: bool = False
+) -> zmq.asyncio.Socket:
     """A socket to one of the kernel's channels. `immediate`: its pipe exists only once the
     ZMTP handshake with the kernel completed, so POLLOUT on it means "connected"."""
     connect_channel = getattr(km, f"connect_{channel}")

@@ -32,18 +32,30 @@ log = logging.getLogger(__name__)
 
 
 class ManagedKernel:
-    def __init__(self, km: AsyncKernelManager, *, name: str, replay_seconds: float,
-                 replay_max_bytes: int, autorestart: bool, restart_limit: int,
-                 on_gone: Callable[[ManagedKernel], None],
-                 on_launched: Callable[[ManagedKernel], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        km: AsyncKernelManager,
+        *,
+        name: str,
+        replay_seconds: float,
+        replay_max_bytes: int,
+        autorestart: bool,
+        restart_limit: int,
+        on_gone: Callable[[ManagedKernel], None],
+        on_launched: Callable[[ManagedKernel], Awaitable[None]],
+    ) -> None:
         self.km = km
         self.id: str = km.kernel_id
         self.name = name
         self.state = "starting"
         self.execution_state = "starting"
         self.last_activity = time.time()
-        self.fanout = Fanout(self, replay_seconds=replay_seconds,
-                             replay_max_bytes=replay_max_bytes, on_iopub=self._on_iopub)
+        self.fanout = Fanout(
+            self,
+            replay_seconds=replay_seconds,
+            replay_max_bytes=replay_max_bytes,
+            on_iopub=self._on_iopub,
+        )
         self._autorestart = autorestart
         self._restart_limit = restart_limit
         self._restarts: list[float] = []
@@ -69,14 +81,20 @@ class ManagedKernel:
         return self.fanout.connections
 
     def model(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "last_activity": wire.iso(self.last_activity),
-                "execution_state": self.execution_state, "connections": self.connections}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "last_activity": wire.iso(self.last_activity),
+            "execution_state": self.execution_state,
+            "connections": self.connections,
+        }
 
     def touch(self) -> None:
         self.last_activity = time.time()
 
-    def connect(self, channel: str, identity: bytes | None = None, *, immediate: bool = False
-                ) -> zmq.asyncio.Socket:
+    def connect(
+        self, channel: str, identity: bytes | None = None, *, immediate: bool = False
+    ) -> zmq.asyncio.Socket:
         """KernelLink.connect: a socket to one of the kernel's channels."""
         return jc.connect(self.km, channel, identity, immediate=immediate)
 
@@ -131,16 +149,18 @@ class ManagedKernel:
             await self._abandon()
             # a backend that queues its kernels says where the start stood (batch.py)
             note = hooks(self.km.provisioner).launch_note()
-            raise KernelTimeout(f"kernel {self.name!r} did not become ready within "
-                                f"{launch_timeout:g} s (KERNEL_LAUNCH_TIMEOUT)"
-                                + (f": {note}" if note else "")) from None
+            raise KernelTimeout(
+                f"kernel {self.name!r} did not become ready within "
+                f"{launch_timeout:g} s (KERNEL_LAUNCH_TIMEOUT)" + (f": {note}" if note else "")
+            ) from None
         except (KernelError, ClientError):  # a backend may refuse the request (uid, GPUs)
             await self._abandon()
             raise
         except Exception as e:
             await self._abandon()
-            raise KernelStartError(f"kernel {self.name!r} failed to start: "
-                                   f"{type(e).__name__}: {e}") from e
+            raise KernelStartError(
+                f"kernel {self.name!r} failed to start: {type(e).__name__}: {e}"
+            ) from e
         self.state = "running"
         self.execution_state = "idle"
         self._monitor_task = asyncio.create_task(self._monitor())
@@ -194,7 +214,10 @@ class ManagedKernel:
         """Until the kernel answers a kernel_info_request through our iopub (readiness.py)."""
         await self._handshake.wait(
             connect_shell=lambda: self.connect("shell", uuid.uuid4().hex.encode(), immediate=True),
-            key=self.key, iopub_live=lambda: self.fanout.live, check_alive=self._check_alive)
+            key=self.key,
+            iopub_live=lambda: self.fanout.live,
+            check_alive=self._check_alive,
+        )
 
     async def _check_alive(self) -> None:
         if not await self.km.is_alive():
@@ -202,7 +225,8 @@ class ManagedKernel:
             raise KernelStartError(
                 f"kernel {self.name!r} exited during start-up (exit code "
                 f"{jc.exit_code(self.km.provisioner)})"
-                + (f"; its last output:\n{tail}" if tail else ""))
+                + (f"; its last output:\n{tail}" if tail else "")
+            )
 
     async def interrupt(self) -> None:
         if self.state not in ("running",):

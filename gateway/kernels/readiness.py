@@ -38,9 +38,14 @@ class Handshake:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    async def wait(self, *, connect_shell: Callable[[], zmq.asyncio.Socket], key: bytes,
-                   iopub_live: Callable[[], asyncio.Future[None] | None],
-                   check_alive: Callable[[], Awaitable[None]]) -> None:
+    async def wait(
+        self,
+        *,
+        connect_shell: Callable[[], zmq.asyncio.Socket],
+        key: bytes,
+        iopub_live: Callable[[], asyncio.Future[None] | None],
+        check_alive: Callable[[], Awaitable[None]],
+    ) -> None:
         """Return once the kernel answered; `check_alive` raises if it died meanwhile.
 
         `connect_shell()` connects with IMMEDIATE (ZMQ reads it at connect time), so requests
@@ -76,8 +81,9 @@ class Handshake:
                         continue  # not connected yet
                     msg_id = uuid.uuid4().hex
                     with contextlib.suppress(zmq.Again):
-                        await shell.send_multipart(kernel_info_request(key, msg_id),
-                                                   flags=zmq.NOBLOCK)
+                        await shell.send_multipart(
+                            kernel_info_request(key, msg_id), flags=zmq.NOBLOCK
+                        )
                         self._waiting[msg_id] = answered  # any of them will do
                         sent.append(msg_id)
                         if last_sent >= 0:
@@ -87,8 +93,9 @@ class Handshake:
                 live_fut = iopub_live()
                 if live_fut is not None and not live_when_sent:
                     waits.add(live_fut)
-                await asyncio.wait(waits, timeout=min(resend, 0.1),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    waits, timeout=min(resend, 0.1), return_when=asyncio.FIRST_COMPLETED
+                )
         finally:
             for msg_id in sent:
                 self._waiting.pop(msg_id, None)
@@ -96,6 +103,12 @@ class Handshake:
 
 
 def kernel_info_request(key: bytes, msg_id: str) -> list[bytes]:
-    header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "session": msg_id,
-              "username": "gateway", "date": wire.iso(time.time()), "version": "5.3"}
+    header = {
+        "msg_id": msg_id,
+        "msg_type": "kernel_info_request",
+        "session": msg_id,
+        "username": "gateway",
+        "date": wire.iso(time.time()),
+        "version": "5.3",
+    }
     return wire.zmq_from_parts(key, [json.dumps(header).encode(), b"{}", b"{}", b"{}"])

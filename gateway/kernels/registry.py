@@ -74,31 +74,44 @@ class KernelRegistry:
         concurrent starts can never both take the last place."""
         cfg = self.config
         if cfg.max_kernels and len(self.kernels) >= cfg.max_kernels:
-            raise LimitReached(f"this gateway runs at most {cfg.max_kernels} kernels; "
-                               "shut one down first")
+            raise LimitReached(
+                f"this gateway runs at most {cfg.max_kernels} kernels; shut one down first"
+            )
         if cfg.max_kernels_per_user:
             mine = sum(1 for u in self._users.values() if u == user)
             if mine >= cfg.max_kernels_per_user:
-                raise LimitReached(f"user {user or 'anonymous'!r} may run at most "
-                                   f"{cfg.max_kernels_per_user} kernels; shut one down first")
+                raise LimitReached(
+                    f"user {user or 'anonymous'!r} may run at most "
+                    f"{cfg.max_kernels_per_user} kernels; shut one down first"
+                )
 
-    def _manager(self, kernel_id: str, name: str, client_env: dict[str, str],
-                 launch_timeout: float) -> GatewayKernelManager:
+    def _manager(
+        self, kernel_id: str, name: str, client_env: dict[str, str], launch_timeout: float
+    ) -> GatewayKernelManager:
         km = GatewayKernelManager(
-            kernel_name=name, kernel_spec_manager=self.specs, context=self._context,
+            kernel_name=name,
+            kernel_spec_manager=self.specs,
+            context=self._context,
             connection_file=os.path.join(self._runtime_dir, f"kernel-{kernel_id}.json"),
             gateway_id=self.gateway_id,  # container backends label what they create with it
-            client_env={**client_env, "KERNEL_ID": kernel_id}, launch_timeout=launch_timeout,
+            client_env={**client_env, "KERNEL_ID": kernel_id},
+            launch_timeout=launch_timeout,
         )
         km.kernel_id = kernel_id
         return km
 
     def _managed(self, km: GatewayKernelManager, name: str, user: str) -> ManagedKernel:
         cfg = self.config
-        kernel = ManagedKernel(km, name=name, replay_seconds=cfg.replay_seconds,
-                               replay_max_bytes=cfg.replay_max_bytes, autorestart=cfg.autorestart,
-                               restart_limit=cfg.restart_limit, on_gone=self._forget,
-                               on_launched=self._record)
+        kernel = ManagedKernel(
+            km,
+            name=name,
+            replay_seconds=cfg.replay_seconds,
+            replay_max_bytes=cfg.replay_max_bytes,
+            autorestart=cfg.autorestart,
+            restart_limit=cfg.restart_limit,
+            on_gone=self._forget,
+            on_launched=self._record,
+        )
         self.kernels[km.kernel_id] = kernel
         self._users[km.kernel_id] = user
         return kernel
@@ -106,8 +119,9 @@ class KernelRegistry:
     async def start(self, name: str | None, env: Any = None) -> ManagedKernel:
         name = name or self.config.default_kernel_name
         self.spec_exists(name)
-        req = kenv.LaunchRequest.from_client(env, self.config.env_allowlist,
-                                             self.config.kernel_launch_timeout)
+        req = kenv.LaunchRequest.from_client(
+            env, self.config.env_allowlist, self.config.kernel_launch_timeout
+        )
         user = req.env.get("KERNEL_USERNAME", "")
         self._check_limits(user)
         kernel_id = str(uuid.uuid4())
@@ -123,12 +137,15 @@ class KernelRegistry:
             if current is not None and current.cancelling():
                 raise
             if kernel_id in self._deleted_while_starting:
-                raise Conflict(f"kernel {kernel_id} was deleted while it was starting; "
-                               "its start was undone") from None
+                raise Conflict(
+                    f"kernel {kernel_id} was deleted while it was starting; its start was undone"
+                ) from None
             # cancel_starts() cancelled the start, not our caller: a bare CancelledError
             # would reach Tornado, which answers it with an anonymous 500
-            raise Unavailable("the gateway is shutting down, so this kernel start was undone; "
-                              "start the kernel again once the gateway is back") from None
+            raise Unavailable(
+                "the gateway is shutting down, so this kernel start was undone; "
+                "start the kernel again once the gateway is back"
+            ) from None
         finally:
             self._starting.pop(kernel_id, None)
             self._deleted_while_starting.discard(kernel_id)
@@ -153,8 +170,7 @@ class KernelRegistry:
         launched again on fresh ports (jupyter_client picks new ones after a cleanup)."""
         for attempt in range(3):
             try:
-                await kernel.start(launch_timeout=launch_timeout,
-                                   **self._launch_kwargs(kernel))
+                await kernel.start(launch_timeout=launch_timeout, **self._launch_kwargs(kernel))
                 return
             except KernelStartError as e:
                 if "Address already in use" not in e.message or attempt == 2:
@@ -164,8 +180,9 @@ class KernelRegistry:
 
     @staticmethod
     def _launch_kwargs(kernel: ManagedKernel) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"env": {**os.environ, **kernel.launch["env"],
-                                          "KERNEL_ID": kernel.id}}
+        kwargs: dict[str, Any] = {
+            "env": {**os.environ, **kernel.launch["env"], "KERNEL_ID": kernel.id}
+        }
         if kernel.launch.get("cwd"):
             kwargs["cwd"] = kernel.launch["cwd"]
         return kwargs
@@ -174,9 +191,17 @@ class KernelRegistry:
         """After every launch (start and restart): what a later gateway needs to re-attach."""
         prov = kernel.km.provisioner
         info = await prov.get_provisioner_info() if prov is not None else {}
-        await self.store.put_kernel(KernelRecord(
-            kernel.id, kernel.name, self._users.get(kernel.id, ""),
-            dict(kernel.km.get_connection_info()), info, kernel.launch, kernel.created))
+        await self.store.put_kernel(
+            KernelRecord(
+                kernel.id,
+                kernel.name,
+                self._users.get(kernel.id, ""),
+                dict(kernel.km.get_connection_info()),
+                info,
+                kernel.launch,
+                kernel.created,
+            )
+        )
 
     def _forget(self, kernel: ManagedKernel) -> None:
         self.kernels.pop(kernel.id, None)
@@ -203,12 +228,12 @@ class KernelRegistry:
     async def restore(self) -> None:
         """Re-attach to every recorded kernel that still runs; forget and clean up the rest."""
         records = self.store.kernels()
-        results = await asyncio.gather(*[self._restore_one(r) for r in records],
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *[self._restore_one(r) for r in records], return_exceptions=True
+        )
         for rec, result in zip(records, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("kernel %s (%s) could not be re-attached: %s", rec.id, rec.name,
-                            result)
+                log.warning("kernel %s (%s) could not be re-attached: %s", rec.id, rec.name, result)
                 self.kernels.pop(rec.id, None)
                 self._users.pop(rec.id, None)
                 await self.store.delete_kernel(rec.id)
@@ -240,17 +265,20 @@ class KernelRegistry:
                 log.warning("looking for orphans of kernelspec %s: %s", name, e)
                 continue
             if gone:
-                log.warning("removed %d orphaned kernel(s) of this gateway: %s", len(gone),
-                            ", ".join(gone))
+                log.warning(
+                    "removed %d orphaned kernel(s) of this gateway: %s", len(gone), ", ".join(gone)
+                )
 
     async def _restore_one(self, rec: KernelRecord) -> None:
         # a restart relaunches with what the client first asked for
-        km = self._manager(rec.id, rec.name, dict(rec.launch.get("env") or {}),
-                           self.config.kernel_launch_timeout)
+        km = self._manager(
+            rec.id, rec.name, dict(rec.launch.get("env") or {}), self.config.kernel_launch_timeout
+        )
         info = cast(KernelConnectionInfo, rec.connection_info)
         km.load_connection_info(info)
         prov = KernelProvisionerFactory.instance(parent=km).create_provisioner_instance(
-            rec.id, km.kernel_spec, parent=km)
+            rec.id, km.kernel_spec, parent=km
+        )
         prov.connection_info = info
         await prov.load_provisioner_info(rec.provisioner_info)
         km.provisioner = prov
@@ -295,8 +323,7 @@ class KernelRegistry:
         Starts in flight are first let finish, bounded: such a kernel is recorded already and
         the next gateway re-attaches to it, so its client should get it, not an error."""
         if self._starting:
-            await asyncio.wait(list(self._starting.values()),
-                               timeout=self.config.shutdown_timeout)
+            await asyncio.wait(list(self._starting.values()), timeout=self.config.shutdown_timeout)
         await self.cancel_starts()
         for kernel in list(self.kernels.values()):
             kernel.detach()

@@ -54,8 +54,9 @@ class KernelLink(Protocol):
 
     def touch(self) -> None: ...
 
-    def connect(self, channel: str, identity: bytes | None = None, *, immediate: bool = False
-                ) -> zmq.asyncio.Socket: ...
+    def connect(
+        self, channel: str, identity: bytes | None = None, *, immediate: bool = False
+    ) -> zmq.asyncio.Socket: ...
 
 
 class ClientSession:
@@ -165,9 +166,12 @@ class ClientSession:
         except zmq.ZMQError:
             return
         if not connected:
-            log.warning("kernel %s: stdin of session %s not connected after %d ms; sending "
-                        "on shell anyway", self.kernel.id, self.session_id,
-                        STDIN_CONNECT_TIMEOUT_MS)
+            log.warning(
+                "kernel %s: stdin of session %s not connected after %d ms; sending on shell anyway",
+                self.kernel.id,
+                self.session_id,
+                STDIN_CONNECT_TIMEOUT_MS,
+            )
 
     def release_held(self) -> None:
         """Send what was held during a restart, in order. Synchronous on purpose: nothing a
@@ -192,8 +196,13 @@ class ClientSession:
         size = sum(len(p) for p in parts)
         if self._backlog_bytes + size > self._max_bytes:
             # Replaying a gapped stream would be worse than saying it is gone.
-            log.warning("replay buffer of session %s on kernel %s exceeded %d bytes; "
-                        "it will not be replayed", self.session_id, self.kernel.id, self._max_bytes)
+            log.warning(
+                "replay buffer of session %s on kernel %s exceeded %d bytes; "
+                "it will not be replayed",
+                self.session_id,
+                self.kernel.id,
+                self._max_bytes,
+            )
             self._overflowed = True
             self._backlog.clear()
             self._backlog_bytes = 0
