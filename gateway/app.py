@@ -48,7 +48,7 @@ def make_app(config: Config, registry: KernelRegistry, store: SessionStore) -> w
     ]
     handlers = [(config.base_url + pattern, cls, collaborators) for pattern, cls in table]
     return web.Application(
-        handlers,  # type: ignore[arg-type]
+        handlers,
         default_handler_class=base.NotFoundHandler,
         default_handler_args=collaborators,
         websocket_ping_interval=30,

@@ -126,7 +126,7 @@ def job_script(*, cmd: list[str], env: dict[str, str], workdir: str, pre_command
     return "\n".join(lines) + "\n"
 
 
-class BatchProvisioner(RemoteProvisioner):  # type: ignore[misc]
+class BatchProvisioner(RemoteProvisioner):
     """Registered as `rkg-batch`: a kernel as a batch job (one job per launch)."""
 
     scheduler = Unicode("slurm", config=True, help="slurm, sge, pbs or lsf")

@@ -125,7 +125,7 @@ class PortForwards:
             self._host = None
 
 
-class RemoteProvisioner(GatewayProvisioner):  # type: ignore[misc]
+class RemoteProvisioner(GatewayProvisioner):
     """A kernel the gateway reaches over the network. Called by jupyter_client's
     KernelManager: pre_launch and launch_kernel to start, poll/wait/send_signal/kill/terminate
     while it runs, cleanup after it stopped (restart=True between the two launches of a
@@ -172,7 +172,7 @@ class RemoteProvisioner(GatewayProvisioner):  # type: ignore[misc]
         km = self.parent
         kwargs.pop("extra_arguments", None)
         self.connection_info = km.get_connection_info() if km is not None else {}
-        return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)  # type: ignore[no-any-return]
+        return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
 
     def _command(self, conn_file: str) -> list[str]:
         """kernel_cmd (or ipykernel's) with the connection file and python filled in."""

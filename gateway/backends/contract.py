@@ -19,7 +19,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Dict, Float, Unicode
 
 
-class GatewayKernelManager(AsyncKernelManager):  # type: ignore[misc]
+class GatewayKernelManager(AsyncKernelManager):
     """The kernel manager the gateway makes for each kernel, the `parent` of its provisioner:
     it hands the backend what the client asked for, explicitly (jupyter_client's launch
     `env` is this process's whole environment, from which a remote backend cannot tell the
@@ -93,7 +93,7 @@ class GatewayHooks:
             return default
 
 
-class GatewayProvisioner(GatewayHooks, KernelProvisionerBase):  # type: ignore[misc]
+class GatewayProvisioner(GatewayHooks, KernelProvisionerBase):
     """A jupyter_client provisioner with the gateway's hooks: the base of every backend that
     is not built on LocalProvisioner."""
 

@@ -86,7 +86,7 @@ def container_name(username: str, kernel_id: str) -> str:
     return f"{user}-{kernel_id}" if user else f"kernel-{kernel_id}"
 
 
-class DockerProvisioner(RemoteProvisioner):  # type: ignore[misc]
+class DockerProvisioner(RemoteProvisioner):
     """Registered as `rkg-docker`: a kernel in a container of its own."""
 
     image = Unicode("", config=True, help="the kernel image; it must be on the engine already")

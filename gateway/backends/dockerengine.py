@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from ..errors import BackendUnavailable, EngineError, KernelError, KernelStartError
@@ -177,11 +177,15 @@ class Engine:
     async def states(self, max_age: float) -> dict[str, str]:
         """container id -> state ('running', 'exited', ...) of every container we labelled,
         from one listing shared by all callers and reused for max_age seconds."""
-        return await self._cached("containers", max_age, self._list_containers)
+        return cast(
+            dict[str, str], await self._cached("containers", max_age, self._list_containers)
+        )
 
     async def task_states(self, max_age: float) -> dict[str, dict[str, Any]]:
         """Swarm: service id -> the Status of its newest task, shared the same way."""
-        return await self._cached("tasks", max_age, self._list_tasks)
+        return cast(
+            dict[str, dict[str, Any]], await self._cached("tasks", max_age, self._list_tasks)
+        )
 
     async def _cached(self, key: str, max_age: float, fetch: Callable[[], Awaitable[Any]]) -> Any:
         seen_at, value = self._seen.get(key, (0.0, None))

@@ -20,7 +20,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.launcher import launch_kernel
-from jupyter_client.provisioning import LocalProvisioner
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from .contract import GatewayHooks
 
@@ -75,7 +75,7 @@ def kernel_port(ip: str) -> int:
     return int(cache.find_available_port(ip))
 
 
-class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):  # type: ignore[misc]
+class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):
     """Registered as `rkg-local` (and `rkg-local-provisioner`, its old name); the gateway's
     default for local kernels."""
 
@@ -94,7 +94,7 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):  # type: ignore[m
             for name in PORT_NAMES:
                 setattr(km, name, kernel_port(km.ip))
             self.ports_cached = True
-        return await super().pre_launch(**kwargs)  # type: ignore[no-any-return]
+        return await super().pre_launch(**kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Called by the kernel manager to start the process. As jupyter_client's, but
@@ -129,7 +129,7 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):  # type: ignore[m
     async def poll(self) -> int | None:
         """None while the kernel runs; called by the kernel manager's is_alive()."""
         if self.process is not None:
-            return await super().poll()  # type: ignore[no-any-return]
+            return await super().poll()
         if self.attached_pid is not None:
             if process_start_time(self.attached_pid) == self.start_time:
                 return None
@@ -138,7 +138,7 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):  # type: ignore[m
 
     async def wait(self) -> int | None:
         if self.process is not None:
-            return await super().wait()  # type: ignore[no-any-return]
+            return await super().wait()
         # Not our child: nothing to wait() on, so poll as jupyter_client does for its own.
         while await self.poll() is None:  # noqa: ASYNC110
             await asyncio.sleep(0.1)

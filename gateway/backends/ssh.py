@@ -110,7 +110,7 @@ def explain_exit(tail: str, cmd: list[str], host: str) -> str:
     return what + (f"; its output:\n{tail}" if tail else "")
 
 
-class SSHProvisioner(RemoteProvisioner):  # type: ignore[misc]
+class SSHProvisioner(RemoteProvisioner):
     """Registered as `rkg-ssh`: a kernel started over SSH, detached from the connection."""
 
     host = Unicode("", config=True, help="[user@]host[:port] of the remote machine")

@@ -47,7 +47,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
 
     # -- handshake -----------------------------------------------------------------------
 
-    async def get(self, kernel_id: str) -> None:  # type: ignore[override]
+    async def get(self, kernel_id: str) -> None:
         try:
             authenticate(self.request, self.config.token)
             self.kernel = self.registry.get(kernel_id)
@@ -78,7 +78,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
 
     # -- open ----------------------------------------------------------------------------
 
-    def open(self, kernel_id: str) -> None:  # type: ignore[override]
+    def open(self, kernel_id: str) -> None:
         assert self.kernel is not None
         self.set_nodelay(True)
         session_id = self.get_query_argument("session_id", "")
@@ -146,7 +146,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
             header = struct.pack("!BBH", opcode, 126, size)
         else:
             header = struct.pack("!BBQ", opcode, 127, size)
-        stream = proto.stream  # type: ignore[attr-defined]
+        stream = proto.stream
         if stream is None:
             raise websocket.WebSocketClosedError()
         stream.write(header)
