@@ -49,7 +49,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,12 @@ from dockerloop import LocalDockerd
 from sshloop import KERNEL_NAME, LoopbackSSH
 
 ROOT = Path(__file__).resolve().parent.parent
-V1 = "v1.kernel.websocket.jupyter.org"
+# The gateway process and the client's wire format are the test suite's (tests/conftest.py,
+# tests/gwclient.py): one client-side copy of the protocol, kept apart from gateway/'s codec.
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import GatewayProcess, free_port  # noqa: E402
+from gwclient import V1, encode, legacy_decode, message, v1_decode  # noqa: E402
+
 MB = 1_000_000
 STALL_MS = 35.0  # a round trip this slow on loopback is a delayed-ACK stall (Linux: 40 ms)
 TINY = "pass"
@@ -81,12 +85,6 @@ def display_code(mb: int) -> str:
         "from IPython.display import display\n"
         f"display({{'text/plain': 'y' * {mb * MB}}}, raw=True)\n"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def log(text: str) -> None:
@@ -179,23 +177,12 @@ class Server:
         self.kernel_name = "python3"
         self.ssh: LoopbackSSH | None = None
         self.dockerd: LocalDockerd | None = None
+        self.extensions = "?"  # what the server negotiated with the client's default offer
+        self.log_path = tmp / f"{name}-{self.port}.log"
+        self.gateway: GatewayProcess | None = None  # ours: the test suite's gateway process
+        self._proc: subprocess.Popen[bytes] | None = None  # JKG
         if name in ("ours", "ours-ssh", "ours-docker"):
-            args = [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--ip",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--token",
-                self.token,
-                "--state-db",
-                str(tmp / f"state-{self.port}.sqlite"),
-                "--log-level",
-                "WARNING",
-            ]
+            args = ["--log-level", "WARNING"]
             if name == "ours-ssh":  # the same gateway, kernels over SSH to a loopback sshd
                 self.ssh = LoopbackSSH(tmp)
                 specs = tmp / "ssh-kernelspecs"
@@ -208,6 +195,11 @@ class Server:
                 self.dockerd.write_kernelspec(specs)
                 args += ["--kernelspec-dir", str(specs)]
                 self.kernel_name = DOCKER_KERNEL_NAME
+            # started by wait_ready, as tests/conftest.py starts it (its --kernelspec-dir of
+            # test kernels is searched too; they are not used here)
+            self.gateway = GatewayProcess(
+                port=self.port, token=self.token, extra_args=args, workdir=tmp
+            )
         else:
             jkg = shutil.which("jupyter-kernelgateway", path=str(Path(sys.executable).parent))
             if not jkg:
@@ -230,21 +222,26 @@ class Server:
                 # (ServerApp.iopub_data_rate_limit of jupyter_server 1 no longer exists).
                 # limit_rate=False turns off both the data and the message rate limit.
                 args.append("--ZMQChannelsWebsocketConnection.limit_rate=False")
-        self.args = args
-        self.extensions = "?"  # what the server negotiated with the client's default offer
-        self.log_path = tmp / f"{name}-{self.port}.log"
-        self.log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            args,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            cwd=tmp,
-            env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / f"runtime-{self.port}")},
-            start_new_session=True,
-        )
+            with open(self.log_path, "wb") as log_file:
+                self._proc = subprocess.Popen(
+                    args,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp,
+                    env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / f"runtime-{self.port}")},
+                    start_new_session=True,
+                )
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        proc = self.gateway.proc if self.gateway else self._proc
+        assert proc is not None, f"{self.name} was not started"
+        return proc
 
     async def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
+        if self.gateway:  # returns once GET /api answers (no token needed for that)
+            await asyncio.to_thread(self.gateway.start, timeout)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
@@ -258,10 +255,9 @@ class Server:
         raise RuntimeError(f"{self.name} did not come up; log tail:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 20) -> str:
-        with contextlib.suppress(ValueError):
-            self.log_file.flush()
+        path = self.gateway.log_path if self.gateway else self.log_path
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path else ""
         except OSError:
             return ""
 
@@ -271,6 +267,9 @@ class Server:
         return kb / 1024
 
     async def stop(self) -> None:
+        if self.gateway and self.gateway.proc is None:  # never started
+            self._stop_infra()
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 30
@@ -280,7 +279,9 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        self.log_file.close()
+        self._stop_infra()
+
+    def _stop_infra(self) -> None:
         if self.ssh:
             self.ssh.stop()
         if self.dockerd:
@@ -386,7 +387,7 @@ class WsClient:
 
             session = aiohttp.ClientSession()
             try:
-                ws = await session.ws_connect(
+                aws = await session.ws_connect(
                     url,
                     headers=headers,
                     protocols=[V1] if v1 else (),
@@ -398,21 +399,23 @@ class WsClient:
                 raise
             return cls(
                 kind,
-                ws,
+                aws,
                 session,
-                ws.protocol,
-                ws._response.headers.get("Sec-WebSocket-Extensions") or "none",
+                aws.protocol,
+                aws._response.headers.get("Sec-WebSocket-Extensions") or "none",
             )
         import websockets
+        from websockets.typing import Subprotocol
 
         ws = await websockets.connect(
             url,
             additional_headers=headers,
-            subprotocols=[V1] if v1 else None,
+            subprotocols=[Subprotocol(V1)] if v1 else None,
             max_size=None,
             open_timeout=60,
-            **({} if deflate else {"compression": None}),
+            compression="deflate" if deflate else None,  # "deflate" is websockets' default
         )
+        assert ws.response is not None  # set once the handshake is done
         return cls(
             kind,
             ws,
@@ -447,10 +450,6 @@ class WsClient:
         finally:
             if self.session is not None:
                 await self.session.close()
-
-
-def _text(piece: memoryview) -> str:
-    return str(piece, "utf-8")
 
 
 class WsKernel:
@@ -528,59 +527,22 @@ class WsKernel:
         )
 
     async def send(self, msg_type: str, content: dict[str, Any]) -> str:
-        header = {
-            "msg_id": uuid.uuid4().hex,
-            "msg_type": msg_type,
-            "session": self.session,
-            "username": "bench",
-            "version": "5.3",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
-        }
-        if self.v1:
-            parts = [b"shell", *(json.dumps(p).encode() for p in (header, {}, {}, content))]
-            offsets = [8 * (len(parts) + 2)]
-            for p in parts:
-                offsets.append(offsets[-1] + len(p))
-            await self.ws.send(
-                struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + b"".join(parts)
-            )
-        else:
-            await self.ws.send(
-                json.dumps(
-                    {
-                        "header": header,
-                        "parent_header": {},
-                        "metadata": {},
-                        "content": content,
-                        "channel": "shell",
-                    }
-                )
-            )
-        return str(header["msg_id"])
+        msg = message(self.session, msg_type, content, username="bench")
+        await self.ws.send(encode(msg, self.v1))
+        return str(msg["header"]["msg_id"])
 
     async def recv(self) -> dict[str, Any]:
         """The next message, decoded as a client would: parts are views of the frame, each
-        decoded from UTF-8 straight into the text json.loads reads (no copy of the bytes)."""
+        decoded from UTF-8 straight into the text json.loads reads (no copy of the bytes;
+        gwclient's decoders do so when given a memoryview)."""
         frame = await self.ws.recv()
         if self.quickack:
             self.ws.quickack()
         if isinstance(frame, str):
-            return json.loads(frame)  # type: ignore[no-any-return]
+            return legacy_decode(frame)
         view = memoryview(frame)
-        if self.v1:
-            (n,) = struct.unpack_from("<Q", view)
-            offs = struct.unpack_from(f"<{n}Q", view, 8)
-            part = [view[offs[i] : offs[i + 1]] for i in range(min(n - 1, 5))]
-            return {
-                "channel": _text(part[0]),
-                "header": json.loads(_text(part[1])),
-                "parent_header": json.loads(_text(part[2])),
-                "content": json.loads(_text(part[4])),
-            }
-        # legacy binary frame (a message with buffers): uint32 BE count, offsets, JSON, buffers
-        (n,) = struct.unpack_from(">I", view)
-        offs = [*struct.unpack_from(f">{n}I", view, 4), len(view)]
-        return json.loads(_text(view[offs[0] : offs[1]]))  # type: ignore[no-any-return]
+        # a legacy binary frame is a message with buffers
+        return v1_decode(view) if self.v1 else legacy_decode(view)
 
     async def execute(self, code: str) -> Result:
         res = Result()
@@ -731,14 +693,14 @@ async def w_throughput(t: Target, a: argparse.Namespace, out: dict[str, Any]) ->
             k, _, _ = await t.start(proto, client)
             try:
                 for kind, code, expect in workloads:
-                    runs = []
+                    timed: list[tuple[int, float]] = []
                     for _ in range(a.repeats):
                         t0 = time.perf_counter()
                         r = await k.execute(code)
-                        runs.append(
+                        timed.append(
                             (r.stdout if kind == "print" else r.display, time.perf_counter() - t0)
                         )
-                    record(out, t, kind, proto, client, expect, runs)
+                    record(out, t, kind, proto, client, expect, timed)
                 if t.server and client == "websockets":
                     out[f"rss_after_throughput_{proto}_MB"] = t.server.rss_mb()
             finally:
@@ -819,7 +781,8 @@ async def concurrent_round(
         *(t.start(proto) for _ in range(a.concurrent)), return_exceptions=True
     )
     wall = time.perf_counter() - t0
-    kernels = [r[0] for r in results if not isinstance(r, BaseException)]
+    started = [r for r in results if not isinstance(r, BaseException)]
+    kernels = [r[0] for r in started]
     errors = [r for r in results if isinstance(r, BaseException)]
     try:
         if t.server:
@@ -829,7 +792,7 @@ async def concurrent_round(
                 f"{len(errors)} of {a.concurrent} starts failed; first: "
                 f"{type(errors[0]).__name__}: {errors[0]}"
             )
-        return wall, max(r[2] for r in results)
+        return wall, max(r[2] for r in started)
     finally:
         stops = await asyncio.gather(*(k.stop() for k in kernels), return_exceptions=True)
         bad = [s for s in stops if isinstance(s, BaseException)]
@@ -952,7 +915,7 @@ HIGHER_IS_BETTER = ("MBps", "delivered")
 
 
 def table(results: dict[str, dict[str, Any]], n: int) -> str:
-    cols = [
+    cols: list[str] = [
         c
         for c in ("direct", "ours", "ours-ssh", "ours-docker", "jkg", "jkg-nolimit")
         if c in results
@@ -976,7 +939,7 @@ def table(results: dict[str, dict[str, Any]], n: int) -> str:
     for key, label, fmt in ROWS:
         for p in ["legacy", "v1"] if "{p}" in key else [""]:
             k = key.format(p=p, n=n)
-            vals = {c: results[c].get(k) for c in cols}
+            vals: dict[str, Any] = {c: results[c].get(k) for c in cols}
             if all(v is None for v in vals.values()):
                 continue
             cells = "".join(
@@ -985,7 +948,8 @@ def table(results: dict[str, dict[str, Any]], n: int) -> str:
             )
             rcells = ""
             for _, num, den in ratios:
-                a, b = vals.get(num), vals.get(den)
+                a: Any = vals.get(num)
+                b: Any = vals.get(den)
                 ok = isinstance(a, float | int) and isinstance(b, float | int) and b
                 rcells += (
                     f"{a / b:.2f}x" if ok and "delivered" not in k and "stalled" not in k else ""

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import websockets
 from tornado.httpclient import HTTPClientError
@@ -57,7 +58,7 @@ class Soak:
         self.problems.append(text)
         print("problem:", text, flush=True)
 
-    async def call(self, method: str, path: str, body=None):
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
         """REST with retries while the gateway restarts."""
         for _ in range(200):
             await self.up.wait()

@@ -14,10 +14,17 @@ import secrets
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from conftest import GatewayProcess, _cleanup, eventually_sync, free_port
+
+if TYPE_CHECKING:
+    from dockerinfra import Docker
+    from slurm import LoginNode, SlurmCluster
+    from sshd import SSHLab
 
 BACKENDS = ["local", "ssh", "slurm", "slurm_login", "docker", "swarm"]
 
@@ -43,7 +50,7 @@ def backend_local(gateway: GatewayProcess) -> Backend:
 
 
 @pytest.fixture(scope="module")
-def backend_ssh(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+def backend_ssh(ssh_lab: SSHLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     """Kernels on rhost1, an OpenSSH host in its own network namespace (tests/sshd.py)."""
     specs = tmp_path_factory.mktemp("ssh-kernelspecs")
     ssh_lab.write_spec(specs, "ssh-rhost1", "rhost1")
@@ -62,7 +69,9 @@ def backend_ssh(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
 
 
 @pytest.fixture(scope="module")
-def backend_slurm(slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+def backend_slurm(
+    slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
     """Kernels as jobs of a real one-node SLURM (tests/slurm.py) that runs them on this
     machine; a job left in the queue after the gateway stopped is a leftover."""
     specs = tmp_path_factory.mktemp("slurm-kernelspecs")
@@ -83,7 +92,7 @@ def backend_slurm(slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
 
 @pytest.fixture(scope="module")
 def backend_slurm_login(
-    slurm, slurm_login, tmp_path_factory: pytest.TempPathFactory
+    slurm: SlurmCluster, slurm_login: LoginNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
     """The same SLURM, submitted to from a login node over SSH (sshd on 127.0.0.1): commands
     run there, files go over SFTP, the kernel's ports are forwarded through it."""
@@ -96,14 +105,17 @@ def backend_slurm_login(
         workdir=tmp_path_factory.mktemp("gateway-slurm-login"),
     )
     gw.start()
-    leftovers = lambda: slurm.leftovers(gw, slurm_login.runtime_dir)  # noqa: E731
+
+    def leftovers() -> list[str]:
+        return slurm.leftovers(gw, slurm_login.runtime_dir)
+
     yield Backend("slurm_login", gw, "slurm-login", slurm.node, leftovers)
     _cleanup(gw)
     assert not slurm.wait_no_jobs(), f"jobs left behind: {slurm.jobs()}"
     assert not leftovers(), f"kernels left behind: {leftovers()}"
 
 
-def docker_spec(directory, name: str, **config) -> None:
+def docker_spec(directory: Path, name: str, **config: Any) -> None:
     """A kernelspec for the Docker (or, with provisioner=, Swarm) backend."""
     provisioner = config.pop("provisioner", "rkg-docker")
     (directory / name).mkdir(parents=True, exist_ok=True)
@@ -123,7 +135,7 @@ def docker_spec(directory, name: str, **config) -> None:
 
 @pytest.fixture(scope="module")
 def backend_docker(
-    docker, kernel_image, tmp_path_factory: pytest.TempPathFactory
+    docker: Docker, kernel_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
     """Kernels in containers of a real dockerd (tests/dockerinfra.py), ports published on
     127.0.0.1; a labelled container left after the gateway stopped is a leftover."""
@@ -150,7 +162,7 @@ def backend_docker(
 
 @pytest.fixture(scope="module")
 def backend_swarm(
-    swarm, kernel_image, tmp_path_factory: pytest.TempPathFactory
+    swarm: Docker, kernel_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
     """Kernels as services of a one-node Swarm on the test dockerd, ports published in host
     mode; a labelled service or task container left after the gateway stopped is a leftover."""
@@ -186,4 +198,5 @@ def backend_swarm(
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Backend:
-    return request.getfixturevalue(f"backend_{request.param}")
+    b: Backend = request.getfixturevalue(f"backend_{request.param}")
+    return b

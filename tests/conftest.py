@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -35,10 +35,10 @@ KERNELSPECS = Path(__file__).resolve().parent / "kernelspecs"
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
-def require_infra(reason: str) -> None:
+def require_infra(reason: str) -> NoReturn:
     """Skip for missing infrastructure; in CI (RKG_REQUIRE_INFRA=1) that is a failure."""
     if os.environ.get("RKG_REQUIRE_INFRA") == "1":
         pytest.fail(f"infrastructure missing: {reason}")
@@ -47,7 +47,7 @@ def require_infra(reason: str) -> None:
 
 def processes_matching(needle: str) -> list[int]:
     """Live processes whose command line contains `needle` (read from /proc)."""
-    found = []
+    found: list[int] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -139,7 +139,7 @@ class GatewayProcess:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     workdir: Path | None = None
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     seen_kernel_pids: set[int] = field(default_factory=set)
 
@@ -180,7 +180,7 @@ class GatewayProcess:
             **self.env,
         }
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = proc = subprocess.Popen(
                 args,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -190,10 +190,11 @@ class GatewayProcess:
             )
 
         def answers() -> bool:
-            if self.proc.poll() is not None:  # not among `ignore`: ends the wait at once
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            if proc.poll() is not None:  # not among `ignore`: ends the wait at once
+                raise RuntimeError(f"gateway exited with {proc.returncode}:\n{self.log()}")
             with urllib.request.urlopen(self.url + "api", timeout=1) as r:
-                return r.status == 200
+                ok: bool = r.status == 200
+                return ok
 
         try:
             eventually_sync(answers, timeout=timeout, ignore=(urllib.error.URLError, OSError))
@@ -248,7 +249,7 @@ def _cleanup(gw: GatewayProcess) -> list[int]:
 
 
 @pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator:
+def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """Start gateways with custom arguments: `gw = gateway_factory(extra_args=[...])`.
     Every gateway started is stopped at teardown and must leave no kernel process behind."""
     started: list[GatewayProcess] = []

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import sweep
 
-from conftest import ROOT, require_infra
+from conftest import ROOT, pid_alive, require_infra
 
 BASE_IMAGE = "rkg-test-base:bookworm-ssh"
 KERNEL_IMAGE = "rkg-test-kernel:latest"
@@ -194,7 +194,7 @@ def _sweep_daemons(data_root: Path) -> None:
         # containerd and the shims are found by the exec root in their command lines
         helpers = [q for q in sweep.processes() if exec_root and f"{exec_root}/" in q.cmdline]
         sweep.kill([p], grace=30)
-        sweep.kill([q for q in helpers if sweep.pid_alive(q.pid)])
+        sweep.kill([q for q in helpers if pid_alive(q.pid)])
         if exec_root:
             _unmount_namespaces(Path(exec_root))
         with contextlib.suppress(OSError):
@@ -308,7 +308,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             first.add_marker(pytest.mark.timeout(BUILD_TIMEOUT))
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The sweeps' lines again where they are read after a run (tests/sweep.py)."""
     if sweep.swept:
         terminalreporter.section("leftovers of earlier runs removed")

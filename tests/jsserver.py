@@ -48,7 +48,7 @@ class Served:
     port: int
     token: str
     root: Path
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ class SlurmCluster:
     conf: Path
     node: str
     cpus: int
-    procs: list[subprocess.Popen] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -130,7 +130,7 @@ def _write_conf(work: Path, node: str, cpus: int) -> Path:
     return conf
 
 
-def _start_munged(work: Path) -> subprocess.Popen:
+def _start_munged(work: Path) -> subprocess.Popen[bytes]:
     """munged as user munge, with a key of its own (munged insists on its ownership/modes)."""
     mdir = work / "munge"
     mdir.mkdir(mode=0o700)
@@ -166,7 +166,13 @@ def _start_munged(work: Path) -> subprocess.Popen:
     return proc
 
 
-def _wait(ready, proc: subprocess.Popen, what: str, log: Path, timeout: float = 15) -> None:
+def _wait(
+    ready: Callable[[], object],
+    proc: subprocess.Popen[bytes],
+    what: str,
+    log: Path,
+    timeout: float = 15,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
@@ -203,7 +209,7 @@ def _sweep() -> None:
     sweep.report("SLURM state and spool directories", dirs)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -292,7 +298,7 @@ class LoginNode:
 
     config: dict[str, Any]
     runtime_dir: Path
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
 
 
 @pytest.fixture(scope="session")

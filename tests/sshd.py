@@ -73,7 +73,7 @@ class RemoteHost:
     ns: str
     addr: str
     workdir: Path
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
     host_pub: str = ""
 
     def pids(self) -> list[int]:
@@ -292,11 +292,18 @@ def _lab_namespaces() -> dict[str, list[str]]:
     return groups
 
 
+def _lab_host(ns: str) -> str:
+    """The host of a lab namespace (one that `_lab_namespaces` found)."""
+    m = LAB_NS.match(ns)
+    assert m is not None, ns
+    return m.group(2)
+
+
 def _ns_pids(ns: str) -> list[int]:
     return [int(p) for p in sh("ip", "netns", "pids", ns, check=False).split()]
 
 
-def _lab_over(names: list[str], claim: dict | None) -> bool:
+def _lab_over(names: list[str], claim: dict[str, Any] | None) -> bool:
     """Whether the run that made these namespaces has ended: by its claim, or (a lab made
     before claims) by the temporary directory its sshds' configs are in, or by age."""
     if claim is not None:
@@ -341,7 +348,8 @@ def _sweep() -> None:
         groups.setdefault(tag, [])
     for tag, names in sorted(groups.items()):
         path, rec = claims.get(tag, (None, None))
-        over = _lab_over(names, rec) if names else sweep.owner_over(int(rec["pid"]))
+        # without namespaces, the tag came from a claim
+        over = _lab_over(names, rec) if names or rec is None else sweep.owner_over(int(rec["pid"]))
         if not over:
             continue
         blocks = {b for ns in names for b in _blocks_in(ns)}
@@ -360,7 +368,7 @@ def _sweep() -> None:
         ]
         for link in links:
             sh("ip", "link", "del", link, check=False)
-        inner_first = sorted(names, key=lambda n: -HOSTS.index(LAB_NS.match(n).group(2)))
+        inner_first = sorted(names, key=lambda n: -HOSTS.index(_lab_host(n)))
         for ns in inner_first:
             sh("ip", "netns", "del", ns, check=False)
         left = _lab_namespaces().get(tag, [])

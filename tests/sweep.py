@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from conftest import pid_alive
 
@@ -152,8 +153,8 @@ def claim(name: str, **record: object) -> Path:
     return path
 
 
-def claims(prefix: str) -> dict[Path, dict]:
-    out = {}
+def claims(prefix: str) -> dict[Path, dict[str, Any]]:
+    out: dict[Path, dict[str, Any]] = {}
     for path in sorted(REGISTRY.glob(f"{prefix}*.json")):
         with contextlib.suppress(OSError, ValueError):
             out[path] = json.loads(path.read_text())

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 import websockets
+from websockets.typing import Subprotocol
 
 from conftest import eventually
 from gwclient import V1, KernelSocket, api, legacy_decode, start_kernel
@@ -70,9 +71,10 @@ async def test_no_subprotocol_header_unless_offered(gateway, kernel):
     async with websockets.connect(
         f"{gateway.ws_url}api/kernels/{kernel}/channels",
         additional_headers={"Authorization": f"token {gateway.token}"},
-        subprotocols=["something.else"],
+        subprotocols=[Subprotocol("something.else")],
     ) as ws:
         assert ws.subprotocol is None
+        assert ws.response is not None
         assert "Sec-WebSocket-Protocol" not in ws.response.headers
 
 

@@ -405,6 +405,7 @@ async def both(sides: dict[str, Any], script: Any, *args: Any) -> tuple[Transcri
     results = await asyncio.gather(
         *(script(server, *args) for server in sides.values()), return_exceptions=True
     )
+    transcripts: list[Transcript] = []
     for name, result in zip(sides, results, strict=True):
         if isinstance(result, BaseException):
             where = "".join(traceback.format_exception(result)[-4:])
@@ -412,7 +413,8 @@ async def both(sides: dict[str, Any], script: Any, *args: Any) -> tuple[Transcri
                 f"the scenario failed on {name}: {where}\n--- its log (tail)\n"
                 f"{sides[name].log()[-3000:]}"
             ) from result
-    return results[0], results[1]
+        transcripts.append(result)
+    return transcripts[0], transcripts[1]
 
 
 @dataclass

@@ -148,6 +148,7 @@ async def test_generated_token_is_printed_and_works(tmp_path):
     ) as proc:
         try:
             line = ""
+            assert proc.stdout is not None
             for _ in range(50):
                 line = proc.stdout.readline()
                 if "token=" in line:

@@ -38,8 +38,9 @@ def run_flow(
             [node, script, *args], cwd=JS, env=env, capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired as e:
+        stdout = (e.stdout or b"").decode(errors="replace")  # bytes, even with text=True
         pytest.fail(
-            f"{script} {' '.join(args)} hung for {timeout}s\nstdout:\n{e.stdout}\n"
+            f"{script} {' '.join(args)} hung for {timeout}s\nstdout:\n{stdout}\n"
             f"gateway log:\n{_tail(gateway.log())}"
         )
     report = (

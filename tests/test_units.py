@@ -57,7 +57,7 @@ GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
 def _gateway_imports(path: Path) -> set[str]:
     """The gateway modules `path` imports (relative imports resolved), at any depth."""
     package = ["gateway", *path.parent.relative_to(GATEWAY).parts]
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -131,7 +131,7 @@ def test_legacy_without_channel_goes_to_shell():
 def test_zmq_round_trip_and_signature():
     parts = _message(random.Random(SEED), buffers=2)
     key = b"secret"
-    frames = [b"ident", *wire.zmq_from_parts(key, parts)]
+    frames: list[wire.Part] = [b"ident", *wire.zmq_from_parts(key, parts)]
     assert wire.parts_from_zmq(frames) == parts
     expected = hmac.new(key, b"".join(parts[:4]), hashlib.sha256).hexdigest().encode()
     assert frames[2] == expected
@@ -206,7 +206,7 @@ def test_fuzz_zmq():
     rng = random.Random(SEED)
     parts = _message(rng)
     for _ in range(2000):
-        frames = [rng.randbytes(rng.randrange(8)) for _ in range(rng.randrange(8))]
+        frames: list[wire.Part] = [rng.randbytes(rng.randrange(8)) for _ in range(rng.randrange(8))]
         if rng.random() < 0.5:
             frames.insert(rng.randrange(len(frames) + 1), wire.DELIMITER)
         try:
@@ -385,7 +385,8 @@ def _docker(**config: object) -> DockerProvisioner:
         kernel_id="k1", kernel_spec=KernelSpec(display_name="dk"), **{"image": "img:1"} | config
     )
     prov.connection_info = {
-        "key": b"abc",
+        # bytes, as jupyter_client's KernelManager gives it (its TypedDict says str)
+        "key": b"abc",  # type: ignore[typeddict-item]
         "ip": "127.0.0.1",
         "transport": "tcp",
         "signature_scheme": "hmac-sha256",
