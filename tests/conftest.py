@@ -32,6 +32,21 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNELSPECS = Path(__file__).resolve().parent / "kernelspecs"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Gateways and local kernels of an earlier run killed part-way (their teardown never
+    ran) are stopped: found by the run's temporary directory in their command lines
+    (state database, runtime directory), and only once that run is over (tests/sweep.py)."""
+    import sweep
+
+    procs = sweep.of_ended_runs(
+        cmd=rf"({sweep.BASETEMP})/\S*(?:/state-\d+\.sqlite|/runtime-\d+/kernel-)",
+        comms=("python", "python3", "python3.11"),
+    )
+    if procs:
+        sweep.kill(procs)
+        sweep.report("gateways and their kernels", [p.describe() for p in procs])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
