@@ -260,10 +260,15 @@ class DockerProvisioner(RemoteProvisioner):
     async def _create(self, config: dict[str, Any]) -> None:
         # a restart's earlier container may linger (cleanup is best effort): its name is ours
         await self._remove_named(self.container_name)
-        try:
-            container = await self.engine.call(
+        creating = asyncio.ensure_future(
+            self.engine.call(
                 f"creating container {self.container_name}",
                 lambda c: c.containers.create(config, name=self.container_name),
+            )
+        )
+        try:
+            container = await dockerengine.creation(
+                creating, lambda c: setattr(self, "container_id", c.id)
             )
         except EngineError as e:
             if e.code == 404:

@@ -262,6 +262,25 @@ async def release(engine: Engine) -> None:
         await engine.close()
 
 
+CREATE_GRACE = 30.0  # seconds a cancelled start still waits for the engine's answer
+
+
+async def creation(creating: asyncio.Future[T], record: Callable[[T], None]) -> T:
+    """Await the engine's answer to a create call and `record` it (the id to remove later).
+    If the caller is cancelled meanwhile (its launch timed out, its kernel was deleted, the
+    gateway stops), the answer is still awaited, up to CREATE_GRACE s, and recorded before
+    the cancellation goes on: the caller's clean-up then removes what the engine created,
+    which would otherwise run on with nobody knowing its id."""
+    try:
+        result = await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            record(await asyncio.wait_for(creating, CREATE_GRACE))
+        raise
+    record(result)
+    return result
+
+
 async def ignore_missing(coro: Awaitable[Any]) -> None:
     """Await a removal; an object already gone is what we wanted."""
     try:

@@ -140,16 +140,18 @@ class SwarmProvisioner(DockerProvisioner):
             await self._check_image()
             # a restart's earlier service may linger (cleanup is best effort): its name is ours
             await _delete_service(self.engine, self.container_name, "an earlier service")
-            created = await self.engine.call(
-                f"creating service {self.container_name}",
-                lambda c: c.services.create(
-                    template,
-                    name=self.container_name,
-                    labels=container["Labels"],
-                    endpoint_spec=endpoint_spec(self.reach),
-                ),
+            creating = asyncio.ensure_future(
+                self.engine.call(
+                    f"creating service {self.container_name}",
+                    lambda c: c.services.create(
+                        template,
+                        name=self.container_name,
+                        labels=container["Labels"],
+                        endpoint_spec=endpoint_spec(self.reach),
+                    ),
+                )
             )
-            self.service_id = created["ID"]
+            await dockerengine.creation(creating, lambda r: setattr(self, "service_id", r["ID"]))
             task = await self._running_task()
             await self._locate_task(task)
             await self._tunnel(launched=True)
