@@ -234,18 +234,23 @@ def canon(msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def merged(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Consecutive stream messages of one stream as one (the kernel's flushes may split it)."""
+    """Each run of consecutive stream messages as one message per stream, stderr before
+    stdout: the kernel's flushes may split a stream, and stdout and stderr are flushed
+    independently, so how they interleave within a run is the kernel's timing."""
     out: list[dict[str, Any]] = []
-    for m in msgs:
-        prev = out[-1] if out else None
-        if (
-            prev is not None
-            and m["msg_type"] == "stream" == prev["msg_type"]
-            and m["content"]["name"] == prev["content"]["name"]
-        ):
-            prev["content"]["text"] += m["content"]["text"]
-        else:
-            out.append({**m, "content": dict(m["content"])} if m["msg_type"] == "stream" else m)
+    run: dict[str, dict[str, Any]] = {}
+    for m in [*msgs, None]:
+        if m is not None and m["msg_type"] == "stream":
+            name = m["content"]["name"]
+            if name in run:
+                run[name]["content"]["text"] += m["content"]["text"]
+            else:
+                run[name] = {**m, "content": dict(m["content"])}
+            continue
+        out.extend(run[name] for name in sorted(run))
+        run = {}
+        if m is not None:
+            out.append(m)
     return out
 
 
@@ -649,7 +654,13 @@ async def lifecycle_script(server: Any, v1: bool) -> Transcript:
                 and after[-1]["header"]["msg_type"] == "status"
                 and after[-1]["content"]["execution_state"] == "idle"
             ):
-                after.append(await recv(ks))
+                try:
+                    after.append(await recv(ks, timeout=5))
+                except TimeoutError:
+                    # ipykernel now and then loses a SIGINT on a loaded machine, under
+                    # jupyter_server as under the gateway (seen on both); a user interrupts
+                    # again, and so does the script, unrecorded, on either side
+                    await api(server, "POST", f"api/kernels/{kernel.id}/interrupt", {})
         t.record_msgs(
             "interrupted cell",
             [m for m in before + after if m["parent_header"].get("msg_id") == msg_id],
