@@ -101,6 +101,12 @@ KEPT: dict[str, Kept] = {
     "extra-kernelspecs": Kept(
         "the gateway serves the test kernelspecs (tests/kernelspecs) too; only python3 is compared."
     ),
+    "reference-interrupt": Kept(
+        "in CI runs on the loaded 2-core machine, jupyter_server's kernel twice never "
+        "answered an interrupted cell (six interrupts, 30 s, not even the cell's own end); "
+        "the gateway's never failed so. The reference gets up to three fresh kernels for "
+        "the interrupt step; the gateway gets one, so a lost interrupt there still fails."
+    ),
     "status-buffers": Kept(
         "the gateway's own status messages (restarting, dead) carry `buffers: []` like every "
         "legacy text frame it writes; jupyter_server's hand-made ones have no `buffers` key.",
@@ -629,13 +635,12 @@ async def test_two_clients(sides, v1):
     assert_same(*await both(sides, two_clients_script, v1))
 
 
-async def lifecycle_script(server: Any, v1: bool) -> Transcript:
-    t = Transcript()
+async def interrupted_cell(t: Transcript, server: Any, v1: bool) -> None:
+    """A cell interrupted through REST, on a kernel of its own."""
     kernel = await new_kernel(server)
     try:
         ks = await kernel.socket(v1)
-        await request(t, ks, "kernel_info", "kernel_info_request", {})
-
+        await request(t, ks, "kernel_info before interrupt", "kernel_info_request", {})
         # interrupt: the cell must be inside its sleep (see gwclient.start_long_cell)
         msg_id = await send(
             ks,
@@ -654,17 +659,31 @@ async def lifecycle_script(server: Any, v1: bool) -> Transcript:
                 and after[-1]["header"]["msg_type"] == "status"
                 and after[-1]["content"]["execution_state"] == "idle"
             ):
-                try:
-                    after.append(await recv(ks, timeout=5))
-                except TimeoutError:
-                    # ipykernel now and then loses a SIGINT on a loaded machine, under
-                    # jupyter_server as under the gateway (seen on both); a user interrupts
-                    # again, and so does the script, unrecorded, on either side
-                    await api(server, "POST", f"api/kernels/{kernel.id}/interrupt", {})
+                after.append(await recv(ks))
         t.record_msgs(
             "interrupted cell",
             [m for m in before + after if m["parent_header"].get("msg_id") == msg_id],
         )
+
+    finally:
+        await kernel.close()
+
+
+async def lifecycle_script(server: Any, v1: bool) -> Transcript:
+    t = Transcript()
+    # KEPT["reference-interrupt"]: the reference alone gets more tries
+    tries = 3 if isinstance(server, Served) else 1
+    for attempt in range(tries):
+        try:
+            await interrupted_cell(t, server, v1)
+            break
+        except TimeoutError:
+            if attempt == tries - 1:
+                raise
+    kernel = await new_kernel(server)
+    try:
+        ks = await kernel.socket(v1)
+        await request(t, ks, "kernel_info", "kernel_info_request", {})
 
         await rest(t, server, "restart", "POST", f"api/kernels/{kernel.id}/restart", {})
         await request(
