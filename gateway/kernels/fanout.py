@@ -13,8 +13,7 @@ import zmq
 import zmq.asyncio
 
 from .. import wire
-from ..errors import BadFrame
-from .session import ClientSession, KernelLink
+from .session import ClientSession, KernelLink, read_messages
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,9 @@ class Fanout:
         sock = self.kernel.connect("iopub")
         self._iopub = sock
         self.live = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._pump(sock))
+        self._task = asyncio.create_task(
+            read_messages(sock, self.kernel.id, "iopub", self._received)
+        )
 
     def close(self) -> None:
         if self._task:
@@ -58,24 +59,12 @@ class Fanout:
             self._iopub.close(linger=0)
             self._iopub = None
 
-    async def _pump(self, sock: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                frames = wire.frames_as_parts(await sock.recv_multipart(copy=False))
-                try:
-                    parts = wire.parts_from_zmq(frames)
-                except BadFrame as e:
-                    log.warning("kernel %s sent a bad iopub message: %s", self.kernel.id, e)
-                    continue
-                if self.live is not None and not self.live.done():
-                    self.live.set_result(None)
-                self._on_iopub(parts)
-                for session in list(self.sessions.values()):
-                    session.deliver(b"iopub", parts)
-        except (asyncio.CancelledError, zmq.ContextTerminated):
-            pass
-        except zmq.ZMQError as e:
-            log.debug("iopub pump of %s stopped: %s", self.kernel.id, e)
+    def _received(self, parts: list[wire.Part]) -> None:
+        if self.live is not None and not self.live.done():
+            self.live.set_result(None)
+        self._on_iopub(parts)
+        for session in list(self.sessions.values()):
+            session.deliver(b"iopub", parts)
 
     def broadcast(self, parts: Sequence[wire.Part]) -> None:
         """An iopub message of the gateway's own (a status) to every session."""

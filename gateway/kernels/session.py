@@ -13,11 +13,12 @@ neither websockets nor the kernel's lifecycle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
 import zmq
@@ -30,6 +31,30 @@ log = logging.getLogger(__name__)
 
 CHANNELS = ("shell", "control", "stdin")
 STDIN_CONNECT_TIMEOUT_MS = 10_000
+
+
+async def read_messages(
+    sock: zmq.asyncio.Socket,
+    kernel_id: str,
+    channel: str,
+    handle: Callable[[list[wire.Part]], None],
+) -> None:
+    """The one reader loop of a kernel socket (the sessions' shell, control and stdin, the
+    kernel's iopub): each message's parts to `handle`, a malformed one logged and skipped,
+    until the task is cancelled or the socket closes under it."""
+    try:
+        while True:
+            frames = wire.frames_as_parts(await sock.recv_multipart(copy=False))
+            try:
+                parts = wire.parts_from_zmq(frames)
+            except BadFrame as e:
+                log.warning("kernel %s sent a bad %s message: %s", kernel_id, channel, e)
+                continue
+            handle(parts)
+    except (asyncio.CancelledError, zmq.ContextTerminated):
+        pass
+    except zmq.ZMQError as e:  # socket closed under us during shutdown
+        log.debug("%s reader of %s stopped: %s", channel, kernel_id, e)
 
 
 class Sink(Protocol):
@@ -89,7 +114,10 @@ class ClientSession:
         for channel in CHANNELS:
             sock = self.kernel.connect(channel, self.identity, immediate=channel != "shell")
             self._sockets[channel] = sock
-            self._readers.append(asyncio.create_task(self._read(channel.encode(), sock)))
+            received = functools.partial(self._received, channel.encode())
+            self._readers.append(
+                asyncio.create_task(read_messages(sock, self.kernel.id, channel, received))
+            )
 
     def close_channels(self) -> None:
         for task in self._readers:
@@ -111,21 +139,9 @@ class ClientSession:
             self.sink.close_with(code, reason)
         self.close_channels()
 
-    async def _read(self, channel: bytes, sock: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                frames = wire.frames_as_parts(await sock.recv_multipart(copy=False))
-                try:
-                    parts = wire.parts_from_zmq(frames)
-                except BadFrame as e:
-                    log.warning("kernel %s sent a bad %s message: %s", self.kernel.id, channel, e)
-                    continue
-                self.kernel.touch()
-                self.deliver(channel, parts)
-        except (asyncio.CancelledError, zmq.ContextTerminated):
-            pass
-        except zmq.ZMQError as e:  # socket closed under us during shutdown
-            log.debug("%s reader of %s stopped: %s", channel, self.kernel.id, e)
+    def _received(self, channel: bytes, parts: list[wire.Part]) -> None:
+        self.kernel.touch()
+        self.deliver(channel, parts)
 
     async def send_to_kernel(self, channel: str, parts: list[bytes]) -> None:
         self.kernel.touch()
