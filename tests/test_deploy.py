@@ -177,18 +177,13 @@ async def test_remote_kernel_on_the_ssh_host(gateway):
     assert reply["status"] == "ok" and out == "sshhost 1001\n"
     await ks.close()
     assert (await api(gateway, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
-    ps = gateway.docker.run(
-        "docker-compose",
-        "exec",
-        "-T",
-        "sshhost",
-        "ps",
-        "-eo",
-        "args",
-        env=gateway.env,
-        cwd=gateway.ctx,
-    ).stdout
-    assert "ipykernel" not in ps, ps
+    assert "ipykernel" not in (ps := sshhost_processes(gateway)), ps
+
+
+def sshhost_processes(gateway: Deployed) -> str:
+    """The command lines running in the compose deployment's SSH host container."""
+    args = ["docker-compose", "exec", "-T", "sshhost", "ps", "-eo", "args"]
+    return gateway.docker.run(*args, env=gateway.env, cwd=gateway.ctx).stdout
 
 
 @pytest.mark.parametrize("kernel", ["python3", "remote-python"])
@@ -197,18 +192,7 @@ def test_js_clients_against_the_container(node, gateway, script, kernel):
     """Both JS clients, on the gateway container's own kernel and on the SSH host's."""
     assert "shutdown" in run_node_flow(node, gateway, script, kernel)
     assert gateway.kernel_pids() == []
-    ps = gateway.docker.run(
-        "docker-compose",
-        "exec",
-        "-T",
-        "sshhost",
-        "ps",
-        "-eo",
-        "args",
-        env=gateway.env,
-        cwd=gateway.ctx,
-    ).stdout
-    assert "ipykernel" not in ps, ps
+    assert "ipykernel" not in (ps := sshhost_processes(gateway)), ps
 
 
 # -- the opt-in docker profile: kernels as sibling containers through the engine socket -----
