@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from contextlib import suppress
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
-from tornado import httpserver, web
+from tornado import httpserver, web, websocket
 
-from . import __version__
+from . import __version__, metrics
 from .bridge import connection
 from .config import Config
-from .handlers import base, kernels, kernelspecs, sessions
+from .handlers import base, kernels, kernelspecs, sessions, status
+from .handlers import metrics as metrics_handlers
 from .kernels.registry import KernelRegistry
 from .sessions import SessionStore
 from .state import StateStore
@@ -45,12 +47,17 @@ def make_app(config: Config, registry: KernelRegistry, store: SessionStore) -> w
         *kernelspecs.routes,
         *sessions.routes,
         *connection.routes,
+        *metrics_handlers.routes,
+        *status.routes,
     ]
-    handlers = [(config.base_url + pattern, cls, collaborators) for pattern, cls in table]
+    handlers = [
+        (config.base_url + pattern, cls, {**collaborators, "route": route_label(pattern)})
+        for pattern, cls in table
+    ]
     return web.Application(
         handlers,
         default_handler_class=base.NotFoundHandler,
-        default_handler_args=collaborators,
+        default_handler_args={**collaborators, "route": "other"},
         websocket_ping_interval=30,
         websocket_ping_timeout=30,
         websocket_max_message_size=256 * 1024 * 1024,
@@ -58,8 +65,23 @@ def make_app(config: Config, registry: KernelRegistry, store: SessionStore) -> w
     )
 
 
+def route_label(pattern: str) -> str:
+    """A route's pattern as a bounded metrics label: api/kernels/(?P<kernel_id>...)/? ->
+    /api/kernels/{kernel_id}."""
+    label = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+    label = re.sub(r"\(([\w|]+)\)", r"{\1}", label)  # (interrupt|restart)
+    return "/" + label.removesuffix("?").removesuffix("/")
+
+
 def _log_request(handler: web.RequestHandler) -> None:
     status = handler.get_status()
+    if not isinstance(handler, websocket.WebSocketHandler):  # its duration is its lifetime
+        metrics.request_done(
+            getattr(handler, "route", "other"),
+            handler.request.method or "",
+            status,
+            handler.request.request_time(),
+        )
     level = logging.DEBUG if status < 400 else logging.INFO
     log.log(
         level,
@@ -105,6 +127,7 @@ async def serve(config: Config) -> None:
     state = StateStore(config.state_db)
     registry = KernelRegistry(config, kernel_spec_manager(config), state)
     await registry.restore()
+    metrics.install(registry)
     store = SessionStore(state, registry.kernels)
     app = make_app(config, registry, store)
     server = httpserver.HTTPServer(app, xheaders=True)

@@ -63,6 +63,12 @@ def _log_level(name: str) -> str:
     return name.upper()
 
 
+def _log_format(name: str) -> str:
+    if name.lower() not in ("text", "json"):
+        raise ValueError("is not a log format (text or json)")
+    return name.lower()
+
+
 def _abspaths(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(os.path.abspath(p) for p in paths)
 
@@ -141,6 +147,23 @@ class Config:
     )
     log_level: str = _option(
         "INFO", "--log-level", "DEBUG, INFO, WARNING or ERROR", clean=_log_level
+    )
+    log_format: str = _option(
+        "text",
+        "--log-format",
+        "text, or json: one object per line, with kernel id, user, backend and host as fields",
+        clean=_log_format,
+    )
+    trusted_proxies: tuple[str, ...] = _option(
+        (),
+        "--trusted-proxy",
+        "address of a reverse proxy whose X-Forwarded-For names the client (else it is ignored)",
+        env="RKG_TRUSTED_PROXIES",
+    )
+    metrics_open_on_loopback: bool = _option(
+        False,
+        "--metrics-open-on-loopback",
+        "let /metrics be scraped without a token from 127.0.0.1 or ::1",
     )
 
 

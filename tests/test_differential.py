@@ -107,6 +107,12 @@ KEPT: dict[str, Kept] = {
         "the gateway's never failed so. The reference gets up to three fresh kernels for "
         "the interrupt step; the gateway gets one, so a lost interrupt there still fails."
     ),
+    "kernel-model-gateway": Kept(
+        "the gateway's kernel model has a `gateway` object of its own (backend, host, user, "
+        "state, the start's stage, started) for operators and `rkg kernels`; clients that do "
+        "not know it ignore it (services 7 and 0.52 read only the standard keys).",
+        r"\.gateway: only the gateway has it",
+    ),
     "status-buffers": Kept(
         "the gateway's own status messages (restarting, dead) carry `buffers: []` like every "
         "legacy text frame it writes; jupyter_server's hand-made ones have no `buffers` key.",

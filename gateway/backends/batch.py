@@ -33,6 +33,7 @@ import shlex
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -128,6 +129,8 @@ def job_script(*, cmd: list[str], env: dict[str, str], workdir: str, pre_command
 
 class BatchProvisioner(RemoteProvisioner):
     """Registered as `rkg-batch`: a kernel as a batch job (one job per launch)."""
+
+    backend = "batch"
 
     scheduler = Unicode("slurm", config=True, help="slurm, sge, pbs or lsf")
     partition = Unicode("", config=True, help="SLURM partition, or the SGE/PBS/LSF queue")
@@ -504,3 +507,24 @@ class BatchProvisioner(RemoteProvisioner):
         info = await super().get_provisioner_info()
         info["key"] = self._key()
         return info
+
+
+def metric_families(registry: Any) -> Iterator[Any]:
+    """For /metrics: the jobs of this gateway's batch kernels, by scheduler and the state the
+    scheduler last reported (a kernel whose job state is not known yet counts as SUBMITTING)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    jobs = GaugeMetricFamily(
+        "rkg_batch_jobs",
+        "Batch jobs of this gateway's kernels, by scheduler and scheduler state.",
+        labels=["scheduler", "state"],
+    )
+    by: dict[tuple[str, str], int] = {}
+    for kernel in list(registry.kernels.values()):
+        prov = kernel.km.provisioner
+        if isinstance(prov, BatchProvisioner) and prov.job_id:
+            key = (prov.scheduler, prov._last.state if prov._last else "SUBMITTING")
+            by[key] = by.get(key, 0) + 1
+    for key, n in sorted(by.items()):
+        jobs.add_metric(list(key), n)
+    yield jobs

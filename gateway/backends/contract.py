@@ -11,12 +11,16 @@ each with a default, so a kernelspec may also name a provisioner that knows noth
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Container
-from typing import Any
+from typing import Any, ClassVar
 
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Dict, Float, Unicode
+from traitlets import Dict, Float, List, Unicode
+
+log = logging.getLogger(__name__)
 
 
 class GatewayKernelManager(AsyncKernelManager):
@@ -40,12 +44,60 @@ class GatewayKernelManager(AsyncKernelManager):
         help="seconds the gateway gives this start (the client's "
         "KERNEL_LAUNCH_TIMEOUT, else --kernel-launch-timeout); 0: unknown",
     )
+    stages: Any = List(
+        help="the current launch's stages so far, as (seconds since it began, words); "
+        "the last is where the launch stands (GatewayHooks.stage)",
+    )
+    _stages_began = Float(0.0)
+
+    def begin_stages(self) -> None:
+        """A launch (start or restart) begins: its story starts afresh."""
+        self.stages = []
+        self._stages_began = time.monotonic()
+
+    def report_stage(self, words: str) -> None:
+        if not self._stages_began:
+            self.begin_stages()
+        self.stages = [*self.stages, (round(time.monotonic() - self._stages_began, 3), words)]
+        log.debug("kernel %s: %s", self.kernel_id, words)
+
+    @property
+    def stage(self) -> str:
+        return str(self.stages[-1][1]) if self.stages else ""
+
+    def story(self) -> str:
+        """The stages with when each began: for the log line of a failed start."""
+        return "; ".join(f"{words} (at {at:.1f} s)" for at, words in self.stages)
 
 
 class GatewayHooks:
     """The gateway's hooks. Mixed into a provisioner class before its jupyter_client base."""
 
     parent: Any
+    # what the status page and the metrics call this backend ("ssh", "docker", ...)
+    backend: ClassVar[str] = ""
+
+    def stage(self, words: str) -> None:
+        """Called by the backend as its launch moves on ("connecting to gpu-box", "SLURM job
+        12 PENDING (Resources)"): clients see the last in GET /api/kernels/ID while the
+        kernel starts, and a failed start's log line tells them all. Short, in words, no
+        secrets (the client reads them)."""
+        parent = self.parent
+        if isinstance(parent, GatewayKernelManager):
+            parent.report_stage(words)
+
+    def location(self) -> str:
+        """Where this kernel runs, for people: a host name, an engine, a scheduler; '' for
+        this machine or unknown. Read only after launch (or a restore)."""
+        return ""
+
+    @classmethod
+    async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """Called by the status page (cached, bounded in time) per distinct kernelspec
+        config naming this provisioner: what the spec depends on, as (label, error) pairs,
+        error '' when that host or engine answers. Must not start anything. Empty: nothing
+        to check."""
+        return []
 
     def launch_note(self) -> str:
         """Called by the gateway when a start did not finish within the launch timeout:
@@ -104,3 +156,12 @@ _DEFAULTS = GatewayHooks()
 def hooks(provisioner: object) -> GatewayHooks:
     """The gateway's hooks of `provisioner`; the defaults for one that has none."""
     return provisioner if isinstance(provisioner, GatewayHooks) else _DEFAULTS
+
+
+def backend_name(provisioner: object) -> str:
+    """A short, bounded label for a provisioner (metrics, status page): its `backend`, else
+    its class name."""
+    if provisioner is None:
+        return "none"
+    own = getattr(type(provisioner), "backend", "")
+    return own if isinstance(own, str) and own else type(provisioner).__name__

@@ -89,6 +89,8 @@ def container_name(username: str, kernel_id: str) -> str:
 class DockerProvisioner(RemoteProvisioner):
     """Registered as `rkg-docker`: a kernel in a container of its own."""
 
+    backend = "docker"
+
     image = Unicode("", config=True, help="the kernel image; it must be on the engine already")
     docker_host = Unicode("", config=True, help="engine URL; default: DOCKER_HOST, the socket")
     network = Unicode("", config=True, help="network to attach to; default: the bridge")

@@ -79,6 +79,8 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):
     """Registered as `rkg-local` (and `rkg-local-provisioner`, its old name); the gateway's
     default for local kernels."""
 
+    backend = "local"
+
     attached_pid: int | None = None
     start_time: int | None = None
     log_path: str | None = None

@@ -113,6 +113,8 @@ def explain_exit(tail: str, cmd: list[str], host: str) -> str:
 class SSHProvisioner(RemoteProvisioner):
     """Registered as `rkg-ssh`: a kernel started over SSH, detached from the connection."""
 
+    backend = "ssh"
+
     host = Unicode("", config=True, help="[user@]host[:port] of the remote machine")
     port = Integer(22, config=True)
     username = Unicode("", config=True)

@@ -266,6 +266,7 @@ class SSHHost:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             log.info("SSH connection to %s re-established", self.name)
+            RECONNECTS[self.name] = RECONNECTS.get(self.name, 0) + 1
             self._status.clear()
             self._connected.set()
             for kernel in list(self.kernels):
@@ -362,6 +363,30 @@ class SSHHost:
 
 
 _POOL: dict[Target, SSHHost] = {}
+RECONNECTS: dict[str, int] = {}  # by host name: connections re-established after a drop
+
+
+def metric_families() -> Iterator[Any]:
+    """For /metrics: the pool's connections and reconnects, by host."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    up = GaugeMetricFamily(
+        "rkg_ssh_connections", "Shared SSH connections that are up, by host.", labels=["host"]
+    )
+    by_host: dict[str, int] = {}
+    for host in list(_POOL.values()):
+        by_host[host.name] = by_host.get(host.name, 0) + int(host.up)
+    for name, n in sorted(by_host.items()):
+        up.add_metric([name], n)
+    yield up
+    again = CounterMetricFamily(
+        "rkg_ssh_reconnects",
+        "SSH connections re-established after a drop, by host.",
+        labels=["host"],
+    )
+    for name, n in sorted(RECONNECTS.items()):
+        again.add_metric([name], n)
+    yield again
 
 
 async def acquire(target: Target) -> SSHHost:

@@ -115,6 +115,8 @@ class SwarmProvisioner(DockerProvisioner):
     """Registered as `rkg-swarm`. The Docker provisioner's life cycle, with a service where
     it has a container."""
 
+    backend = "swarm"
+
     constraints = List(Unicode(), config=True, help="placement constraints")
 
     restored: ClassVar[dict[str, str]] = {**DockerProvisioner.restored, "service_id": "service_id"}

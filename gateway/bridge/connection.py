@@ -16,6 +16,7 @@ from typing import Any
 from tornado import web, websocket
 from tornado.iostream import StreamClosedError
 
+from .. import metrics
 from ..auth import authenticate
 from ..config import Config
 from ..errors import GatewayError
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 # A client that stops reading while its kernel prints is cut off past this, rather than
 # letting the gateway's memory grow without bound; it reconnects and gets the replay.
 MAX_PENDING_BYTES = 512 * 1024 * 1024
+
+_CHANNEL_NAMES = {c.encode(): c for c in ("shell", "iopub", "stdin", "control")}
 
 
 class KernelWebSocket(websocket.WebSocketHandler):
@@ -104,6 +107,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
                 e,
             )
             return
+        metrics.count(channel, "in", len(message))
         await self.session.send_to_kernel(channel, parts)
 
     def send(self, channel: bytes, parts: Sequence[Part]) -> None:
@@ -113,6 +117,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
         else:
             pieces, binary = codec.legacy_pieces(channel, parts, binary_ok=self.binary_ok)
         size = sum(len(p) for p in pieces)
+        metrics.count(_CHANNEL_NAMES.get(channel) or channel.decode(errors="replace"), "out", size)
         try:
             fut = self._write(pieces, size, binary)
         except (websocket.WebSocketClosedError, StreamClosedError):

@@ -21,7 +21,7 @@ import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 
 from .. import wire
-from ..backends.contract import hooks
+from ..backends.contract import GatewayKernelManager, backend_name, hooks
 from ..errors import ClientError, KernelError, KernelStartError, KernelTimeout
 from . import jc
 from .fanout import Fanout
@@ -62,6 +62,7 @@ class ManagedKernel:
         self._on_gone = on_gone
         self._on_launched = on_launched
         self.created = time.time()
+        self.user = ""  # KERNEL_USERNAME at start
         self.launch: dict[str, Any] = {"env": {}, "cwd": None}  # what the registry relaunches
         self._lock = asyncio.Lock()
         self._monitor_task: asyncio.Task[None] | None = None
@@ -87,7 +88,50 @@ class ManagedKernel:
             "last_activity": wire.iso(self.last_activity),
             "execution_state": self.execution_state,
             "connections": self.connections,
+            # the gateway's own: clients that know nothing of it ignore it
+            "gateway": {
+                "backend": self.backend,
+                "host": self.location,
+                "user": self.user,
+                "state": self.state,
+                "stage": self.stage,
+                "started": wire.iso(self.created),
+            },
         }
+
+    @property
+    def backend(self) -> str:
+        return backend_name(self.km.provisioner) if self.km.provisioner else "none"
+
+    @property
+    def location(self) -> str:
+        prov = self.km.provisioner
+        if prov is None:
+            return ""
+        try:
+            return hooks(prov).location()
+        except Exception:  # a hook must never break a listing
+            return ""
+
+    @property
+    def stage(self) -> str:
+        """Where a start or restart stands, in words; '' once the kernel runs."""
+        if self.state not in ("starting", "restarting"):
+            return ""
+        return self.km.stage if isinstance(self.km, GatewayKernelManager) else ""
+
+    def _begin_stages(self, words: str) -> None:
+        if isinstance(self.km, GatewayKernelManager):
+            self.km.begin_stages()
+            self.km.report_stage(words)
+
+    def _stage(self, words: str) -> None:
+        if isinstance(self.km, GatewayKernelManager):
+            self.km.report_stage(words)
+
+    def story(self) -> str:
+        """The stages of the last launch, for the log line of a failed start."""
+        return self.km.story() if isinstance(self.km, GatewayKernelManager) else ""
 
     def touch(self) -> None:
         self.last_activity = time.time()
@@ -135,12 +179,14 @@ class ManagedKernel:
         reaches us. On any failure, cancellation included, nothing is left running.
         The kernel is recorded as soon as its process exists, so a gateway that dies
         during the wait leaves a record for the next one rather than an orphan."""
+        self._begin_stages("launching")
         try:
             async with asyncio.timeout(launch_timeout):
                 await self.km.start_kernel(**kwargs)
                 await self._on_launched(self)
                 self._conn_info = dict(self.km.get_connection_info())
                 self.fanout.open()
+                self._stage("waiting for the kernel to answer kernel_info")
                 await self._wait_ready()
         except asyncio.CancelledError:
             await self._abandon()
@@ -246,9 +292,10 @@ class ManagedKernel:
         process; those sockets are replaced rather than replayed into the new kernel."""
         self.state = "restarting"
         self.execution_state = "restarting"
+        self._begin_stages("restarting")
         try:
             await self.km.restart_kernel(now=now)
-            log.debug("kernel %s relaunched; waiting for it to answer", self.id)
+            self._stage("waiting for the kernel to answer kernel_info")
             info = dict(self.km.get_connection_info())
             if info != self._conn_info or now:
                 self._conn_info = info

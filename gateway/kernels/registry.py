@@ -5,6 +5,7 @@ a previous gateway process left running, and stop or leave them at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -17,9 +18,18 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 
+from .. import metrics
 from ..backends.contract import GatewayHooks, GatewayKernelManager
 from ..config import Config
-from ..errors import Conflict, KernelStartError, LimitReached, NotFound, Unavailable
+from ..errors import (
+    Conflict,
+    GatewayError,
+    KernelStartError,
+    KernelTimeout,
+    LimitReached,
+    NotFound,
+    Unavailable,
+)
 from ..state import KernelRecord, StateStore
 from . import env as kenv
 from . import jc
@@ -39,6 +49,7 @@ class KernelRegistry:
         self._users: dict[str, str] = {}  # kernel id -> KERNEL_USERNAME, for the per-user limit
         self._starting: dict[str, asyncio.Task[None]] = {}  # by kernel id
         self._deleted_while_starting: set[str] = set()
+        self.failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self._context = zmq.asyncio.Context()
         # Options for every kernel socket, set by the context before it connects: ZMQ takes
         # them at connect time, and jupyter_client connects as it creates the socket.
@@ -112,6 +123,7 @@ class KernelRegistry:
             on_gone=self._forget,
             on_launched=self._record,
         )
+        kernel.user = user
         self.kernels[km.kernel_id] = kernel
         self._users[km.kernel_id] = user
         return kernel
@@ -156,13 +168,50 @@ class KernelRegistry:
         """The undoing is part of the task cancel_starts() waits for: once it returns, every
         cancelled start's caller only has to answer, which it does before the shutdown
         goes on to close the connections."""
+        began = time.monotonic()
         try:
             await self._start_with_retry(kernel, launch_timeout)
-        except BaseException:
+        except BaseException as e:
             self.kernels.pop(kernel.id, None)
             self._users.pop(kernel.id, None)
+            self._start_failed(kernel, e, time.monotonic() - began)
             await self.store.delete_kernel(kernel.id)
             raise
+        metrics.started(kernel.backend, "ok", time.monotonic() - began)
+
+    def _start_failed(self, kernel: ManagedKernel, e: BaseException, seconds: float) -> None:
+        """A start that did not end in a running kernel: counted, logged with its stages,
+        and kept (the last few) for the status page."""
+        if isinstance(e, asyncio.CancelledError):
+            outcome, reason = "cancelled", "cancelled (deleted while starting, or shutdown)"
+        else:
+            outcome = "timeout" if isinstance(e, KernelTimeout) else "error"
+            reason = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
+        metrics.started(kernel.backend, outcome, seconds)
+        story = kernel.story()
+        log.warning(
+            "kernel %s (%s) did not start (%s after %.1f s): %s%s",
+            kernel.id,
+            kernel.name,
+            outcome,
+            seconds,
+            reason,
+            f" [stages: {story}]" if story else "",
+        )
+        self.failures.append(
+            {
+                "id": kernel.id,
+                "name": kernel.name,
+                "backend": kernel.backend,
+                "host": kernel.location,
+                "user": kernel.user,
+                "outcome": outcome,
+                "reason": reason,
+                "stages": story,
+                "seconds": round(seconds, 3),
+                "at": time.time(),
+            }
+        )
 
     async def _start_with_retry(self, kernel: ManagedKernel, launch_timeout: float) -> None:
         """jupyter_client picks the ports here and the kernel binds them later; under churn
@@ -240,6 +289,22 @@ class KernelRegistry:
         if records:
             log.info("re-attached %d of %d recorded kernel(s)", len(self.kernels), len(records))
 
+    def spec_provisioners(self) -> tuple[tuple[str, type[GatewayHooks], dict[str, Any]], ...]:
+        """(kernelspec name, provisioner class, its config) of every kernelspec whose
+        provisioner has the gateway's hooks; a native spec (no provisioner named) counts
+        as the default provisioner's."""
+        found = []
+        for name in sorted(self.specs.find_kernel_specs()):
+            try:
+                meta = self.specs.get_kernel_spec(name).metadata.get("kernel_provisioner", {})
+            except Exception as e:  # a broken kernelspec is reported again when it is used
+                log.debug("kernelspec %s: %s", name, e)
+                continue
+            cls = jc.provisioner_class(str(meta.get("provisioner_name", DEFAULT_PROVISIONER)))
+            if isinstance(cls, type) and issubclass(cls, GatewayHooks):
+                found.append((name, cls, dict(meta.get("config") or {})))
+        return tuple(found)
+
     async def reap_orphans(self) -> None:
         """After restore, while serving: backends that can list what they created
         (containers, services) remove what this gateway labelled and no kernel of it owns.
@@ -247,16 +312,9 @@ class KernelRegistry:
         swept once. `owned` is the live registry: a kernel is in it before its launch."""
         owned = self.kernels.keys()
         seen: set[str] = set()
-        for name in self.specs.find_kernel_specs():
-            try:
-                meta = self.specs.get_kernel_spec(name).metadata.get("kernel_provisioner", {})
-            except Exception as e:  # a broken kernelspec is reported again when it is used
-                log.debug("kernelspec %s: %s", name, e)
-                continue
-            cls = jc.provisioner_class(str(meta.get("provisioner_name", "")))
-            config = dict(meta.get("config") or {})
-            key = f"{cls.__name__ if cls else ''} {config.get('docker_host', '')}"
-            if not (isinstance(cls, type) and issubclass(cls, GatewayHooks)) or key in seen:
+        for name, cls, config in self.spec_provisioners():
+            key = f"{cls.__name__} {config.get('docker_host', '')}"
+            if key in seen:
                 continue
             seen.add(key)
             try:

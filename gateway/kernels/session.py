@@ -246,3 +246,8 @@ class ClientSession:
     @property
     def attached(self) -> bool:
         return self.sink is not None
+
+    @property
+    def replay_bytes(self) -> int:
+        """Output held for this session's reconnect."""
+        return self._backlog_bytes
