@@ -17,6 +17,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from websockets.typing import Subprotocol
 
 V1 = "v1.kernel.websocket.jupyter.org"
+Labels = tuple[tuple[str, str], ...]
 
 
 async def api(
@@ -51,6 +52,24 @@ async def api(
     except ValueError:
         payload = text
     return resp.code, payload
+
+
+async def scrape(gw: Any, token: str | None = None) -> dict[tuple[str, Labels], float]:
+    """/metrics, read with prometheus_client's parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = await api(gw, "GET", "metrics", token=token)
+    assert status == 200 and isinstance(body, bytes), (status, body)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def metric(samples: dict[tuple[str, Labels], float], name: str, **labels: str) -> float:
+    """One sample of a scrape(); 0 when absent (a counter not yet incremented)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 MSG_KEYS = ("header", "parent_header", "metadata", "content")

@@ -4,31 +4,11 @@ behind the token, and never carry an unbounded label (a kernel id)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import eventually
-from gwclient import KernelSocket, api, start_kernel
-
-
-async def scrape(
-    gw: Any, token: str | None = None
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """{(sample name, sorted labels): value} of one scrape."""
-    status, body = await api(gw, "GET", "metrics", token=token)
-    assert status == 200, body
-    assert isinstance(body, bytes), body
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from gwclient import KernelSocket, api, scrape, start_kernel
+from gwclient import metric as value
 
 
 async def test_metrics_need_the_token(gateway):

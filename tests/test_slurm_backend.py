@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import GatewayProcess, _cleanup, eventually, free_port
-from gwclient import KernelSocket, api, start_kernel
+from gwclient import KernelSocket, api, metric, scrape, start_kernel
 
 
 def _gateway(slurm, specs, workdir) -> GatewayProcess:
@@ -93,6 +93,11 @@ async def test_kernel_runs_inside_its_job_and_delete_cancels_it(slurm, slurm_gat
     assert info["job_id"] == job_id and info["node"] == slurm.node
     assert sorted(info["ports"]) == ["control", "hb", "iopub", "shell", "stdin"]
     assert info["key"] and info["scheduler"] == "slurm"
+    await eventually(
+        lambda: scrape(slurm_gateway),
+        until=lambda s: metric(s, "rkg_batch_jobs", scheduler="slurm", state="RUNNING") == 1,
+        what="the running job in /metrics",
+    )
 
     # restart submits a new job; the old one is gone and the client goes on as before
     assert (await api(slurm_gateway, "POST", f"api/kernels/{model['id']}/restart", {}))[0] == 200

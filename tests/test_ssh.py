@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import GatewayProcess, _cleanup, eventually, free_port
-from gwclient import KernelSocket, api, start_kernel
+from gwclient import KernelSocket, api, metric, scrape, start_kernel
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,10 @@ async def test_kernel_survives_a_dropped_connection(ssh_gateway, ssh_lab):
     assert host.established() == 1
     status, kernel = await api(ssh_gateway, "GET", f"api/kernels/{model['id']}")
     assert status == 200 and kernel["execution_state"] != "dead"
+    samples = await scrape(ssh_gateway)
+    label = f"root@{host.addr}:22"
+    assert metric(samples, "rkg_ssh_connections", host=label) == 1
+    assert metric(samples, "rkg_ssh_reconnects_total", host=label) >= 1
     await ks.close()
     await _delete_all(ssh_gateway, [model["id"]])
     await _no_kernels_on(host)
