@@ -101,11 +101,25 @@ KEPT: dict[str, Kept] = {
     "extra-kernelspecs": Kept(
         "the gateway serves the test kernelspecs (tests/kernelspecs) too; only python3 is compared."
     ),
-    "reference-interrupt": Kept(
-        "in CI runs on the loaded 2-core machine, jupyter_server's kernel twice never "
-        "answered an interrupted cell (six interrupts, 30 s, not even the cell's own end); "
-        "the gateway's never failed so. The reference gets up to three fresh kernels for "
-        "the interrupt step; the gateway gets one, so a lost interrupt there still fails."
+    "lost-interrupt": Kept(
+        "an interrupted cell that never answered (no reply, not even at the cell's own end) "
+        "was seen on both sides under load: twice under jupyter_server in CI, and under the "
+        "gateway twice in 34 interrupted cells (17 runs of the lifecycle scenario beside "
+        "two CPU hogs), once with the interrupt re-sent every 5 s. Not reproduced "
+        "through the gateway alone (0 in 115 interrupted cells on "
+        "fresh kernels, three clients at once, two CPU hogs) nor with jupyter_client directly "
+        "(0 in 67); not pinned down (both servers only send the kernel a SIGINT). Each side gets "
+        "up to three fresh kernels for the interrupt step, re-sending the interrupt after 5 s "
+        "of silence; other interrupt tests (test_channels, test_contract) get no retries."
+    ),
+    "reference-restart": Kept(
+        "after a REST restart jupyter_server answers before its existing websocket's ZMQ "
+        "streams have reconnected to the new kernel, so under load the first cell's iopub "
+        "(its idle) can be lost: once in a CI run, 60 s without it. JupyterLab reconnects "
+        "after a restart and does not see this; Hydrogen (services 0.52) keeps its socket. "
+        "The gateway holds client messages until the new kernel's iopub is live "
+        "(test_channels::test_rest_restart_then_execute_at_once_on_same_socket); here the "
+        "reference may send the cell a second time after 30 s, the gateway may not."
     ),
     "kernel-model-gateway": Kept(
         "the gateway's kernel model has a `gateway` object of its own (backend, host, user, "
@@ -665,7 +679,15 @@ async def interrupted_cell(t: Transcript, server: Any, v1: bool) -> None:
                 and after[-1]["header"]["msg_type"] == "status"
                 and after[-1]["content"]["execution_state"] == "idle"
             ):
-                after.append(await recv(ks))
+                try:
+                    after.append(await recv(ks, timeout=5))
+                except TimeoutError:
+                    # ipykernel now and then loses a SIGINT on a loaded machine, under
+                    # jupyter_server as under the gateway (seen on both; never in 67 direct
+                    # jupyter_client tries): a user interrupts again, and so does the script,
+                    # unrecorded, on either side. Lost messages still fail: the cell's own
+                    # end (30 s) is past the timeout.
+                    await api(server, "POST", f"api/kernels/{kernel.id}/interrupt", {})
         t.record_msgs(
             "interrupted cell",
             [m for m in before + after if m["parent_header"].get("msg_id") == msg_id],
@@ -677,8 +699,8 @@ async def interrupted_cell(t: Transcript, server: Any, v1: bool) -> None:
 
 async def lifecycle_script(server: Any, v1: bool) -> Transcript:
     t = Transcript()
-    # KEPT["reference-interrupt"]: the reference alone gets more tries
-    tries = 3 if isinstance(server, Served) else 1
+    # KEPT["lost-interrupt"]: a fresh kernel for another try, on either side
+    tries = 3
     for attempt in range(tries):
         try:
             await interrupted_cell(t, server, v1)
@@ -692,13 +714,22 @@ async def lifecycle_script(server: Any, v1: bool) -> Transcript:
         await request(t, ks, "kernel_info", "kernel_info_request", {})
 
         await rest(t, server, "restart", "POST", f"api/kernels/{kernel.id}/restart", {})
-        await request(
-            t,
-            ks,
-            "execute after restart",
-            "execute_request",
-            {"code": "print('x' in globals())", "silent": False},
-        )
+        # KEPT["reference-restart"]: the reference alone may ask a second time
+        tries = 2 if isinstance(server, Served) else 1
+        for attempt in range(tries):
+            try:
+                await request(
+                    t,
+                    ks,
+                    "execute after restart",
+                    "execute_request",
+                    {"code": "print('x' in globals())", "silent": False},
+                    timeout=30 if attempt < tries - 1 else 60,
+                )
+                break
+            except TimeoutError:
+                if attempt == tries - 1:
+                    raise
 
         await request(t, ks, "define y", "execute_request", {"code": "y = 1", "silent": False})
         # whether the dying kernel's iopub thread still sends busy and execute_input is a
