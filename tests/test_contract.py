@@ -26,10 +26,18 @@ async def nothing_left(backend) -> None:
     )
 
 
+BACKEND_LABELS = {"slurm": "batch", "slurm_login": "batch"}  # else the fixture's own name
+
+
 async def test_runs_where_the_backend_says(backend):
     kid, ks = await _open(backend)
     out, reply = await ks.execute("import socket; print(socket.gethostname())")
     assert reply["status"] == "ok" and out.strip() == backend.hostname
+    # and the gateway says so too: its own part of the kernel model (status page, rkg kernels)
+    ours = (await api(backend.gateway, "GET", f"api/kernels/{kid}"))[1]["gateway"]
+    assert ours["backend"] == BACKEND_LABELS.get(backend.name, backend.name)
+    assert ours["state"] == "running" and ours["stage"] == ""
+    assert bool(ours["host"]) == (backend.name != "local"), ours
     await ks.close()
     assert (await api(backend.gateway, "DELETE", f"api/kernels/{kid}"))[0] == 204
 
@@ -67,10 +75,13 @@ async def test_kernel_survives_a_gateway_crash(backend):
     kid, ks = await _open(backend)
     await ks.execute("kept = 'yes'")
     await ks.close()
+    where = (await api(gw, "GET", f"api/kernels/{kid}"))[1]["gateway"]
     gw.stop(signal.SIGKILL)
     gw.start()
     status, model = await api(gw, "GET", f"api/kernels/{kid}")
     assert status == 200, (model, gw.log()[-3000:])
+    assert model["gateway"]["host"] == where["host"], (model, where)
+    assert model["gateway"]["started"] == where["started"], (model, where)
     ks = await KernelSocket.open(gw, kid, v1=True)
     out, reply = await ks.execute("print(kept)", timeout=30)
     assert out == "yes\n" and reply["status"] == "ok"

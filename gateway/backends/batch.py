@@ -194,6 +194,7 @@ class BatchProvisioner(RemoteProvisioner):
     conn_file = ""
     _last: JobState | None = None
     _note = ""
+    _said = ""  # the last stage told about the job (told again only when it changes)
     _site: Site | None = None
 
     def __init__(self, **kwargs: Any) -> None:
@@ -205,29 +206,55 @@ class BatchProvisioner(RemoteProvisioner):
             if not self.login:
                 self._site = LocalSite(self._scheduler_env)
             else:
-                hop = sshpool.Hop.parse(self.login, self.login_port, None)
-                jumps = tuple(sshpool.Hop.parse(j, 22, hop.username) for j in self.jump_hosts)
-                self._site = await LoginSite.open(
-                    sshpool.Target(
-                        hop,
-                        jumps,
-                        self.identity_file or None,
-                        self.known_hosts,
-                        self.connect_timeout,
-                    ),
-                    self._scheduler_env,
-                )
+                target = self._login_target()
+                if not sshpool.live(target):
+                    self.stage(f"connecting to the login node {sshpool.route(target)}")
+                self._site = await LoginSite.open(target, self._scheduler_env)
         return self._site
+
+    def _login_target(self) -> sshpool.Target:
+        hop = sshpool.Hop.parse(self.login, self.login_port, None)
+        jumps = tuple(sshpool.Hop.parse(j, 22, hop.username) for j in self.jump_hosts)
+        return sshpool.Target(
+            hop, jumps, self.identity_file or None, self.known_hosts, self.connect_timeout
+        )
 
     @property
     def _scheduler_env(self) -> dict[str, str]:
         return {str(k): str(v) for k, v in self.scheduler_env.items()}
 
-    def _close_site(self) -> None:
+    def _close_site(self, linger: float = sshpool.LINGER) -> None:
         self.forwards.close()
         if self._site is not None:
-            self._site.close()
+            self._site.close(linger)
             self._site = None
+
+    @classmethod
+    async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """The scheduler, asked a cheap question where the kernels' jobs are submitted: on
+        this machine ("slurm (local)") or on the login node ("slurm via me@login1:22")."""
+        prov = cls.from_config(config)
+        sched = SCHEDULERS.get(prov.scheduler)
+        if sched is None:
+            return [(prov.scheduler, f"unknown scheduler (one of {', '.join(SCHEDULERS)})")]
+        if not prov.login:
+            label = f"{sched.name} (local)"
+            shared = False
+        else:
+            label = f"{sched.name} via {prov._login_target().hop}"
+            shared = sshpool.live(prov._login_target())
+        argv = sched.ping()
+        try:
+            async with asyncio.timeout(sshpool.PROBE_TIMEOUT):
+                code, out, err = await (await prov._open_site()).run(argv)
+            why = "" if not code else f"{argv[0]} failed: {(err or out).strip() or code}"
+        except TimeoutError:
+            why = f"{argv[0]} gave no answer within {sshpool.PROBE_TIMEOUT:g} s"
+        except KernelError as e:
+            why = e.message
+        finally:  # a connection made for the check alone is not kept
+            prov._close_site(sshpool.LINGER if shared else 0)
+        return [(label, why)]
 
     # -- configuration -------------------------------------------------------------------
 
@@ -275,6 +302,12 @@ class BatchProvisioner(RemoteProvisioner):
             extra_args=tuple(self.submit_args),
         )
 
+    def location(self) -> str:
+        """GatewayHooks.location: the job's node once known, and the login node it is
+        reached through."""
+        via = f" via {self.login}" if self.login else ""
+        return f"{self.node}{via}" if self.node else via.strip()
+
     def launch_note(self) -> str:
         """Where the last start stood: not submitted, queued (and why), running."""
         return self._note
@@ -287,7 +320,7 @@ class BatchProvisioner(RemoteProvisioner):
         included, the job is cancelled."""
         sched = self.sched
         env = kwargs.get("env") or {}
-        self._exit, self._tail, self._last = None, "", None
+        self._exit, self._tail, self._last, self._said = None, "", None, ""
         self._note = f"the {sched.label.split()[0]} job was not submitted yet"
         started = time.monotonic()
         try:
@@ -316,6 +349,9 @@ class BatchProvisioner(RemoteProvisioner):
     async def _submit(self, env: dict[str, str], cwd: str) -> None:
         assert self._site is not None
         default_runtime = ".local/share/jupyter/runtime" if self.login else jupyter_runtime_dir()
+        via = f" via {self._site.name}" if isinstance(self._site, LoginSite) else ""
+        if via:
+            self.stage(f"uploading the connection file to {self._site.name}")
         runtime = await self._site.realpath(self.runtime_dir or default_runtime)
         self.conn_file = f"{runtime}/batch-kernel-{self.kernel_id}.json"
         await self._site.write_private(self.conn_file, self._conn_text())
@@ -326,6 +362,7 @@ class BatchProvisioner(RemoteProvisioner):
             pre_command=self.pre_command,
         )
         argv = self.sched.submit(self._request(cwd))
+        self.stage(f"submitting the job to {self.sched.label.removesuffix(' job')}{via}")
         code, out, err = await self._site.run(argv, stdin=script)
         if code:
             raise KernelStartError(
@@ -369,6 +406,8 @@ class BatchProvisioner(RemoteProvisioner):
             if now >= next_status:
                 try:
                     state = await cache.get(self.job_id, 0, site)
+                    if state is not None and state.phase != FINISHED:
+                        self._tell(state)
                 except KernelError as e:  # a scheduler too busy to answer: ask again later
                     log.warning("cannot read the state of %s: %s", self.job_label, e)
                     state = self._last or JobState(self.job_id, PENDING, "UNKNOWN")
@@ -394,8 +433,21 @@ class BatchProvisioner(RemoteProvisioner):
         state = await cache.get(self.job_id, 0, site)
         self.node = state.node if state and state.node else socket.gethostname().split(".")[0]
         self.local_ports = {}  # a new job: new forwards, if any
+        if isinstance(site, LoginSite):
+            self.stage(f"forwarding the kernel's ports through {site.name}")
         host, self.local_ports = await site.connect(self.node, self.ip, ports, self.forwards)
         self._connect_to(host, self.local_ports)
+
+    def _tell(self, state: JobState) -> None:
+        """The job's state as a stage, when it changed: queued (and why), or running on its
+        node while the kernel starts there."""
+        words = f"{self.job_label} {state.describe()}"
+        if state.phase != PENDING:
+            on = f" on {state.node}" if state.node else ""
+            words += f"{on}; waiting for the kernel's ports"
+        if words != self._said:
+            self._said = words
+            self.stage(words)
 
     async def _read_tail(self, size: int = 4096) -> str:
         text = ""

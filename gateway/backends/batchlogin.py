@@ -129,7 +129,7 @@ class LocalSite:
             ) from e
         return str(addrs[0][4][0]), ports
 
-    def close(self) -> None:
+    def close(self, linger: float = 0) -> None:
         pass
 
 
@@ -200,5 +200,6 @@ class LoginSite:
         dest = node if ip in ("0.0.0.0", "*", "") else ip
         return "127.0.0.1", await forwards.open(self.host, dest, ports)
 
-    def close(self) -> None:
-        sshpool.release(self.host)
+    def close(self, linger: float = sshpool.LINGER) -> None:
+        """End the lease; the connection stays open `linger` s for the next kernel."""
+        sshpool.release(self.host, linger)

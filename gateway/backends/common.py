@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from traitlets import Dict, Float, List, Unicode
 
@@ -154,6 +154,14 @@ class RemoteProvisioner(GatewayProvisioner):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.forwards = PortForwards()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Self:
+        """An instance with a kernelspec's provisioner config and nothing else (no kernel,
+        no parent), for the class-level hooks (reachable) to read the config as a launch
+        would, defaults included. Keys that are not the backend's options are ignored."""
+        names = set(cls.class_trait_names(config=True))
+        return cls(**{k: v for k, v in config.items() if k in names})
 
     @property
     def local_ports(self) -> dict[str, int]:

@@ -91,6 +91,10 @@ class DockerProvisioner(RemoteProvisioner):
 
     backend = "docker"
 
+    def location(self) -> str:
+        """GatewayHooks.location: the engine (a password in its URL left out)."""
+        return dockerengine.endpoint(self.docker_host)
+
     image = Unicode("", config=True, help="the kernel image; it must be on the engine already")
     docker_host = Unicode("", config=True, help="engine URL; default: DOCKER_HOST, the socket")
     network = Unicode("", config=True, help="network to attach to; default: the bridge")
@@ -251,6 +255,7 @@ class DockerProvisioner(RemoteProvisioner):
         config = self.container_config(env)
         self.container_name = container_name(env.get("KERNEL_USERNAME", ""), self.kernel_id)
         try:
+            self._stage_connecting()
             await self._create(config)
             await self._locate()
             await self._tunnel(launched=True)
@@ -259,7 +264,13 @@ class DockerProvisioner(RemoteProvisioner):
             raise
         return self.connection_info
 
+    def _stage_connecting(self) -> None:
+        if self.engine.connecting:  # an ssh:// engine: an SSH connection first
+            where = dockerengine.endpoint(self.engine.url)
+            self.stage(f"connecting to the Docker engine at {where}")
+
     async def _create(self, config: dict[str, Any]) -> None:
+        self.stage(f"creating a container from {self.image}")
         # a restart's earlier container may linger (cleanup is best effort): its name is ours
         await self._remove_named(self.container_name)
         creating = asyncio.ensure_future(
@@ -281,6 +292,7 @@ class DockerProvisioner(RemoteProvisioner):
                 ) from e
             raise
         self.container_id = container.id
+        self.stage("starting the container")
         try:
             await self.engine.call(
                 f"starting container {self.container_name}",
@@ -359,6 +371,7 @@ class DockerProvisioner(RemoteProvisioner):
             info: dict[str, Any] = dict(self.connection_info)
             self.remote_addr = str(info["ip"])
             self.remote_ports = {ch: int(info[f"{ch}_port"]) for ch in CHANNELS}
+            self.stage(f"forwarding the kernel's ports from {ssh.name}")
         ports = await self.forwards.open(ssh, self.remote_addr, self.remote_ports)
         self._connect_to("127.0.0.1", ports)
 
@@ -455,6 +468,32 @@ class DockerProvisioner(RemoteProvisioner):
         record: ports, key); an ssh:// engine's tunnels reopen on the recorded local ports."""
         await super().load_provisioner_info(provisioner_info)
         self.local_ports = self._recorded_ports() or self.local_ports
+
+    @classmethod
+    async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """The engine (docker_host, else the default), asked for its version."""
+        label = f"docker engine {dockerengine.endpoint(str(config.get('docker_host', '')))}"
+        return [(label, await cls._engine_answers(config))]
+
+    @classmethod
+    async def _engine_answers(cls, config: dict[str, Any]) -> str:
+        prov = cls.from_config(config)
+        engine = cls.acquire_engine(
+            prov.docker_host,
+            prov.ssh_identity_file,
+            prov.ssh_known_hosts,
+            list(prov.ssh_jump_hosts),
+        )
+        try:
+            return await dockerengine.answers(engine, cls._ask)
+        finally:
+            await dockerengine.release(engine)
+
+    @classmethod
+    async def _ask(cls, engine: Engine) -> str:
+        """A cheap question to the engine: '' when its answer is what kernels need."""
+        await engine.call("asking for its version", lambda c: c.version())
+        return ""
 
     @classmethod
     async def reap(

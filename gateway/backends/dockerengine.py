@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from ..errors import BackendUnavailable, EngineError, KernelError, KernelStartError
 from . import sshpool
-from .sshpool import Hop, Target, ssh_errors
+from .sshpool import PROBE_TIMEOUT, Hop, Target, ssh_errors
 
 if TYPE_CHECKING:
     import asyncssh
@@ -75,6 +75,30 @@ def docker_errors(engine: str, what: str) -> Iterator[None]:
         raise BackendUnavailable(f"the Docker engine at {engine} did not answer ({what})") from e
     except (aiohttp.ClientConnectionError, OSError) as e:
         raise BackendUnavailable(unreachable.format(e)) from e
+
+
+def endpoint(url: str) -> str:
+    """The engine `url` names, for people (stages, the status page): the default is
+    DOCKER_HOST, else the local socket; a password in the URL is left out."""
+    url = url or os.environ.get("DOCKER_HOST", "") or "unix:///var/run/docker.sock"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    return parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")).geturl()
+
+
+async def answers(engine: Engine, ask: Callable[[Engine], Awaitable[str]]) -> str:
+    """'' when `ask` (a cheap question to the engine; it returns '' or what is wrong with
+    the answer) is answered within PROBE_TIMEOUT, else why not. For reachable()."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            return await ask(engine)
+    except TimeoutError:
+        return f"no answer within {PROBE_TIMEOUT:g} s"
+    except KernelError as e:
+        return e.message
 
 
 def our_labels(kernel_id: str, gateway_id: str) -> dict[str, str]:
@@ -127,6 +151,12 @@ class Engine:
     @property
     def name(self) -> str:
         return self.url or "the default Docker engine"
+
+    @property
+    def connecting(self) -> bool:
+        """Whether the next call has to open an SSH connection first (an ssh:// engine not
+        used yet): worth a stage."""
+        return self.client is None and self._ssh_target is not None
 
     async def open(self) -> Any:
         """The aiodocker client, made on first use (over SSH: after forwarding the socket)."""

@@ -102,6 +102,7 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):
         """Called by the kernel manager to start the process. As jupyter_client's, but
         independent of this process and with stdout/stderr in a log file."""
         scrubbed = LocalProvisioner._scrub_kwargs(kwargs)
+        self.stage(f"launching {os.path.basename(cmd[0]) if cmd else 'the kernel'}")
         conn_file = getattr(self.parent, "connection_file", "")
         self.log_path = str(Path(conn_file).with_suffix(".log")) if conn_file else os.devnull
         # Local file open and fork, as jupyter_client's own launch does: fast, not network.
@@ -115,6 +116,11 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):
         self.attached_pid = None
         self.cwd = kwargs.get("cwd", Path.cwd())
         return self.connection_info
+
+    @classmethod
+    async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """Nothing to reach: the kernel runs on the gateway's own machine."""
+        return [("this machine", "")]
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines the kernel wrote (from its log file)."""

@@ -1,11 +1,13 @@
 """Batch schedulers as command templates and output parsers, no I/O: what to run to submit a
-job script (read from stdin), ask for job states, signal and cancel, and how to read the answers.
+job script (read from stdin), ask for job states, signal and cancel, see that the scheduler
+answers (ping), and how to read the answers.
 
     Scheduler          submit   status                         signal                cancel
     ├── Slurm          sbatch   squeue --states=all            scancel --signal --full  scancel
     ├── GridEngine     qsub     qstat (all jobs of the user)   (none: interrupt by message) qdel
     ├── PBS            qsub     qstat -f -F json -x            qsig -s               qdel
     └── LSF            bsub     bjobs -o ... -noheader         bkill -s              bkill
+    ping: sinfo (SLURM), qstat (Grid Engine), qstat -B (PBS), lsid (LSF)
 
 Every job is in one of three phases: `pending` (queued, held, being set up), `running`, or
 `finished` (including a job the scheduler no longer lists). The batch provisioner (batch.py)
@@ -89,6 +91,10 @@ class Scheduler:
         raise NotImplementedError
 
     def cancel(self, job_id: str) -> list[str]:
+        raise NotImplementedError
+
+    def ping(self) -> list[str]:
+        """A cheap command that succeeds when the scheduler answers (the status page)."""
         raise NotImplementedError
 
 
@@ -178,6 +184,9 @@ class Slurm(Scheduler):
     def cancel(self, job_id: str) -> list[str]:
         return ["scancel", job_id]
 
+    def ping(self) -> list[str]:
+        return ["sinfo", "--noheader", "--format=%P"]  # asks slurmctld
+
 
 def _first_node(nodelist: str) -> str:
     """ "node[01-04]" -> "node01"; "gpu7" -> "gpu7"."""
@@ -248,6 +257,9 @@ class GridEngine(Scheduler):
     def cancel(self, job_id: str) -> list[str]:
         return ["qdel", job_id]
 
+    def ping(self) -> list[str]:
+        return ["qstat"]
+
 
 class PBS(Scheduler):
     """OpenPBS / PBS Professional (qstat -F json needs 19.x or later)."""
@@ -316,6 +328,9 @@ class PBS(Scheduler):
 
     def cancel(self, job_id: str) -> list[str]:
         return ["qdel", job_id]
+
+    def ping(self) -> list[str]:
+        return ["qstat", "-B"]  # the server's status
 
 
 class LSF(Scheduler):
@@ -387,6 +402,9 @@ class LSF(Scheduler):
 
     def cancel(self, job_id: str) -> list[str]:
         return ["bkill", job_id]
+
+    def ping(self) -> list[str]:
+        return ["lsid"]  # the cluster and its master
 
 
 SCHEDULERS: dict[str, Scheduler] = {s.name: s for s in (Slurm(), GridEngine(), PBS(), LSF())}

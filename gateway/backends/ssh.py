@@ -177,6 +177,15 @@ class SSHProvisioner(RemoteProvisioner):
     def has_process(self) -> bool:
         return self.pid is not None
 
+    @classmethod
+    async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """The host and its jump hosts (`user@host:port`), each answering or not: the
+        shared connection when it is up, else one made for the check and closed."""
+        if not config.get("host"):
+            return [("ssh", "the kernelspec names no host")]
+        hops = await sshpool.reachable(cls.from_config(config).target())
+        return [(str(hop), why) for hop, why in hops]
+
     # -- launch --------------------------------------------------------------------------
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
@@ -184,7 +193,10 @@ class SSHProvisioner(RemoteProvisioner):
         unused: the remote command comes from kernel_cmd / python."""
         self._exit, self._tail, self._urgent = None, "", False
         if self._ssh is None:
-            self._ssh = await sshpool.acquire(self.target())
+            target = self.target()
+            if not sshpool.live(target):
+                self.stage(f"connecting to {sshpool.route(target)}")
+            self._ssh = await sshpool.acquire(target)
         try:
             with ssh_errors(self._ssh.target, f"starting the kernel on {self._ssh.name}"):
                 await self._launch(kwargs.get("env") or {})
@@ -199,12 +211,17 @@ class SSHProvisioner(RemoteProvisioner):
             ) from e
         return self.connection_info
 
+    def location(self) -> str:
+        """GatewayHooks.location: `user@host:port` of the SSH host."""
+        return self._ssh_name
+
     @property
     def _ssh_name(self) -> str:
         return self._ssh.name if self._ssh else self.host
 
     async def _launch(self, env: dict[str, str]) -> None:
         assert self._ssh is not None
+        self.stage(f"uploading the connection file to {self._ssh_name}")
         sftp = await self._ssh.sftp()
         await sftp.makedirs(self.runtime_dir, exist_ok=True)
         self.remote_file = await sftp.realpath(f"{self.runtime_dir}/kernel-{self.kernel_id}.json")
@@ -222,10 +239,13 @@ class SSHProvisioner(RemoteProvisioner):
             steps=int(timeout / POLL_STEP) + 1,
         )
         conn = await self._ssh.connection()
+        # the script runs the pre_command, then starts the kernel and prints its pid
+        self.stage(f"launching the kernel on {self._ssh_name}")
         async with self._ssh.sessions, await conn.create_process(script) as proc:
             first = (await proc.stdout.readline()).strip()
             if first.startswith("PID "):
                 self.pid = self.pgid = int(first.split()[1])
+                self.stage(f"waiting for the kernel's ports on {self._ssh_name}")
                 first = (await proc.stdout.readline()).strip()
             rest = await proc.stdout.read()
         if first == "READY":
@@ -287,6 +307,7 @@ class SSHProvisioner(RemoteProvisioner):
         were any (so connected ZMQ sockets reconnect by themselves); the host's liveness
         probe covers the kernel from now on."""
         assert self._ssh is not None
+        self.stage(f"forwarding the kernel's ports from {self._ssh_name}")
         ports = await self.forwards.open(self._ssh, "127.0.0.1", self.remote_ports, pid=self.pid)
         self._connect_to("127.0.0.1", ports)
 

@@ -2,6 +2,8 @@
 chain), counted by leases, kept alive by keepalives, and re-established after a drop.
 
     acquire(target) -> SSHHost        a lease; connects on first use
+    live(target)                      whether a shared connection to it is up now
+    reachable(target)                 whether it and its jump hosts answer (the status page)
     ssh_errors(target, what)          asyncssh's failures as gateway errors, wherever they enter
     SSHHost.connection(timeout)       the live connection, waiting out a reconnect
     SSHHost.watch(kernel)             re-forward it after a reconnect, include it in probes
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LINGER = 10.0  # seconds an unused connection stays open for the next kernel
+PROBE_TIMEOUT = 4.0  # seconds reachable() gives a connection (its caller allows ~5)
 # OpenSSH allows 10 sessions per connection by default (MaxSessions); one is our SFTP client
 SESSIONS = 8
 
@@ -64,6 +68,12 @@ class Hop:
     def __str__(self) -> str:
         user = f"{self.username}@" if self.username else ""
         return f"{user}{self.host}:{self.port}"
+
+
+def route(target: Target) -> str:
+    """`user@host:port`, and the jump hosts it is reached through: for people (stages)."""
+    via = f" via {', '.join(map(str, target.jumps))}" if target.jumps else ""
+    return f"{target.hop}{via}"
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,7 @@ class SSHHost:
         self.refs = 0
         self.lost: str | None = None
         self.kernels: set[Watcher] = set()
+        self.trying: Hop | None = None  # the hop being connected to, until all answered
         self._conn: asyncssh.SSHClientConnection | None = None
         self._jumps: list[asyncssh.SSHClientConnection] = []
         self._sftp: asyncssh.SFTPClient | None = None
@@ -190,6 +201,7 @@ class SSHHost:
                     opts["username"] = hop.username
                 if keys is not None:
                     opts["client_keys"] = keys
+                self.trying = hop
                 with ssh_errors(t, "connecting", hop):
                     conn = await asyncio.wait_for(
                         mod.connect(hop.host, hop.port, **opts), t.connect_timeout
@@ -200,7 +212,7 @@ class SSHHost:
             for c in opened:
                 c.close()
             raise
-        self._jumps = opened[:-1]
+        self._jumps, self.trying = opened[:-1], None
         return opened[-1]
 
     async def open(self) -> None:
@@ -210,7 +222,9 @@ class SSHHost:
                 return
             self._conn = await self._connect()
             self._connected.set()
-            self._supervisor = asyncio.create_task(self._supervise())
+            # a context of its own: the connection outlives the kernel whose start opened it,
+            # so its log lines must not carry that kernel's id (logs.py)
+            self._supervisor = asyncio.create_task(self._supervise(), context=contextvars.Context())
 
     async def connection(self, wait: float = 30.0) -> asyncssh.SSHClientConnection:
         """The live connection; waits (bounded) while a dropped one is re-established."""
@@ -389,6 +403,37 @@ def metric_families() -> Iterator[Any]:
     yield again
 
 
+def live(target: Target) -> bool:
+    """Whether the shared connection to `target` is up now (a start then needs no connect)."""
+    host = _POOL.get(target)
+    return host is not None and host.up and not host.lost
+
+
+async def reachable(target: Target) -> list[tuple[Hop, str]]:
+    """Whether each hop to `target` answers, jump hosts first: (hop, '' or why not). A live
+    shared connection answers for all of them; else a connection of its own is made, outside
+    the pool, and closed at once. Hops behind one that failed are not tried."""
+    hops = [*target.jumps, target.hop]
+    if live(target):
+        return [(hop, "") for hop in hops]
+    probe = SSHHost(target)
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            probe._conn = await probe._connect()
+        return [(hop, "") for hop in hops]
+    except TimeoutError:
+        why = f"no answer within {PROBE_TIMEOUT:g} s"
+    except KernelError as e:
+        why = e.message
+    finally:
+        probe._drop_connection()
+    failed = hops.index(probe.trying) if probe.trying in hops else 0
+    return [
+        (hop, "" if i < failed else why if i == failed else f"not tried: {hops[failed]} failed")
+        for i, hop in enumerate(hops)
+    ]
+
+
 async def acquire(target: Target) -> SSHHost:
     """A lease on the shared connection to `target`, connecting when there is none."""
     host = _POOL.get(target)
@@ -407,6 +452,7 @@ async def acquire(target: Target) -> SSHHost:
 
 
 def release(host: SSHHost, linger: float = LINGER) -> None:
+    """End a lease; the last one closes the connection after `linger` seconds."""
     host.refs -= 1
     if host.refs > 0:
         return

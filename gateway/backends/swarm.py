@@ -139,6 +139,8 @@ class SwarmProvisioner(DockerProvisioner):
         template = task_template(container, self.gpus, list(self.constraints), self.network)
         self.container_name = container_name(env.get("KERNEL_USERNAME", ""), self.kernel_id)
         try:
+            self._stage_connecting()
+            self.stage(f"creating a service from {self.image}")
             await self._check_image()
             # a restart's earlier service may linger (cleanup is best effort): its name is ours
             await _delete_service(self.engine, self.container_name, "an earlier service")
@@ -176,6 +178,7 @@ class SwarmProvisioner(DockerProvisioner):
             ) from e
 
     async def _running_task(self) -> dict[str, Any]:
+        said = ""
         while True:
             self.engine.forget_states()
             task = (await self.engine.task_states(0)).get(cast(str, self.service_id))
@@ -183,6 +186,12 @@ class SwarmProvisioner(DockerProvisioner):
                 status = task.get("Status", {})
                 state = status.get("State", "")
                 self._status = f"task {state}" + (f": {status['Err']}" if status.get("Err") else "")
+                # "pending: no suitable node (...)", "preparing", ...: told when it changes
+                detail = str(status.get("Err") or status.get("Message") or "")
+                words = f"Swarm task {state}" + (f": {detail}" if detail != state else "")
+                if words != said:
+                    said = words
+                    self.stage(words)
                 if state == "running":
                     return task
                 if state in FAILED:
@@ -249,6 +258,21 @@ class SwarmProvisioner(DockerProvisioner):
         except KernelError as e:
             log.debug("service logs of %s: %s", self.container_name, e.message)
         return self._tail
+
+    @classmethod
+    async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """The engine (docker_host, else the default): it answers and is a Swarm manager."""
+        label = f"swarm manager {dockerengine.endpoint(str(config.get('docker_host', '')))}"
+        return [(label, await cls._engine_answers(config))]
+
+    @classmethod
+    async def _ask(cls, engine: Engine) -> str:
+        info = await engine.call("asking for its swarm state", lambda c: c.system.info())
+        swarm = info.get("Swarm") or {}
+        if swarm.get("ControlAvailable"):
+            return ""
+        state = swarm.get("LocalNodeState") or "unknown"
+        return f"not a Swarm manager (its swarm state: {state})"
 
     # -- while it runs -------------------------------------------------------------------
 
