@@ -34,12 +34,15 @@ class ApiHandler(base.APIHandler):
         self.write_json({"version": __version__, "gateway": "remote-kernel-gateway"})
 
 
-def make_app(config: Config, registry: KernelRegistry, store: SessionStore) -> web.Application:
+def make_app(
+    config: Config, registry: KernelRegistry, store: SessionStore, checks: status.HostChecks
+) -> web.Application:
     collaborators: dict[str, Any] = {
         "config": config,
         "registry": registry,
         "sessions": store,
         "specs": registry.specs,
+        "host_checks": checks,
     }
     table = [
         (r"api/?", ApiHandler),
@@ -129,7 +132,8 @@ async def serve(config: Config) -> None:
     await registry.restore()
     metrics.install(registry)
     store = SessionStore(state, registry.kernels)
-    app = make_app(config, registry, store)
+    checks = status.HostChecks(registry)
+    app = make_app(config, registry, store, checks)
     server = httpserver.HTTPServer(app, xheaders=True)
     server.listen(config.port, config.ip)
     host = f"[{config.ip}]" if ":" in config.ip else config.ip
@@ -145,16 +149,17 @@ async def serve(config: Config) -> None:
     reaper = asyncio.create_task(registry.reap_orphans())
     await stop.wait()
 
-    # 1. stop accepting; 2. stop culling and the orphan sweep; 3. stop kernels (their
-    # sockets get `dead` and a close 1000), or with --keep-kernels leave them running and
-    # recorded (their sockets get 1001, so clients reconnect to the next gateway); 4. close
-    # what connections remain, bounded; 5. release ZMQ and the state store.
+    # 1. stop accepting; 2. stop culling, the orphan sweep and the status page's host checks;
+    # 3. stop kernels (their sockets get `dead` and a close 1000), or with --keep-kernels leave
+    # them running and recorded (their sockets get 1001, so clients reconnect to the next
+    # gateway); 4. close what connections remain, bounded; 5. release ZMQ and the state store.
     server.stop()
     for task in (culler, reaper):
         if task:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+    await checks.close()
     if config.keep_kernels:
         log.info("shutting down: leaving %d kernel(s) running", len(registry.kernels))
         await registry.leave_all()
