@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import signal
@@ -12,7 +13,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 from tornado import httpserver, web, websocket
 
-from . import __version__, metrics
+from . import __version__, logs, metrics
 from .bridge import connection
 from .config import Config
 from .handlers import base, kernels, kernelspecs, sessions, status
@@ -64,7 +65,7 @@ def make_app(
         websocket_ping_interval=30,
         websocket_ping_timeout=30,
         websocket_max_message_size=256 * 1024 * 1024,
-        log_function=_log_request,
+        log_function=functools.partial(_log_request, logs.trusted_networks(config.trusted_proxies)),
     )
 
 
@@ -76,7 +77,9 @@ def route_label(pattern: str) -> str:
     return "/" + label.removesuffix("?").removesuffix("/")
 
 
-def _log_request(handler: web.RequestHandler) -> None:
+def _log_request(trusted: tuple[logs.Network, ...], handler: web.RequestHandler) -> None:
+    """The access log: the path without its query (a websocket's ?token= is there), the
+    client as logs.client_address() finds it."""
     status = handler.get_status()
     if not isinstance(handler, websocket.WebSocketHandler):  # its duration is its lifetime
         metrics.request_done(
@@ -86,13 +89,26 @@ def _log_request(handler: web.RequestHandler) -> None:
             handler.request.request_time(),
         )
     level = logging.DEBUG if status < 400 else logging.INFO
+    request = handler.request
+    client = logs.client_address(
+        request.remote_ip or "", request.headers.get_list("X-Forwarded-For"), trusted
+    )
+    millis = 1000 * request.request_time()
     log.log(
         level,
-        "%d %s %s %.1fms",
+        "%d %s %s (%s) %.1fms",
         status,
-        handler.request.method,
-        handler.request.path,
-        1000 * handler.request.request_time(),
+        request.method,
+        request.path,
+        client,
+        millis,
+        extra={
+            "status": status,
+            "method": request.method,
+            "path": request.path,
+            "client": client,
+            "duration_ms": round(millis, 1),
+        },
     )
 
 
@@ -106,11 +122,12 @@ def announce(config: Config, server_url: str) -> None:
     if config.no_auth:
         log.warning("serving WITHOUT authentication (--no-auth) at %s", server_url)
     elif config.token_generated:
-        log.info("gateway at %s?token=%s", server_url, config.token)
+        log.info("gateway at %s?token=%s", server_url, config.token, extra=logs.SHOWS_TOKEN)
         log.info(
             "use it with: jupyter lab --gateway-url=%s --GatewayClient.auth_token=%s",
             server_url.rstrip("/"),
             config.token,
+            extra=logs.SHOWS_TOKEN,
         )
     else:
         log.info("gateway at %s (token as configured)", server_url)
@@ -134,7 +151,9 @@ async def serve(config: Config) -> None:
     store = SessionStore(state, registry.kernels)
     checks = status.HostChecks(registry)
     app = make_app(config, registry, store, checks)
-    server = httpserver.HTTPServer(app, xheaders=True)
+    # no xheaders: Tornado would believe anyone's X-Forwarded-For; the access log asks
+    # logs.client_address(), which believes only --trusted-proxy
+    server = httpserver.HTTPServer(app, xheaders=False)
     server.listen(config.port, config.ip)
     host = f"[{config.ip}]" if ":" in config.ip else config.ip
     announce(config, f"http://{host}:{config.port}{config.base_url}")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, logs
 from .config import add_serve_arguments, config_from_args
 from .errors import GatewayError
+from .kernels_cli import add_kernels_arguments, run_kernels_command
 from .specs import add_spec_arguments, run_spec_command
 
 
@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     add_serve_arguments(serve)
     add_spec_arguments(sub.add_parser("spec", help="add, list or remove kernelspecs"))
+    add_kernels_arguments(
+        sub.add_parser(
+            "kernels", help="list the kernels of a running gateway; stop or interrupt one"
+        )
+    )
     return parser
 
 
@@ -32,12 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .app import serve
 
             config = config_from_args(args, os.environ)
-            logging.basicConfig(
-                level=config.log_level, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s"
-            )
+            logs.setup(config)
             asyncio.run(serve(config))
         elif args.command == "spec":
             run_spec_command(args)
+        elif args.command == "kernels":
+            run_kernels_command(args, os.environ)
     except GatewayError as e:
         print(f"{type(e).__name__}: {e.message}", file=sys.stderr)
         return 2

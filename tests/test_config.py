@@ -90,7 +90,8 @@ def _sample(f: Any, n: int) -> tuple[str, Any]:
         return f"{n}.5", n + 0.5
     if isinstance(f.default, tuple):
         return f"a{n}", _cleaned(f, (f"a{n}",))
-    text = ("error", "warning")[n % 2] if f.name == "log_level" else f"text{n}"
+    choices = {"log_level": ("error", "warning"), "log_format": ("json", "text")}
+    text = choices[f.name][n % 2] if f.name in choices else f"text{n}"
     return text, _cleaned(f, text)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from tornado import web, websocket
 from tornado.iostream import StreamClosedError
 
-from .. import metrics
+from .. import logs, metrics
 from ..auth import authenticate
 from ..config import Config
 from ..errors import GatewayError
@@ -51,6 +51,8 @@ class KernelWebSocket(websocket.WebSocketHandler):
     # -- handshake -----------------------------------------------------------------------
 
     async def get(self, kernel_id: str) -> None:
+        # the socket's whole life runs in this task: its frames' lines and its access line
+        logs.concerning(self.registry.kernels.get(kernel_id) or kernel_id)
         try:
             authenticate(self.request, self.config.token)
             self.kernel = self.registry.get(kernel_id)

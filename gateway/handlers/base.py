@@ -9,15 +9,18 @@ from typing import Any
 
 from tornado import web
 
+from .. import logs
 from ..auth import authenticate
 from ..config import Config
 from ..errors import BadRequest, ClientError, GatewayError, NotFound
+from ..kernels.registry import KernelRegistry
 
 log = logging.getLogger(__name__)
 
 
 class APIHandler(web.RequestHandler):
     config: Config
+    registry: KernelRegistry
 
     def initialize(self, **collaborators: Any) -> None:
         for name, value in collaborators.items():
@@ -49,6 +52,9 @@ class APIHandler(web.RequestHandler):
         self.set_header("Access-Control-Allow-Methods", "GET, POST, PATCH, PUT, DELETE, OPTIONS")
 
     def prepare(self) -> None:
+        kernel_id = self.path_kwargs.get("kernel_id")
+        if kernel_id:  # /api/kernels/ID...: this request's lines, its access line included
+            logs.concerning(self.registry.kernels.get(kernel_id) or kernel_id)
         if self.request.method != "OPTIONS":
             authenticate(self.request, self.config.token)
 

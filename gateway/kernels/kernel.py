@@ -20,7 +20,7 @@ from typing import Any
 import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 
-from .. import wire
+from .. import logs, wire
 from ..backends.contract import GatewayKernelManager, backend_name, hooks
 from ..errors import ClientError, KernelError, KernelStartError, KernelTimeout
 from . import jc
@@ -351,6 +351,7 @@ class ManagedKernel:
         return self._shutdown
 
     async def _do_shutdown(self) -> None:
+        logs.concerning(self)  # whoever asked: a client, the culler, the gateway's shutdown
         async with self._lock:
             self.state = "stopping"
             if self._monitor_task:

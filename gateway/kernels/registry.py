@@ -18,7 +18,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 
-from .. import metrics
+from .. import logs, metrics
 from ..backends.contract import GatewayHooks, GatewayKernelManager
 from ..config import Config
 from ..errors import (
@@ -139,6 +139,7 @@ class KernelRegistry:
         kernel_id = str(uuid.uuid4())
         km = self._manager(kernel_id, name, dict(req.env), req.timeout)
         kernel = self._managed(km, name, user)
+        logs.concerning(kernel)  # this request's lines, and its start task's (a failed one's too)
         kernel.launch = {"env": dict(req.env), "cwd": req.cwd}
         task = asyncio.ensure_future(self._start_or_undo(kernel, req.timeout))
         self._starting[kernel_id] = task
@@ -341,6 +342,7 @@ class KernelRegistry:
         await prov.load_provisioner_info(rec.provisioner_info)
         km.provisioner = prov
         kernel = self._managed(km, rec.name, rec.username)
+        logs.concerning(kernel)  # and so its monitor's and pump's lines
         kernel.launch, kernel.created = rec.launch, rec.created
         # a previous gateway process called start_kernel(), so this manager must be told what
         # restart_kernel() relaunches with, and that a start was made (jc.py says why)
@@ -402,7 +404,8 @@ class KernelRegistry:
                     continue
                 if kernel.execution_state == "busy" and not cfg.cull_busy:
                     continue
-                log.info("culling kernel %s, idle for %.0f s", kernel.id, idle)
+                with logs.about(kernel):
+                    log.info("culling kernel %s, idle for %.0f s", kernel.id, idle)
                 try:
                     await self.shutdown(kernel.id)
                 except NotFound:  # deleted meanwhile
