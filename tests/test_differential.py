@@ -23,6 +23,7 @@ import json
 import re
 import secrets
 import struct
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -709,6 +710,7 @@ async def lifecycle_script(server: Any, v1: bool) -> Transcript:
             if attempt == tries - 1:
                 raise
     kernel = await new_kernel(server)
+    started = time.monotonic()
     try:
         ks = await kernel.socket(v1)
         await request(t, ks, "kernel_info", "kernel_info_request", {})
@@ -732,6 +734,12 @@ async def lifecycle_script(server: Any, v1: bool) -> Transcript:
                     raise
 
         await request(t, ks, "define y", "execute_request", {"code": "y = 1", "silent": False})
+        # jupyter_client's restarter relaunches a kernel that dies before it has seen it
+        # alive for 10 s (stable_start_time, polled every 3 s) on new random ports, which
+        # jupyter_server's open websocket never follows: seen once under load, 90 s of
+        # silence after the crash. The crash waits until the reference's kernel counts as
+        # started; the gateway follows new ports either way (its crash tests do not wait).
+        await asyncio.sleep(max(0.0, started + 14 - time.monotonic()))
         # whether the dying kernel's iopub thread still sends busy and execute_input is a
         # race on both sides: only the absence of a reply is compared
         await send(ks, "execute_request", {"code": "import os; os._exit(1)", "silent": False})
