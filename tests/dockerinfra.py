@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import sweep
 
-from conftest import ROOT, pid_alive, require_infra
+from conftest import ROOT, pid_alive, require_infra, stop_process
 
 BASE_IMAGE = "rkg-test-base:bookworm-ssh"
 KERNEL_IMAGE = "rkg-test-kernel:latest"
@@ -129,12 +128,7 @@ def running_dockerd(tmp: Path, data_root: Path | str, netns: str = "") -> Iterat
         _sweep_engine(dk, str(data_root))
         yield dk
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc)
         _unmount_namespaces(tmp / "exec")
 
 

@@ -13,7 +13,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 import sweep
 
-from conftest import free_port, pid_alive, processes_matching, require_infra
+from conftest import free_port, pid_alive, processes_matching, require_infra, stop_process
 
 MUNGED = "/usr/sbin/munged"
 SLURMCTLD = "/usr/sbin/slurmctld"
@@ -210,13 +209,7 @@ def _sweep() -> None:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    stop_process(proc, grace=10)
 
 
 @pytest.fixture(scope="session")

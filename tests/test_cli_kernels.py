@@ -29,7 +29,14 @@ from typing import Any
 
 import pytest
 
-from conftest import eventually, eventually_sync, free_port, processes_matching, require_infra
+from conftest import (
+    eventually,
+    eventually_sync,
+    free_port,
+    processes_matching,
+    require_infra,
+    stop_process,
+)
 from gateway.kernels_cli import COLUMNS, table
 from gwclient import KernelSocket, api, start_kernel
 
@@ -370,12 +377,7 @@ def jkg(tmp_path: Path) -> Iterator[Any]:
         eventually_sync(answers, timeout=60, ignore=(OSError,), what="JKG answering")
         yield gw
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc)
         left = processes_matching(str(runtime))
         for pid in left:
             os.kill(pid, signal.SIGKILL)

@@ -38,6 +38,7 @@ from conftest import (
     eventually_sync,
     free_port,
     require_infra,
+    stop_process,
 )
 from gateway import __version__
 from gateway.backends.contract import GatewayHooks
@@ -641,10 +642,5 @@ def test_the_url_rkg_serve_prints_opens_the_page(tmp_path, page):
         wait(page, "the page logged in", logged_in)
         assert page.current_url == f"http://127.0.0.1:{port}/"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc)
     assert proc.returncode == 0, log_path.read_text()
