@@ -89,8 +89,11 @@ async def test_kernelspec_resource_errors(gateway, path):
 
 async def test_kernel_lifecycle_shapes(gateway):
     model = await start_kernel(gateway)
-    assert set(model) == {"id", "name", "last_activity", "execution_state", "connections"}
-    assert ISO.match(model["last_activity"])
+    standard = {"id", "name", "last_activity", "execution_state", "connections"}
+    assert set(model) == standard | {"gateway"}  # the gateway's own object beside them
+    assert set(model["gateway"]) == {"backend", "host", "user", "state", "stage", "started"}
+    assert model["gateway"]["state"] == "running" and model["gateway"]["stage"] == ""
+    assert ISO.match(model["last_activity"]) and ISO.match(model["gateway"]["started"])
     kid = model["id"]
     status, listed = await api(gateway, "GET", "api/kernels")
     assert status == 200 and kid in [k["id"] for k in listed]
