@@ -341,7 +341,7 @@ async def test_a_token_file_that_cannot_be_read(tmp_path):
 def jkg(tmp_path: Path) -> Iterator[Any]:
     exe = shutil.which("jupyter-kernelgateway", path=str(Path(sys.executable).parent))
     if not exe:
-        require_infra("jupyter-kernelgateway is not installed (pip install -e .[bench])")
+        require_infra("jupyter-kernelgateway is not installed (pip install -e .[test])")
 
     @dataclass
     class JKG:
