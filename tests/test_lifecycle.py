@@ -319,3 +319,33 @@ async def test_configured_by_environment(tmp_path):
         finally:
             proc.terminate()
             assert proc.wait(20) == 0
+
+
+async def test_local_kernels_are_watched_through_pidfds(gateway_factory):
+    """A running local kernel costs the gateway no polling: its monitor waits on a pidfd of
+    the kernel's process (one per kernel), and a kill is still noticed and restarted."""
+    gw = gateway_factory()
+    assert gw.proc is not None
+
+    def pidfds() -> int:
+        fds = f"/proc/{gw.proc.pid}/fd"
+        found = 0
+        for fd in os.listdir(fds):
+            try:
+                found += os.readlink(f"{fds}/{fd}") == "anon_inode:[pidfd]"
+            except OSError:  # closed meanwhile
+                pass
+        return found
+
+    first, second = (await start_kernel(gw))["id"], (await start_kernel(gw))["id"]
+    await eventually(pidfds, until=lambda n: n == 2, what="a pidfd per running kernel")
+    assert (await api(gw, "DELETE", f"api/kernels/{first}"))[0] == 204
+    await eventually(pidfds, until=lambda n: n == 1, what="the deleted kernel's pidfd closed")
+
+    ks = await KernelSocket.open(gw, second)
+    (pid,) = gw.kernel_pids()
+    os.kill(pid, signal.SIGKILL)
+    await ks.until_status("restarting", timeout=10)
+    await eventually(pidfds, until=lambda n: n == 1, what="the restarted kernel watched")
+    assert (await ks.execute("print('back')", timeout=30))[0] == "back\n"
+    await ks.close()

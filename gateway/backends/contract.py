@@ -99,6 +99,12 @@ class GatewayHooks:
         to check."""
         return []
 
+    def exit_fd(self) -> int | None:
+        """Called by the gateway after each launch (and re-attach): a file descriptor that
+        becomes readable when the kernel's process ends (a pidfd), which the gateway then
+        watches instead of polling; the gateway closes it. None: the gateway polls."""
+        return None
+
     def launch_note(self) -> str:
         """Called by the gateway when a start did not finish within the launch timeout:
         where the start stood (a job still queued, a task pending on no suitable node), for

@@ -316,9 +316,13 @@ class ManagedKernel:
         await self._on_launched(self)
 
     async def _monitor(self) -> None:
-        """Notice a kernel that died on its own; restart it or declare it dead."""
+        """Notice a kernel that died on its own; restart it or declare it dead. Where the
+        backend gives a pidfd of the kernel's process, wait on it (a lookup every 30 s all
+        the same); else ask the provisioner every 0.5 s."""
+        woken = False
         while True:
-            await asyncio.sleep(0.5)
+            # woken by the pidfd but the kernel answers: poll once before trusting it again
+            woken = await self._until_it_may_have_died(poll=woken)
             if self.state != "running" or self._lock.locked():
                 continue
             if await self.km.is_alive():
@@ -327,6 +331,30 @@ class ManagedKernel:
                 if self.state != "running":
                     continue
                 await self._on_died()
+
+    async def _until_it_may_have_died(self, *, poll: bool) -> bool:
+        """Returns whether the kernel's process was seen to end (its pidfd readable)."""
+        use_fd = self.state == "running" and not poll
+        fd = hooks(self.km.provisioner).exit_fd() if use_fd else None
+        if fd is None:
+            await asyncio.sleep(0.5)
+            return False
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(ended, 30)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return True
 
     async def _on_died(self) -> None:
         now = time.monotonic()
