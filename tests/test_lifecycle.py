@@ -349,3 +349,42 @@ async def test_local_kernels_are_watched_through_pidfds(gateway_factory):
     await eventually(pidfds, until=lambda n: n == 1, what="the restarted kernel watched")
     assert (await ks.execute("print('back')", timeout=30))[0] == "back\n"
     await ks.close()
+
+
+def _connected_ports(pid: int) -> list[int]:
+    """The remote ports of the established TCP connections process `pid` holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED, ours
+                    ports.append(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_an_idle_kernel_holds_only_its_iopub_connection(gateway_factory):
+    """Without clients the gateway keeps one connection per kernel (iopub, for activity and
+    replay); control is opened for an interrupt, restart or shutdown, then closed again."""
+    gw = gateway_factory()
+    assert gw.proc is not None
+    kid = (await start_kernel(gw))["id"]
+    info = json.loads((gw.runtime_dir / f"kernel-{kid}.json").read_text())
+    ports = {info[f"{c}_port"]: c for c in ("shell", "iopub", "stdin", "control", "hb")}
+
+    def channels() -> list[str]:
+        return sorted(ports[p] for p in _connected_ports(gw.proc.pid) if p in ports)
+
+    await eventually(channels, until=lambda c: c == ["iopub"], what="iopub alone")
+    assert (await api(gw, "POST", f"api/kernels/{kid}/restart", {}))[0] == 200
+    await eventually(channels, until=lambda c: c == ["iopub"], what="iopub alone again")
+    assert (await api(gw, "DELETE", f"api/kernels/{kid}"))[0] == 204
+    assert gw.kernel_pids() == []

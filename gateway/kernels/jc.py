@@ -7,9 +7,12 @@ re-check this module when either moves.
   every socket it creates. jupyter_client creates and connects a socket in one call, and ZMQ
   reads IMMEDIATE at connect time, so the option is set on the context around the call and
   removed again (there is no `Context.unsetsockopt`).
-- `connect_control()`: `AsyncKernelManager._connect_control_socket`. jupyter_client opens its
-  control socket in start_kernel(); a kernel a previous gateway process started was never
-  started by this manager, yet shutdown and restart requests go through that socket.
+- `connect_control()`, `close_control()`: `AsyncKernelManager._connect_control_socket` and
+  `._close_control_socket`. jupyter_client opens its control socket in start_kernel() and
+  keeps it; the gateway closes it once the kernel is ready (a thousand idle kernels would
+  hold a thousand sockets for nothing) and opens it again before what goes through it:
+  interrupt (interrupt_mode "message"), restart and shutdown (their shutdown_request),
+  also for a kernel a previous gateway process started, which this manager never did.
 - `mark_started()`: `AsyncKernelManager._launch_args` and `._attempted_start`, which
   start_kernel() sets: what restart_kernel() relaunches with, and that a start was made
   (without it, a restart reuses a settled `ready` future and fails with InvalidStateError).
@@ -49,8 +52,13 @@ def connect(
 
 
 def connect_control(km: AsyncKernelManager) -> None:
-    """Open the manager's control socket, as start_kernel() would have."""
+    """Open the manager's control socket (if closed), as start_kernel() would have."""
     km._connect_control_socket()
+
+
+def close_control(km: AsyncKernelManager) -> None:
+    """Close the manager's control socket until it is needed again."""
+    km._close_control_socket()
 
 
 def mark_started(km: AsyncKernelManager, launch_args: dict[str, Any]) -> None:

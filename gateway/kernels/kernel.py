@@ -188,6 +188,7 @@ class ManagedKernel:
                 self.fanout.open()
                 self._stage("waiting for the kernel to answer kernel_info")
                 await self._wait_ready()
+                jc.close_control(self.km)  # an idle kernel holds one ZMQ socket, iopub
         except asyncio.CancelledError:
             await self._abandon()
             raise
@@ -216,9 +217,6 @@ class ManagedKernel:
         already loaded from the state store): reconnect and prove it answers."""
         self._conn_info = dict(self.km.get_connection_info())
         self.fanout.open()
-        # jupyter_client opens its control socket in start_kernel(), which was not called
-        # here; shutdown and restart requests need it.
-        jc.connect_control(self.km)
         try:
             await asyncio.wait_for(self._wait_ready(), launch_timeout)
         except (TimeoutError, KernelError):
@@ -277,6 +275,7 @@ class ManagedKernel:
     async def interrupt(self) -> None:
         if self.state not in ("running",):
             return
+        jc.connect_control(self.km)  # a kernel in interrupt_mode "message" needs it
         await self.km.interrupt_kernel()
 
     async def restart(self) -> None:
@@ -294,6 +293,7 @@ class ManagedKernel:
         self.execution_state = "restarting"
         self._begin_stages("restarting")
         try:
+            jc.connect_control(self.km)  # its shutdown_request goes there
             await self.km.restart_kernel(now=now)
             self._stage("waiting for the kernel to answer kernel_info")
             info = dict(self.km.get_connection_info())
@@ -305,6 +305,7 @@ class ManagedKernel:
             await asyncio.wait_for(self._wait_ready(), self.km.shutdown_wait_time + 60)
             # what was held may ask for input: the new kernel must know our stdin first
             await self.fanout.stdin_connected()
+            jc.close_control(self.km)
         except Exception:
             self.state = "dead"
             self.execution_state = "dead"
@@ -386,6 +387,7 @@ class ManagedKernel:
                 self._monitor_task.cancel()
             try:
                 if self.km.has_kernel:
+                    jc.connect_control(self.km)  # its shutdown_request goes there
                     await self.km.shutdown_kernel(now=False)
             except Exception:
                 log.exception("shutting down kernel %s", self.id)
