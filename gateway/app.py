@@ -18,6 +18,7 @@ from .bridge import connection
 from .config import Config
 from .handlers import base, kernels, kernelspecs, sessions, status
 from .handlers import metrics as metrics_handlers
+from .kernels import pool
 from .kernels.registry import KernelRegistry
 from .sessions import SessionStore
 from .state import StateStore
@@ -144,9 +145,12 @@ def dump_tasks() -> None:
 
 
 async def serve(config: Config) -> None:
+    specs = kernel_spec_manager(config)
+    pools = pool.sizes(config.pools, specs)  # a --pool of no kernelspec: refused, here
     state = StateStore(config.state_db)
-    registry = KernelRegistry(config, kernel_spec_manager(config), state)
+    registry = KernelRegistry(config, specs, state, pools)
     await registry.restore()
+    registry.pool.start()  # after restore: the pooled kernels it re-attached count
     metrics.install(registry)
     store = SessionStore(state, registry.kernels)
     checks = status.HostChecks(registry)
@@ -179,11 +183,12 @@ async def serve(config: Config) -> None:
             with suppress(asyncio.CancelledError):
                 await task
     await checks.close()
+    held = f"{len(registry.kernels)} kernel(s) and {registry.pool.ready()} pooled"
     if config.keep_kernels:
-        log.info("shutting down: leaving %d kernel(s) running", len(registry.kernels))
+        log.info("shutting down: leaving %s running", held)
         await registry.leave_all()
     else:
-        log.info("shutting down: stopping %d kernel(s)", len(registry.kernels))
+        log.info("shutting down: stopping %s", held)
         await registry.shutdown_all(config.shutdown_timeout)
     with suppress(TimeoutError):
         await asyncio.wait_for(server.close_all_connections(), 5)

@@ -73,6 +73,33 @@ def _abspaths(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(os.path.abspath(p) for p in paths)
 
 
+POOL_MAX = 32  # kernels kept warm per kernelspec, at most
+
+
+def pool_size(value: object) -> int:
+    """A warm pool's size (--pool, a kernelspec's metadata.rkg.pool): 0 to POOL_MAX."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= POOL_MAX:
+        raise ValueError(f"must be a whole number from 0 to {POOL_MAX}, not {value!r}")
+    return value
+
+
+def _pools(items: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """SPEC=N items -> ((SPEC, N), ...), one per kernelspec, the last given winning (so a
+    flag wins over RKG_POOLS, which comes first)."""
+    sizes: dict[str, int] = {}
+    for item in items:
+        name, sep, size = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"has {item!r}: give SPEC=N, e.g. python3=2")
+        try:
+            sizes[name.strip()] = pool_size(size)
+        except ValueError as e:
+            raise ValueError(f"has {item!r}: N {e}") from None
+    return tuple(sizes.items())
+
+
 @dataclass(frozen=True)
 class Config:
     ip: str = _option("127.0.0.1", "--ip", "address to listen on")
@@ -135,6 +162,13 @@ class Config:
         False,
         "--keep-kernels",
         "on shutdown leave kernels running, for the next gateway to re-attach",
+    )
+    pools: tuple[tuple[str, int], ...] = _option(
+        (),
+        "--pool",
+        "SPEC=N: keep N kernels of kernelspec SPEC started, for starts to take at once",
+        env="RKG_POOLS",
+        clean=_pools,
     )
     max_kernels: int = _option(0, "--max-kernels", "kernels in all (0: no limit)")
     max_kernels_per_user: int = _option(
@@ -246,8 +280,10 @@ def _value(f: dataclasses.Field[Any], opt: Option, given: Any, environ: Mapping[
         try:
             value = opt.clean(value)
         except ValueError as e:
-            source = f"{opt.flag} {given!r}" if given is not None else f"{opt.env}={raw!r}"
-            raise BadRequest(f"{source} {e}") from None
+            # a repeatable flag's values and its variable's are cleaned together: name both
+            sources = [f"{opt.env}={raw!r}"] if raw is not None else []
+            sources += [f"{opt.flag} {given!r}"] if given is not None else []
+            raise BadRequest(f"{' and '.join(sources)} {e}") from None
     return value
 
 

@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS kernels (
     connection_info TEXT NOT NULL,
     provisioner_info TEXT NOT NULL,
     launch TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    pooled INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -49,6 +50,7 @@ class KernelRecord:
     provisioner_info: dict[str, Any]
     launch: dict[str, Any]  # the client's env extras and cwd, to relaunch on restart
     created: float
+    pooled: bool = False  # a warm pool's kernel, no one's yet (kernels/pool.py)
 
 
 class StateStore:
@@ -62,8 +64,16 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.Error as e:
             raise StateError(f"cannot open the state database {path}: {e}") from e
+
+    def _migrate(self) -> None:
+        """A database an older gateway wrote: add what it lacks (CREATE TABLE IF NOT EXISTS
+        leaves an existing table as it was)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(kernels)")}
+        if "pooled" not in columns:
+            self._db.execute("ALTER TABLE kernels ADD COLUMN pooled INTEGER NOT NULL DEFAULT 0")
 
     async def _run(self, sql: str, args: tuple[Any, ...]) -> None:
         def run() -> None:
@@ -91,7 +101,8 @@ class StateStore:
         if isinstance(info.get("key"), bytes):
             info["key"] = info["key"].decode()
         await self._run(
-            "INSERT OR REPLACE INTO kernels VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO kernels (id, name, username, connection_info, "
+            "provisioner_info, launch, created, pooled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rec.id,
                 rec.name,
@@ -100,6 +111,7 @@ class StateStore:
                 json.dumps(rec.provisioner_info, default=str),
                 json.dumps(rec.launch),
                 rec.created,
+                int(rec.pooled),
             ),
         )
 
@@ -111,11 +123,18 @@ class StateStore:
         """Read once at start-up, before serving."""
         rows = self._db.execute(
             "SELECT id, name, username, connection_info, provisioner_info, "
-            "launch, created FROM kernels ORDER BY created"
+            "launch, created, pooled FROM kernels ORDER BY created"
         ).fetchall()
         return [
             KernelRecord(
-                r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), json.loads(r[5]), r[6]
+                r[0],
+                r[1],
+                r[2],
+                json.loads(r[3]),
+                json.loads(r[4]),
+                json.loads(r[5]),
+                r[6],
+                bool(r[7]),
             )
             for r in rows
         ]

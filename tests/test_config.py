@@ -89,7 +89,8 @@ def _sample(f: Any, n: int) -> tuple[str, Any]:
     if isinstance(f.default, float):
         return f"{n}.5", n + 0.5
     if isinstance(f.default, tuple):
-        return f"a{n}", _cleaned(f, (f"a{n}",))
+        text = f"a{n}={n}" if f.name == "pools" else f"a{n}"  # SPEC=N
+        return text, _cleaned(f, (text,))
     choices = {"log_level": ("error", "warning"), "log_format": ("json", "text")}
     text = choices[f.name][n % 2] if f.name in choices else f"text{n}"
     return text, _cleaned(f, text)
@@ -102,6 +103,7 @@ def _cleaned(f: Any, value: Any) -> Any:
         "kernelspec_dirs": lambda v: tuple(os.path.abspath(p) for p in v),
         "log_level": lambda v: v.upper(),
         "autorestart": lambda v: not v,
+        "pools": lambda v: tuple((s.split("=")[0], int(s.split("=")[1])) for s in v),
     }.get(f.name, lambda v: v)(value)
 
 

@@ -206,7 +206,8 @@ async def test_api_status_shape(gateway):
     assert status == 504
     status, body = await api(gateway, "GET", "api/status")
     assert status == 200
-    assert set(body) == {"gateway", "admin", "kernels", "hosts", "failures"}
+    assert set(body) == {"gateway", "admin", "kernels", "hosts", "failures", "pools"}
+    assert body["pools"] == []  # no --pool (tests/test_pool.py has them)
     g = body["gateway"]
     assert g["version"] == __version__ and g["pid"] == gateway.proc.pid
     assert 0 < g["uptime"] < 3600 and g["rss_bytes"] > 10 * 2**20

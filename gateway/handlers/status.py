@@ -5,7 +5,7 @@
     GET /static/FILE      the page's script and style, bundled (no CDN)
     GET /api/status       JSON, token-protected: the gateway's own figures, every kernel, the
                           hosts and engines the kernelspecs depend on and whether they answer,
-                          the last failed starts (newest first)
+                          the last failed starts (newest first), the warm pools
 
 The hosts are checked by `HostChecks`: each distinct provisioner config's `reachable()`, all
 at once, each bounded in time, in a background task started by a read of /api/status at most
@@ -173,6 +173,8 @@ class StatusHandler(APIHandler):
                 "failures": [
                     {**f, "at": wire.iso(f["at"])} for f in reversed(self.registry.failures)
                 ],
+                # [{spec, size, ready, launching, stage, failing}]: kernels no one has yet
+                "pools": self.registry.pool.status(),
             }
         )
 
@@ -180,6 +182,8 @@ class StatusHandler(APIHandler):
         by_state: dict[str, int] = {}
         for m in models:
             by_state[m["gateway"]["state"]] = by_state.get(m["gateway"]["state"], 0) + 1
+        if self.registry.pool.ready():
+            by_state["pooled"] = self.registry.pool.ready()
         return {
             "version": __version__,
             "pid": os.getpid(),

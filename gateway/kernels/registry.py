@@ -1,6 +1,7 @@
-"""All kernels of this gateway: start them (through the kernelspec's provisioner), record them
-in the state store before the start is acknowledged, find, list, cull, re-attach to the ones
-a previous gateway process left running, and stop or leave them at shutdown."""
+"""All kernels of this gateway: start them (through the kernelspec's provisioner), or hand
+over a warm pool's kernel (pool.py), record them in the state store before the start is
+acknowledged, find, list, cull, re-attach to the ones a previous gateway process left
+running, and stop or leave them at shutdown."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any, cast
 
 import zmq.asyncio
@@ -33,6 +35,7 @@ from ..errors import (
 from ..state import KernelRecord, StateStore
 from . import env as kenv
 from . import jc
+from . import pool as kpool
 from .kernel import ManagedKernel
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,13 @@ DEFAULT_PROVISIONER = "rkg-local"
 
 
 class KernelRegistry:
-    def __init__(self, config: Config, specs: KernelSpecManager, store: StateStore) -> None:
+    def __init__(
+        self,
+        config: Config,
+        specs: KernelSpecManager,
+        store: StateStore,
+        pool_sizes: Mapping[str, int] | None = None,
+    ) -> None:
         self.config = config
         self.specs = specs
         self.store = store
@@ -64,6 +73,8 @@ class KernelRegistry:
         os.makedirs(self._runtime_dir, exist_ok=True)
         # kernelspecs that name no provisioner get the one that survives gateway restarts
         KernelProvisionerFactory.instance().default_provisioner_name = DEFAULT_PROVISIONER
+        # pooled kernels: in none of the above until handed over (pool.py); serve() starts it
+        self.pool = kpool.Pool(self, pool_sizes or {})
 
     def get(self, kernel_id: str) -> ManagedKernel:
         kernel = self.kernels.get(kernel_id)
@@ -112,8 +123,16 @@ class KernelRegistry:
         return km
 
     def _managed(self, km: GatewayKernelManager, name: str, user: str) -> ManagedKernel:
+        """A kernel of `user`'s, registered: listed, and counted against the limits."""
+        kernel = self._kernel(km, name)
+        kernel.user = user
+        self.kernels[km.kernel_id] = kernel
+        self._users[km.kernel_id] = user
+        return kernel
+
+    def _kernel(self, km: GatewayKernelManager, name: str) -> ManagedKernel:
         cfg = self.config
-        kernel = ManagedKernel(
+        return ManagedKernel(
             km,
             name=name,
             replay_seconds=cfg.replay_seconds,
@@ -123,10 +142,6 @@ class KernelRegistry:
             on_gone=self._forget,
             on_launched=self._record,
         )
-        kernel.user = user
-        self.kernels[km.kernel_id] = kernel
-        self._users[km.kernel_id] = user
-        return kernel
 
     async def start(self, name: str | None, env: Any = None) -> ManagedKernel:
         name = name or self.config.default_kernel_name
@@ -136,6 +151,9 @@ class KernelRegistry:
         )
         user = req.env.get("KERNEL_USERNAME", "")
         self._check_limits(user)
+        pooled = self.pool.take(name) if kpool.serves(req.env) else None
+        if pooled is not None:
+            return await self._hand_over(pooled, req, user)
         kernel_id = str(uuid.uuid4())
         km = self._manager(kernel_id, name, dict(req.env), req.timeout)
         kernel = self._managed(km, name, user)
@@ -165,6 +183,65 @@ class KernelRegistry:
         log.info("kernel %s (%s) started", kernel_id, name)
         return kernel
 
+    async def _hand_over(
+        self, kernel: ManagedKernel, req: kenv.LaunchRequest, user: str
+    ) -> ManagedKernel:
+        """A pooled kernel becomes the requester's: registered before the next await (see
+        _check_limits), owned by `user`, started (for its model and the culler) now, and a
+        restart relaunches it with the request's env, as if it had been started for it.
+        Recorded as the requester's before the start is acknowledged."""
+        began = time.monotonic()
+        kernel.user = user
+        kernel.launch = {"env": dict(req.env), "cwd": req.cwd}
+        kernel.created = time.time()
+        kernel.touch()
+        self.kernels[kernel.id] = kernel
+        self._users[kernel.id] = user
+        logs.concerning(kernel)
+        km = kernel.km
+        if isinstance(km, GatewayKernelManager):  # what the backend reads at a relaunch
+            km.client_env = {**req.env, "KERNEL_ID": kernel.id}
+            km.launch_timeout = req.timeout
+        jc.mark_started(km, self._launch_kwargs(kernel))
+        try:
+            await self._record(kernel)
+        except BaseException:
+            self.kernels.pop(kernel.id, None)
+            self._users.pop(kernel.id, None)
+            await kernel.shutdown()
+            await self.store.delete_kernel(kernel.id)
+            raise
+        metrics.started(kernel.backend, "ok", time.monotonic() - began)
+        log.info("kernel %s (%s) handed over from its warm pool", kernel.id, kernel.name)
+        return kernel
+
+    # -- the warm pools' kernels (pool.Spares) -----------------------------------------
+
+    def new_spare(self, name: str) -> ManagedKernel:
+        kernel_id = str(uuid.uuid4())
+        km = self._manager(kernel_id, name, {}, self.config.kernel_launch_timeout)
+        return self._kernel(km, name)
+
+    async def launch_spare(self, kernel: ManagedKernel) -> None:
+        """Not counted in the start metrics: those are requests' (a hand-over is one)."""
+        began = time.monotonic()
+        with logs.about(kernel):  # and the tasks it makes: its monitor's lines
+            try:
+                await self._start_with_retry(kernel, self.config.kernel_launch_timeout)
+            except BaseException as e:
+                if not isinstance(e, asyncio.CancelledError):  # a shutdown: nothing wrong
+                    self._start_failed(kernel, e, time.monotonic() - began, counted=False)
+                await self.store.delete_kernel(kernel.id)
+                raise
+            log.info("kernel %s (%s) started for its warm pool", kernel.id, kernel.name)
+
+    async def stop_spare(self, kernel: ManagedKernel) -> None:
+        await kernel.shutdown()
+        await self.store.delete_kernel(kernel.id)
+
+    def starts_in_flight(self) -> tuple[asyncio.Task[None], ...]:
+        return tuple(self._starting.values())
+
     async def _start_or_undo(self, kernel: ManagedKernel, launch_timeout: float) -> None:
         """The undoing is part of the task cancel_starts() waits for: once it returns, every
         cancelled start's caller only has to answer, which it does before the shutdown
@@ -180,15 +257,18 @@ class KernelRegistry:
             raise
         metrics.started(kernel.backend, "ok", time.monotonic() - began)
 
-    def _start_failed(self, kernel: ManagedKernel, e: BaseException, seconds: float) -> None:
-        """A start that did not end in a running kernel: counted, logged with its stages,
-        and kept (the last few) for the status page."""
+    def _start_failed(
+        self, kernel: ManagedKernel, e: BaseException, seconds: float, *, counted: bool = True
+    ) -> None:
+        """A start that did not end in a running kernel: counted (unless not `counted`),
+        logged with its stages, and kept (the last few) for the status page."""
         if isinstance(e, asyncio.CancelledError):
             outcome, reason = "cancelled", "cancelled (deleted while starting, or shutdown)"
         else:
             outcome = "timeout" if isinstance(e, KernelTimeout) else "error"
             reason = e.message if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
-        metrics.started(kernel.backend, outcome, seconds)
+        if counted:
+            metrics.started(kernel.backend, outcome, seconds)
         story = kernel.story()
         log.warning(
             "kernel %s (%s) did not start (%s after %.1f s): %s%s",
@@ -250,12 +330,14 @@ class KernelRegistry:
                 info,
                 kernel.launch,
                 kernel.created,
+                pooled=kernel.id in self.pool.members,
             )
         )
 
     def _forget(self, kernel: ManagedKernel) -> None:
         self.kernels.pop(kernel.id, None)
         self._users.pop(kernel.id, None)
+        self.pool.forget(kernel)
         log.info("kernel %s (%s) stopped", kernel.id, kernel.name)
 
     async def shutdown(self, kernel_id: str) -> None:
@@ -288,7 +370,12 @@ class KernelRegistry:
                 self._users.pop(rec.id, None)
                 await self.store.delete_kernel(rec.id)
         if records:
-            log.info("re-attached %d of %d recorded kernel(s)", len(self.kernels), len(records))
+            log.info(
+                "re-attached %d of %d recorded kernel(s), %d of them to warm pools",
+                sum(not isinstance(r, BaseException) for r in results),
+                len(records),
+                self.pool.ready(),
+            )
 
     def spec_provisioners(self) -> tuple[tuple[str, type[GatewayHooks], dict[str, Any]], ...]:
         """(kernelspec name, provisioner class, its config) of every kernelspec whose
@@ -311,7 +398,7 @@ class KernelRegistry:
         (containers, services) remove what this gateway labelled and no kernel of it owns.
         Once per distinct provisioner config, so an engine named by several kernelspecs is
         swept once. `owned` is the live registry: a kernel is in it before its launch."""
-        owned = self.kernels.keys()
+        owned = collections.ChainMap(self.kernels, self.pool.members).keys()
         seen: set[str] = set()
         for name, cls, config in self.spec_provisioners():
             key = f"{cls.__name__} {config.get('docker_host', '')}"
@@ -341,7 +428,10 @@ class KernelRegistry:
         prov.connection_info = info
         await prov.load_provisioner_info(rec.provisioner_info)
         km.provisioner = prov
-        kernel = self._managed(km, rec.name, rec.username)
+        # a pooled kernel is no one's: in the pool once it answers, not among the kernels
+        kernel = (
+            self._kernel(km, rec.name) if rec.pooled else self._managed(km, rec.name, rec.username)
+        )
         logs.concerning(kernel)  # and so its monitor's and pump's lines
         kernel.launch, kernel.created = rec.launch, rec.created
         # a previous gateway process called start_kernel(), so this manager must be told what
@@ -351,6 +441,9 @@ class KernelRegistry:
             await kernel.discard()
             raise RuntimeError("its process is gone")
         await kernel.reattach(launch_timeout=min(self.config.kernel_launch_timeout, 30))
+        if rec.pooled and not self.pool.adopt(kernel):
+            log.info("kernel %s (%s) is beyond its warm pool's size; stopping it", rec.id, rec.name)
+            await self.stop_spare(kernel)
 
     # -- shutdown ----------------------------------------------------------------------
 
@@ -362,12 +455,13 @@ class KernelRegistry:
         await asyncio.gather(*starts, return_exceptions=True)
 
     async def shutdown_all(self, grace: float) -> None:
+        await self.pool.close()  # a pooled start in flight is undone, the pooled stopped below
         await self.cancel_starts()
-        tasks = [k.shutdown() for k in list(self.kernels.values())]
+        tasks = [k.shutdown() for k in self._all()]
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=grace)
-        for kernel in list(self.kernels.values()):  # still there: kill outright
+        for kernel in self._all():  # still there: kill outright
             log.warning("kernel %s did not stop in %gs; killing it", kernel.id, grace)
             try:
                 await kernel.km.shutdown_kernel(now=True)
@@ -382,12 +476,18 @@ class KernelRegistry:
         """--keep-kernels: disconnect from every kernel and leave it running and recorded.
         Starts in flight are first let finish, bounded: such a kernel is recorded already and
         the next gateway re-attaches to it, so its client should get it, not an error."""
+        await self.pool.close()  # a pooled start in flight is undone; the pooled are left
         if self._starting:
             await asyncio.wait(list(self._starting.values()), timeout=self.config.shutdown_timeout)
         await self.cancel_starts()
-        for kernel in list(self.kernels.values()):
+        for kernel in self._all():
             kernel.detach()
         self.kernels.clear()
+        self.pool.members.clear()
+
+    def _all(self) -> tuple[ManagedKernel, ...]:
+        """Every kernel this gateway holds: its clients' and its warm pools'."""
+        return (*self.kernels.values(), *self.pool.members.values())
 
     async def cull_forever(self) -> None:
         cfg = self.config
