@@ -144,7 +144,20 @@ def dump_tasks() -> None:
         log.warning("task %s:\n%s", task.get_name(), out.getvalue())
 
 
+def raise_fd_limit() -> None:
+    """Each idle kernel holds about three file descriptors (its iopub socket, libzmq's
+    eventfd, a pidfd), each client session three sockets more: the usual soft limit of 1,024
+    would cap a gateway at a few hundred kernels. Raised to the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(config: Config) -> None:
+    raise_fd_limit()
     specs = kernel_spec_manager(config)
     pools = pool.sizes(config.pools, specs)  # a --pool of no kernelspec: refused, here
     state = StateStore(config.state_db)

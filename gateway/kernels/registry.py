@@ -41,6 +41,7 @@ from .kernel import ManagedKernel
 log = logging.getLogger(__name__)
 
 DEFAULT_PROVISIONER = "rkg-local"
+MAX_ZMQ_SOCKETS = 65536
 
 
 class KernelRegistry:
@@ -60,6 +61,10 @@ class KernelRegistry:
         self._deleted_while_starting: set[str] = set()
         self.failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self._context = zmq.asyncio.Context()
+        # libzmq's default allows 1,023 sockets per context: about 1,000 idle kernels (one
+        # iopub socket each), fewer with clients (three more per session). Set before the
+        # first socket; the file descriptors are the limit that remains (serve() raises it).
+        self._context.set(zmq.MAX_SOCKETS, MAX_ZMQ_SOCKETS)
         # Options for every kernel socket, set by the context before it connects: ZMQ takes
         # them at connect time, and jupyter_client connects as it creates the socket.
         # A socket made while its kernel is still starting, or after a restart on the same
