@@ -16,7 +16,7 @@ from typing import Any
 from tornado import web, websocket
 from tornado.iostream import StreamClosedError
 
-from .. import logs, metrics
+from .. import logs, metrics, wire
 from ..auth import authenticate
 from ..config import Config
 from ..errors import GatewayError
@@ -136,11 +136,13 @@ class KernelWebSocket(websocket.WebSocketHandler):
     def _write(self, pieces: list[Part], size: int, binary: bool) -> Any:
         """One message as one websocket frame. Small ones on a deflate connection go through
         tornado, which compresses them. Everything else is written here as an uncompressed
-        frame, header then pieces: tornado assembles frames with `header + data`, a full copy,
-        while its IOStream keeps large writes as views, so a 50 MB output reaches the socket
-        without being copied by the gateway. Above --ws-compress-max nothing is deflated (it
-        costs more CPU than it saves on a LAN); RFC 7692 lets each message choose (RSV1), and
-        the shared window stays in step as neither side sees that message."""
+        frame: tornado assembles frames with `header + data`, a full copy, while its IOStream
+        keeps large writes as views, so a 50 MB output reaches the socket without being copied
+        by the gateway. Small pieces are joined, the frame header included: each write is a
+        send() of its own, and with TCP_NODELAY a segment of its own (a small legacy message
+        was eight). Above --ws-compress-max nothing is deflated (it costs more CPU than it
+        saves on a LAN); RFC 7692 lets each message choose (RSV1), and the shared window stays
+        in step as neither side sees that message."""
         proto = self.ws_connection
         if proto is None or proto.is_closing():
             raise websocket.WebSocketClosedError()
@@ -156,10 +158,17 @@ class KernelWebSocket(websocket.WebSocketHandler):
         stream = proto.stream
         if stream is None:
             raise websocket.WebSocketClosedError()
-        stream.write(header)
-        for piece in pieces[:-1]:
-            stream.write(piece)
-        return stream.write(pieces[-1])
+        run: list[Part] = [header]
+        written: Any = None
+        for piece in pieces:
+            if len(piece) < wire.LARGE:
+                run.append(piece)
+                continue
+            if run:
+                stream.write(b"".join(run))
+                run = []
+            written = stream.write(piece)
+        return stream.write(b"".join(run)) if run else written
 
     def _written(self, fut: Any, size: int) -> None:
         self._pending -= size
