@@ -8,6 +8,9 @@ against up to four targets side by side and prints medians and ratios:
   jkg          `jupyter kernelgateway` 3 with its defaults (IOPub rate limit of jupyter_server on)
   jkg-nolimit  the same with `--ZMQChannelsWebsocketConnection.limit_rate=False`; run for the
                throughput workload only, where the rate limit matters
+  ours-pool    ours with `--pool python3=1` (ours-docker-pool: ours-docker's, with its
+               kernelspec's pool): the start workload only, each start from a full pool,
+               then as many unpooled starts on the same gateway
 
 Gateway targets are driven by a plain `websockets` client (library defaults, no socket options;
 only max_size is lifted so that a 20 MB message can arrive), over both websocket protocols:
@@ -181,7 +184,8 @@ class Server:
         self.log_path = tmp / f"{name}-{self.port}.log"
         self.gateway: GatewayProcess | None = None  # ours: the test suite's gateway process
         self._proc: subprocess.Popen[bytes] | None = None  # JKG
-        if name in ("ours", "ours-ssh", "ours-docker"):
+        self.pooled = name.endswith("-pool")  # starts are taken from a warm pool
+        if name in ("ours", "ours-ssh", "ours-docker", "ours-pool", "ours-docker-pool"):
             args = ["--log-level", "WARNING"]
             if name == "ours-ssh":  # the same gateway, kernels over SSH to a loopback sshd
                 self.ssh = LoopbackSSH(tmp)
@@ -189,12 +193,16 @@ class Server:
                 self.ssh.write_kernelspec(specs)
                 args += ["--kernelspec-dir", str(specs)]
                 self.kernel_name = KERNEL_NAME
-            if name == "ours-docker":  # the same gateway, kernels in containers
-                self.dockerd = LocalDockerd(tmp)
-                specs = tmp / "docker-kernelspecs"
+            if name.startswith("ours-docker"):  # the same gateway, kernels in containers
+                home = tmp / name  # ours-docker and ours-docker-pool run one after the other
+                home.mkdir()
+                self.dockerd = LocalDockerd(home)
+                specs = home / "docker-kernelspecs"
                 self.dockerd.write_kernelspec(specs)
                 args += ["--kernelspec-dir", str(specs)]
                 self.kernel_name = DOCKER_KERNEL_NAME
+            if self.pooled:  # FRESH in a start's env makes it an unpooled one (README)
+                args += ["--pool", f"{self.kernel_name}=1", "--env-allow", FRESH]
             # started by wait_ready, as tests/conftest.py starts it (its --kernelspec-dir of
             # test kernels is searched too; they are not used here)
             self.gateway = GatewayProcess(
@@ -462,11 +470,17 @@ class WsKernel:
 
     @classmethod
     async def start(
-        cls, server: Server, v1: bool, deflate: bool = True, client: str = "websockets"
+        cls,
+        server: Server,
+        v1: bool,
+        deflate: bool = True,
+        client: str = "websockets",
+        env: dict[str, str] | None = None,
     ) -> tuple[WsKernel, float, float]:
         """(kernel, POST->201 seconds, POST->kernel_info_reply seconds)"""
+        body: dict[str, Any] = {"name": server.kernel_name, **({"env": env} if env else {})}
         t0 = time.perf_counter()
-        code, model = await http(server, "POST", "api/kernels", {"name": server.kernel_name})
+        code, model = await http(server, "POST", "api/kernels", body)
         t_post = time.perf_counter() - t0
         if code != 201 or not isinstance(model, dict) or "id" not in model:
             raise RuntimeError(f"{server.name}: POST /api/kernels -> {code} {model!r}")
@@ -600,6 +614,9 @@ class Target:
 
 
 async def w_start(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
+    if t.server and t.server.pooled:
+        await w_start_pooled(t.server, a, out)
+        return
     proto = t.protocols[-1]
     k, _, _ = await t.start(proto)  # warm-up, not counted: first imports, caches, and
     await k.stop()  # for a gateway its first kernelspec lookup
@@ -613,6 +630,44 @@ async def w_start(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None
     out["start_runs_s"] = total
     if t.server:
         out["start_post_s"] = statistics.median(post)
+
+
+FRESH = "RKG_BENCH_FRESH"  # allow-listed by the pool targets' gateway: a start it is in is
+# one the pool does not serve
+
+
+async def pool_full(server: Server, timeout: float = 120) -> None:
+    """Until the server's pool is full and launching nothing (its /api/status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code, body = await http(server, "GET", "api/status", timeout=10)
+        pools = body.get("pools", []) if code == 200 and isinstance(body, dict) else []
+        if any(p["ready"] >= p["size"] and not p["launching"] for p in pools):
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{server.name}: its pool was not full within {timeout:g} s")
+
+
+async def w_start_pooled(server: Server, a: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The start workload from a warm pool: before each start (warm-up included) the pool is
+    full again and has been for 0.5 s, outside the clock, so no refill runs during a start
+    (a pool's kernels usually wait much longer). Then the same count of unpooled starts on
+    the same gateway, with its pool full: the pool's cost to a start it cannot serve."""
+    for fresh in (False, True):
+        env = {FRESH: "1"} if fresh else None
+        total, post = [], []
+        for i in range(a.starts + 1):  # the first: warm-up, not counted
+            await pool_full(server)
+            await asyncio.sleep(0.5)
+            k, p, e = await WsKernel.start(server, True, a.deflate, env=env)
+            await k.stop()
+            if i:
+                total.append(e)
+                post.append(p)
+        key = "start_unpooled" if fresh else "start"
+        out[f"{key}_s"] = statistics.median(total)
+        out[f"{key}_runs_s"] = total
+        out[f"{key}_post_s"] = statistics.median(post)
 
 
 async def w_roundtrip(t: Target, a: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -820,6 +875,8 @@ async def bench_target(
         wanted = ["throughput"]  # the rate limit changes nothing else
     if name == "direct":
         wanted = [w for w in wanted if w != "rss"]
+    if name.endswith("-pool"):
+        wanted = [w for w in wanted if w == "start"]  # the other workloads would take pooled
     server = None
     try:
         if name != "direct":
@@ -862,7 +919,8 @@ async def bench_target(
         if server and server.proc.poll() is None:
             out["rss_end_MB"] = server.rss_mb()
             exclude = {server.proc.pid}
-            left = await reaper.settle(exclude, 10)
+            # a pool's kernel runs until its gateway stops (checked below, after the stop)
+            left = [] if server.pooled else await reaper.settle(exclude, 10)
             if left:
                 out.setdefault("problems", []).append(
                     f"{len(left)} kernel process(es) still running after every kernel was "
@@ -888,6 +946,7 @@ ROWS: list[tuple[str, str, str]] = [
     # (metric key, label, format); {p} is the websocket protocol
     ("start_s", "start: POST..kernel_info_reply s", ".3f"),
     ("start_post_s", "  of which POST -> 201 s", ".3f"),
+    ("start_unpooled_s", "  unpooled, same gateway s", ".3f"),
     ("roundtrip_{p}_ms", "roundtrip {p} median ms", ".2f"),
     ("roundtrip_{p}_p90_ms", "roundtrip {p} p90 ms", ".2f"),
     ("roundtrip_{p}_stalled", "roundtrip {p} share >=35ms", ".2f"),
@@ -917,7 +976,16 @@ HIGHER_IS_BETTER = ("MBps", "delivered")
 def table(results: dict[str, dict[str, Any]], n: int) -> str:
     cols: list[str] = [
         c
-        for c in ("direct", "ours", "ours-ssh", "ours-docker", "jkg", "jkg-nolimit")
+        for c in (
+            "direct",
+            "ours",
+            "ours-pool",
+            "ours-ssh",
+            "ours-docker",
+            "ours-docker-pool",
+            "jkg",
+            "jkg-nolimit",
+        )
         if c in results
     ]
     ratios = [
@@ -927,12 +995,14 @@ def table(results: dict[str, dict[str, Any]], n: int) -> str:
         ("ours/jkg-nolim", "ours", "jkg-nolimit"),
         ("ssh/ours", "ours-ssh", "ours"),
         ("docker/ours", "ours-docker", "ours"),
+        ("pool/ours", "ours-pool", "ours"),
+        ("dpool/docker", "ours-docker-pool", "ours-docker"),
     ]
     ratios = [r for r in ratios if r[1] in results and r[2] in results]
     w = 34
     head = (
         "metric".ljust(w)
-        + "".join(c.rjust(12) for c in cols)
+        + "".join(c.rjust(max(12, len(c) + 1)) for c in cols)
         + "".join(r[0].rjust(15) for r in ratios)
     )
     lines = [head, "-" * len(head)]
@@ -943,8 +1013,8 @@ def table(results: dict[str, dict[str, Any]], n: int) -> str:
             if all(v is None for v in vals.values()):
                 continue
             cells = "".join(
-                (format(v, fmt) if isinstance(v, float | int) else "-").rjust(12)
-                for v in vals.values()
+                (format(v, fmt) if isinstance(v, float | int) else "-").rjust(max(12, len(c) + 1))
+                for c, v in vals.items()
             )
             rcells = ""
             for _, num, den in ratios:
@@ -1040,9 +1110,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run, < 2 min")
     p.add_argument(
         "--targets",
-        default="direct,ours,jkg",
-        help="comma-separated: direct, ours, jkg (jkg also runs jkg-nolimit), "
-        "jkg-nolimit (default: %(default)s)",
+        default="direct,ours,ours-pool,jkg",
+        help="comma-separated: direct, ours, ours-pool, ours-ssh, ours-docker, "
+        "ours-docker-pool, jkg (jkg also runs jkg-nolimit), jkg-nolimit (default: %(default)s)",
     )
     p.add_argument(
         "--only",
@@ -1086,7 +1156,16 @@ def main() -> int:
     targets = []
     for t in a.targets.split(","):
         t = t.strip()
-        if t not in ("direct", "ours", "ours-ssh", "ours-docker", "jkg", "jkg-nolimit"):
+        if t not in (
+            "direct",
+            "ours",
+            "ours-pool",
+            "ours-ssh",
+            "ours-docker",
+            "ours-docker-pool",
+            "jkg",
+            "jkg-nolimit",
+        ):
             p.error(f"unknown target {t!r}")
         targets += [t, "jkg-nolimit"] if t == "jkg" else [t]
     a.targets = list(dict.fromkeys(targets))

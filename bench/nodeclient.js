@@ -3,7 +3,10 @@
 //   node bench/nodeclient.js URL TOKEN legacy|v1 REPEATS < code
 // Asks for kernel_info (and waits for its iopub status, as the Python clients do), runs the
 // code REPEATS times and prints one JSON line:
-//   [{"stdout": characters, "display": characters, "seconds": s}, ...]
+//   [{"stdout": characters, "display": characters, "seconds": s, "cpu": s}, ...]
+// (cpu: this process's user + system CPU seconds during the run). With REPEATS `serve`
+// (bench/profile_throughput.py), it runs each JSON-encoded code string read from a line of
+// stdin as it comes and answers each with one JSON line of that run; EOF ends it.
 "use strict";
 const path = require("path");
 const { randomUUID } = require("crypto");
@@ -12,7 +15,8 @@ const WebSocket = require(path.join(__dirname, "..", "tests", "js", "node_module
 const [url, token, proto, repeats] = process.argv.slice(2);
 const V1 = "v1.kernel.websocket.jupyter.org";
 const v1 = proto === "v1";
-const code = require("fs").readFileSync(0, "utf8");
+const serve = repeats === "serve";
+const code = serve ? "" : require("fs").readFileSync(0, "utf8");
 
 // v1: uint64 LE count n, n uint64 LE offsets, then channel, header, parent, metadata, content
 function encode(msg) {
@@ -70,7 +74,8 @@ function request(msgType, content, done) {
 }
 
 async function execute(source) {
-  const res = { stdout: 0, display: 0, seconds: 0 };
+  const res = { stdout: 0, display: 0, seconds: 0, cpu: 0 };
+  const cpu0 = process.cpuUsage();
   const t0 = performance.now();
   await request("execute_request", { code: source, silent: false, store_history: false,
     user_expressions: {}, allow_stdin: false, stop_on_error: true }, (type, content) => {
@@ -78,6 +83,8 @@ async function execute(source) {
     else if (type === "display_data") res.display += (content.data["text/plain"] || "").length;
   });
   res.seconds = (performance.now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
+  res.cpu = (cpu.user + cpu.system) / 1e6;
   return res;
 }
 
@@ -87,6 +94,13 @@ ws.on("open", async () => {
     process.exit(2);
   }
   await request("kernel_info_request", {}, () => {});
+  if (serve) {
+    console.log(JSON.stringify({ ready: true }));
+    const lines = require("readline").createInterface({ input: process.stdin });
+    for await (const line of lines) console.log(JSON.stringify(await execute(JSON.parse(line))));
+    ws.close();
+    process.exit(0);
+  }
   const runs = [];
   for (let i = 0; i < Number(repeats); i++) runs.push(await execute(code));
   console.log(JSON.stringify(runs));
