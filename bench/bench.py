@@ -1028,7 +1028,8 @@ def table(results: dict[str, dict[str, Any]], n: int) -> str:
     return "\n".join(lines)
 
 
-def environment(a: argparse.Namespace) -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """When, at which commit, on what and with which versions a run was taken."""
     from importlib.metadata import PackageNotFoundError, version
 
     def v(pkg: str) -> str:
@@ -1066,6 +1067,12 @@ def environment(a: argparse.Namespace) -> dict[str, Any]:
                 "remote-kernel-gateway",
             )
         },
+    }
+
+
+def environment(a: argparse.Namespace) -> dict[str, Any]:
+    return {
+        **machine(),
         "args": {
             k: getattr(a, k)
             for k in (

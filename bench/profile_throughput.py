@@ -2,7 +2,7 @@
 measured per process, through every client, next to ceilings that have no gateway.
 
     .venv/bin/python bench/profile_throughput.py                  # 7 rounds, every variant
-    .venv/bin/python bench/profile_throughput.py --timeline       # + CPU timeline per variant
+    .venv/bin/python bench/profile_throughput.py --timeline       # + perf: who ran when
     .venv/bin/python bench/profile_throughput.py --py-spy         # + py-spy / node --cpu-prof
 
 Variants (--variants, comma-separated; default all):
@@ -16,15 +16,19 @@ Variants (--variants, comma-separated; default all):
                               client's own cost
 
 Each round runs every variant once, in an order rotated per round, so a busy machine moves all
-of them alike. Per run: wall seconds (execute_request to reply + idle, as bench.py), MB/s, and
-CPU seconds of the kernel, of the server (gateway, or ceiling server) and of the client
-process, from /proc (every thread). Ratios are to direct's run of the same round.
+of them alike. Per run: wall seconds (execute_request to reply + idle, as bench.py), MB/s, CPU
+seconds of the kernel, of the server (gateway, or ceiling server) and of the client process
+(/proc, every thread), and the share of a CPU the rest of the machine used (/proc/stat). Tables:
+all runs with ratios to direct's run of the same round, then the quiet runs only (others under
+--quiet of a CPU, kernel CPU time within 10 % of its median).
 
---timeline samples every process's CPU every 10 ms and draws, for each variant's median run,
-who was busy when (20 ms per column). --py-spy then runs each Python variant --spy-runs more
-times under `py-spy record` (gateway, client and kernel; raw stacks into bench/out/) and each
-node variant under `node --cpu-prof`, and prints the top frames by own and inclusive time.
-Everything goes to 127.0.0.1; results are printed and written to bench/out/ (gitignored).
+--timeline records context switches with `perf` (ours and the idle task only) and prints each
+process's on-CPU time per 10 ms of each variant's median run, and the phases of a run (kernel
+done, the ZMQ receive of the big message, when the client took it up). --py-spy then runs each
+variant --spy-runs more times under `py-spy record` (gateway, client and kernel; raw stacks) or,
+for node, `node --cpu-prof`, and prints the top frames. --tuned adds a gateway with another
+malloc configuration (variants tuned-* or huge-*). --report prints the tables of saved sessions
+together. Everything goes to 127.0.0.1; results go to bench/out/throughput/ (gitignored).
 """
 
 from __future__ import annotations
@@ -1222,7 +1226,8 @@ def main() -> int:
         for i, path in enumerate(a.report):
             for x in json.loads(path.read_text())["runs"]:
                 runs.append({**x, "round": (i, x["round"])})
-        names = [v for v in a.variants if any(x["variant"] == v for x in runs)]
+        seen = list(dict.fromkeys(x["variant"] for x in runs))
+        names = [v for v in a.variants if v in seen] + [v for v in seen if v not in a.variants]
         print("\n".join(table(runs, names, a.mb)))
         print("\n".join(quiet_table(runs, names, a.quiet)))
         print("\n".join(sched_table(runs, names)))

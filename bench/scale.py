@@ -71,7 +71,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import Reaper, Server, WsClient, WsKernel, http, log
+from bench import Reaper, Server, WsClient, WsKernel, http, log, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN_SRC = ROOT / "bench" / "standin" / "standin.c"
@@ -768,21 +768,8 @@ def goals(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> list[str
 
 
 def environment(a: argparse.Namespace) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def v(pkg: str) -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "-"
-
+    """bench.py's machine(), and what a scale run also depends on."""
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
         dirty = bool(
             subprocess.run(
                 ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gateway"],
@@ -792,7 +779,7 @@ def environment(a: argparse.Namespace) -> dict[str, Any]:
             ).stdout.strip()
         )
     except OSError:
-        commit, dirty = "-", False
+        dirty = False
     mem = next(
         (
             ln.split()[1]
@@ -802,27 +789,11 @@ def environment(a: argparse.Namespace) -> dict[str, Any]:
         "0",
     )
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": commit,
+        **machine(),
         "gateway_uncommitted_changes": dirty,
-        "cpus": os.cpu_count(),
         "memory_GB": round(int(mem) / 1024 / 1024, 1),
         "kernel": platform.release(),
-        "python": platform.python_version(),
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
-        "versions": {
-            p: v(p)
-            for p in (
-                "jupyter_client",
-                "jupyter_server",
-                "jupyter_kernel_gateway",
-                "tornado",
-                "pyzmq",
-                "websockets",
-                "aiohttp",
-                "remote-kernel-gateway",
-            )
-        },
         "args": {k: v for k, v in vars(a).items() if k != "out"},
     }
 
