@@ -973,21 +973,21 @@ ROWS: list[tuple[str, str, str]] = [
 HIGHER_IS_BETTER = ("MBps", "delivered")
 
 
+# every target, in the table's column order
+TARGETS = (
+    "direct",
+    "ours",
+    "ours-pool",
+    "ours-ssh",
+    "ours-docker",
+    "ours-docker-pool",
+    "jkg",
+    "jkg-nolimit",
+)
+
+
 def table(results: dict[str, dict[str, Any]], n: int) -> str:
-    cols: list[str] = [
-        c
-        for c in (
-            "direct",
-            "ours",
-            "ours-pool",
-            "ours-ssh",
-            "ours-docker",
-            "ours-docker-pool",
-            "jkg",
-            "jkg-nolimit",
-        )
-        if c in results
-    ]
+    cols: list[str] = [c for c in TARGETS if c in results]
     ratios = [
         ("ours/direct", "ours", "direct"),
         ("jkg/direct", "jkg", "direct"),
@@ -1163,16 +1163,7 @@ def main() -> int:
     targets = []
     for t in a.targets.split(","):
         t = t.strip()
-        if t not in (
-            "direct",
-            "ours",
-            "ours-pool",
-            "ours-ssh",
-            "ours-docker",
-            "ours-docker-pool",
-            "jkg",
-            "jkg-nolimit",
-        ):
+        if t not in TARGETS:
             p.error(f"unknown target {t!r}")
         targets += [t, "jkg-nolimit"] if t == "jkg" else [t]
     a.targets = list(dict.fromkeys(targets))
