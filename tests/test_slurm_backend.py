@@ -59,6 +59,19 @@ def slurm_gateway(slurm, specs, tmp_path_factory) -> Iterator[GatewayProcess]:
     assert not slurm.leftovers(gw), f"kernels left behind: {slurm.leftovers(gw)}"
 
 
+@pytest.fixture(autouse=True)
+async def _no_kernel_outlives_its_test(request: pytest.FixtureRequest):
+    """A test that fails half way leaves its kernel (and job) on the shared gateway; delete
+    it so the next tests start from an empty queue instead of failing on this one's job."""
+    yield
+    if "slurm_gateway" not in request.fixturenames:
+        return
+    gw, slurm = request.getfixturevalue("slurm_gateway"), request.getfixturevalue("slurm")
+    for kernel in (await api(gw, "GET", "api/kernels"))[1]:
+        await api(gw, "DELETE", f"api/kernels/{kernel['id']}")
+    await asyncio.to_thread(slurm.wait_no_jobs)
+
+
 def _record(gw: GatewayProcess, kernel_id: str) -> dict:
     """The provisioner info the gateway recorded for re-attaching to the kernel."""
     assert gw.workdir is not None

@@ -431,6 +431,8 @@ class BatchProvisioner(RemoteProvisioner):
             await asyncio.sleep(FILE_STEP)
         self.ports = ports
         state = await cache.get(self.job_id, 0, site)
+        if state is not None:  # the loop may have last seen it queued
+            self._last = state
         self.node = state.node if state and state.node else socket.gethostname().split(".")[0]
         self.local_ports = {}  # a new job: new forwards, if any
         if isinstance(site, LoginSite):
@@ -468,9 +470,9 @@ class BatchProvisioner(RemoteProvisioner):
         except KernelError as e:
             log.warning("cannot read the state of %s: %s", self.job_label, e)
             return None
+        self._last = state or self._last  # also what /metrics counts the job as
         if state is not None and state.phase != FINISHED:
             return None
-        self._last = state
         self._exit = 0 if state is not None and state.state in ("COMPLETED", "DONE") else -1
         await self._read_tail()
         return self._exit
