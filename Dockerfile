@@ -9,10 +9,14 @@ RUN command -v tini >/dev/null || { apt-get update \
       && apt-get install -y --no-install-recommends tini \
       && rm -rf /var/lib/apt/lists/*; }
 
-COPY . /src
+# Only what the install needs (the optional wheels/ folder's wheels land in /src): never
+# `COPY . /src`, which puts whatever lies in the checkout (.env and its token) into a layer
+# that the `rm` below hides from containers but not from whoever has the image.
+COPY pyproject.toml README.md wheel[s] /src/
+COPY gateway /src/gateway
 RUN python3 -m venv /opt/rkg \
-    && if ls /src/wheels/*.whl >/dev/null 2>&1; then \
-         /opt/rkg/bin/pip install --no-cache-dir --no-index --find-links /src/wheels \
+    && if ls /src/*.whl >/dev/null 2>&1; then \
+         /opt/rkg/bin/pip install --no-cache-dir --no-index --find-links /src \
            "remote-kernel-gateway[ssh,docker]"; \
        else \
          /opt/rkg/bin/pip install --no-cache-dir "/src[ssh,docker]"; \

@@ -186,7 +186,8 @@ class Server:
         self._proc: subprocess.Popen[bytes] | None = None  # JKG
         self.pooled = name.endswith("-pool")  # starts are taken from a warm pool
         if name in ("ours", "ours-ssh", "ours-docker", "ours-pool", "ours-docker-pool"):
-            args = ["--log-level", "WARNING"]
+            # no --max-kernels (default 500): scale.py holds up to 1,000
+            args = ["--log-level", "WARNING", "--max-kernels", "0"]
             if name == "ours-ssh":  # the same gateway, kernels over SSH to a loopback sshd
                 self.ssh = LoopbackSSH(tmp)
                 specs = tmp / "ssh-kernelspecs"

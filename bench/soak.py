@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import shutil
 import signal
 import sys
@@ -179,7 +180,10 @@ async def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rkg-soak-"))
     try:
         gw = GatewayProcess(
-            port=free_port(), token="soak", workdir=tmp, extra_args=["--keep-kernels"]
+            port=free_port(),
+            token=secrets.token_hex(16),
+            workdir=tmp,
+            extra_args=["--keep-kernels"],
         )
         gw.start()
         soak = Soak(gw, time.monotonic() + args.seconds)

@@ -5,23 +5,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
 import signal
+import ssl
 from contextlib import suppress
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 from tornado import httpserver, web, websocket
 
-from . import __version__, logs, metrics
+from . import __version__, auth, edge, logs, metrics
+from .backends import local
 from .bridge import connection
-from .config import Config
-from .handlers import base, kernels, kernelspecs, sessions, status
+from .config import Config, is_loopback
+from .handlers import base, kernels, kernelspecs, sessions, spec, status
 from .handlers import metrics as metrics_handlers
 from .kernels import pool
 from .kernels.registry import KernelRegistry
 from .sessions import SessionStore
 from .state import StateStore
+from .users import Tokens
 
 log = logging.getLogger("gateway")
 
@@ -37,7 +41,11 @@ class ApiHandler(base.APIHandler):
 
 
 def make_app(
-    config: Config, registry: KernelRegistry, store: SessionStore, checks: status.HostChecks
+    config: Config,
+    registry: KernelRegistry,
+    store: SessionStore,
+    checks: status.HostChecks,
+    tokens: Tokens,
 ) -> web.Application:
     collaborators: dict[str, Any] = {
         "config": config,
@@ -45,9 +53,11 @@ def make_app(
         "sessions": store,
         "specs": registry.specs,
         "host_checks": checks,
+        "tokens": tokens,
     }
     table = [
         (r"api/?", ApiHandler),
+        *spec.routes,
         *kernels.routes,
         *kernelspecs.routes,
         *sessions.routes,
@@ -119,8 +129,23 @@ def kernel_spec_manager(config: Config) -> KernelSpecManager:
     return ksm
 
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """--certfile/--keyfile as a server context (TLS 1.2 at least), or None for plain HTTP."""
+    if not config.certfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.certfile, config.keyfile or None)
+    return context
+
+
 def announce(config: Config, server_url: str) -> None:
-    if config.no_auth:
+    if config.no_auth and not is_loopback(config.ip):
+        log.warning(
+            "serving WITHOUT authentication (--no-auth) on a non-loopback address at %s: "
+            "ANYONE WHO CAN REACH IT CAN RUN CODE AS THIS USER (--no-auth-i-know-this-is-open)",
+            server_url,
+        )
+    elif config.no_auth:
         log.warning("serving WITHOUT authentication (--no-auth) at %s", server_url)
     elif config.token_generated:
         log.info("gateway at %s?token=%s", server_url, config.token, extra=logs.SHOWS_TOKEN)
@@ -156,8 +181,18 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def drop_secrets(config: Config) -> None:
+    """Nothing this process starts inherits the token or the operator's --secret-env
+    variables: not a local kernel (whose env the registry filters too), not a scheduler's
+    sbatch (whose job gets its submitter's environment). The config has been read."""
+    keep = local.inherited_env(os.environ, config.secret_env)
+    for name in set(os.environ) - keep.keys():
+        del os.environ[name]
+
+
 async def serve(config: Config) -> None:
     raise_fd_limit()
+    drop_secrets(config)
     specs = kernel_spec_manager(config)
     pools = pool.sizes(config.pools, specs)  # a --pool of no kernelspec: refused, here
     state = StateStore(config.state_db)
@@ -167,13 +202,26 @@ async def serve(config: Config) -> None:
     metrics.install(registry)
     store = SessionStore(state, registry.kernels)
     checks = status.HostChecks(registry)
-    app = make_app(config, registry, store, checks)
+    tokens = Tokens(config.token, state)
+    app = make_app(config, registry, store, checks, tokens)
     # no xheaders: Tornado would believe anyone's X-Forwarded-For; the access log asks
     # logs.client_address(), which believes only --trusted-proxy
-    server = httpserver.HTTPServer(app, xheaders=False)
+    server = httpserver.HTTPServer(
+        edge.Edge(
+            app,
+            config,
+            functools.partial(auth.authenticate, tokens=tokens, no_auth=not config.token),
+        ),
+        xheaders=False,
+        ssl_options=tls_context(config),
+        idle_connection_timeout=config.idle_timeout,  # also the time to send the headers
+        body_timeout=config.body_timeout,
+        max_body_size=edge.MAX_BODY_BYTES,  # a chunked body (a sized one is refused earlier)
+    )
     server.listen(config.port, config.ip)
     host = f"[{config.ip}]" if ":" in config.ip else config.ip
-    announce(config, f"http://{host}:{config.port}{config.base_url}")
+    scheme = "https" if config.certfile else "http"
+    announce(config, f"{scheme}://{host}:{config.port}{config.base_url}")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ from .config import add_serve_arguments, config_from_args
 from .errors import GatewayError
 from .kernels_cli import add_kernels_arguments, run_kernels_command
 from .specs import add_spec_arguments, run_spec_command
+from .users import add_token_arguments, run_token_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     add_serve_arguments(serve)
     add_spec_arguments(sub.add_parser("spec", help="add, list or remove kernelspecs"))
+    add_token_arguments(sub.add_parser("token", help="add, list or remove users and their tokens"))
     add_kernels_arguments(
         sub.add_parser(
             "kernels", help="list the kernels of a running gateway; stop or interrupt one"
@@ -41,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(config))
         elif args.command == "spec":
             run_spec_command(args)
+        elif args.command == "token":
+            run_token_command(args, os.environ)
         elif args.command == "kernels":
             run_kernels_command(args, os.environ)
     except GatewayError as e:

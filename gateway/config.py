@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import os
 import secrets
@@ -69,8 +70,32 @@ def _log_format(name: str) -> str:
     return name.lower()
 
 
+def _user_names(value: str) -> str:
+    """'alice, bob' -> 'alice,bob' (users.py reads the list)."""
+    return ",".join(sorted({v.strip() for v in value.split(",") if v.strip()}))
+
+
 def _abspaths(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(os.path.abspath(p) for p in paths)
+
+
+def default_memory_budget() -> int:
+    """1 GiB, or a quarter of the machine's memory if that is less."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1024**3
+    return min(1024**3, ram // 4)
+
+
+def is_loopback(ip: str) -> bool:
+    """Whether --ip is reachable from this machine only ('localhost', 127.0.0.0/8, ::1)."""
+    if ip.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False  # a name, or '' (every address)
 
 
 POOL_MAX = 32  # kernels kept warm per kernelspec, at most
@@ -117,6 +142,28 @@ class Config:
     no_auth: bool = _option(
         False, "--no-auth", "serve without any token (only behind something that authenticates)"
     )
+    no_auth_open: bool = _option(
+        False,
+        "--no-auth-i-know-this-is-open",
+        "allow --no-auth on an address that is not loopback: anyone who reaches it runs code",
+    )
+    allowed_hosts: tuple[str, ...] = _option(
+        (),
+        "--allowed-host",
+        "a name clients may use in Host besides loopback names, this machine's name and --ip "
+        "(against DNS rebinding; '*': any)",
+        env="RKG_ALLOWED_HOSTS",
+    )
+    certfile: str = _option("", "--certfile", "TLS certificate (PEM): serve https and wss")
+    keyfile: str = _option("", "--keyfile", "TLS private key (PEM), if not in --certfile")
+    idle_timeout: float = _option(
+        20.0,
+        "--idle-timeout",
+        "seconds a connection may sit idle between requests, or take to send its headers",
+    )
+    body_timeout: float = _option(
+        60.0, "--body-timeout", "seconds a request may take to send its body"
+    )
     kernelspec_dirs: tuple[str, ...] = _option(
         (),
         "--kernelspec-dir",
@@ -127,8 +174,40 @@ class Config:
     default_kernel_name: str = _option(
         "python3", "--default-kernel", "kernelspec used when a client names none"
     )
+    allowed_kernelspecs: tuple[str, ...] = _option(
+        (),
+        "--allowed-kernelspecs",
+        "kernelspec offered and startable (default: all); others are as if absent, the "
+        "native python3 too unless named",
+    )
+    authorized_users: str = _option(
+        "",
+        "--authorized-users",
+        "comma-separated KERNEL_USERNAMEs that may start a kernelspec naming none of its own "
+        "(empty: everyone)",
+        clean=_user_names,
+        shown_default="everyone",
+    )
+    unauthorized_users: str = _option(
+        "root",
+        "--unauthorized-users",
+        "comma-separated KERNEL_USERNAMEs that may start no kernelspec",
+        clean=_user_names,
+    )
     env_allowlist: tuple[str, ...] = _option(
         (), "--env-allow", "variable a client may pass to its kernel besides KERNEL_*"
+    )
+    working_dir_root: str = _option(
+        "",
+        "--working-dir-root",
+        "a KERNEL_WORKING_DIR that exists here must be under this directory (else a 403)",
+        shown_default="the home directory of the user running the gateway",
+    )
+    secret_env: tuple[str, ...] = _option(
+        (),
+        "--secret-env",
+        "variable of the gateway's environment that local kernels must not inherit, "
+        "besides every RKG_* (a name or a glob such as AWS_*)",
     )
     kernel_launch_timeout: float = _option(
         60.0,
@@ -170,7 +249,19 @@ class Config:
         env="RKG_POOLS",
         clean=_pools,
     )
-    max_kernels: int = _option(0, "--max-kernels", "kernels in all (0: no limit)")
+    max_kernels: int = _option(500, "--max-kernels", "kernels in all (0: no limit)")
+    max_sessions_per_kernel: int = _option(
+        32,
+        "--max-sessions-per-kernel",
+        "client sessions (websockets, and those kept for a reconnect) per kernel (0: no limit)",
+    )
+    memory_budget: int = _option(
+        1024**3,
+        "--memory-budget",
+        "bytes of output the gateway holds in all, for replay and for clients slow to read",
+        cli_default=default_memory_budget,
+        shown_default="1 GiB, or a quarter of RAM if less",
+    )
     max_kernels_per_user: int = _option(
         0, "--max-kernels-per-user", "kernels per KERNEL_USERNAME (0: no limit)"
     )
@@ -287,6 +378,30 @@ def _value(f: dataclasses.Field[Any], opt: Option, given: Any, environ: Mapping[
     return value
 
 
+MIN_TOKEN_LENGTH = 16
+# what tutorials and example files put where a token belongs (compared without case and
+# punctuation), and what our own deploy files once did
+_PLACEHOLDERS = ("changeme", "replaceme", "yourtoken", "mytoken", "placeholder", "example")
+_PLACEHOLDER_WORDS = frozenset({"token", "secret", "password", "passwd", "test", "admin", "rkg"})
+
+
+def check_token(token: str) -> None:
+    """Refuse a token that is a placeholder or too short to be guessed with difficulty (a
+    BadRequest saying how to make one). The token itself is never echoed."""
+    plain = "".join(c for c in token.lower() if c.isalnum())
+    if plain in _PLACEHOLDER_WORDS or any(p in plain for p in _PLACEHOLDERS):
+        problem = "is a placeholder"
+    elif len(token) < MIN_TOKEN_LENGTH:
+        problem = f"has {len(token)} characters, fewer than {MIN_TOKEN_LENGTH}"
+    else:
+        return
+    raise BadRequest(
+        f"the token (--token, RKG_TOKEN or the file RKG_TOKEN_FILE names) {problem}: make one "
+        "with `python3 -c 'import secrets; print(secrets.token_hex(24))'` or "
+        "`openssl rand -hex 24`, or give no token to have one generated and printed"
+    )
+
+
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """The Config of parsed `rkg serve` flags (add_serve_arguments) and the environment.
     A bad variable or value is a BadRequest naming it."""
@@ -297,8 +412,16 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
             token = file.read().strip()
     if values["no_auth"]:
         token = ""
+        if not is_loopback(values["ip"]) and not values["no_auth_open"]:
+            raise BadRequest(
+                f"--no-auth on --ip {values['ip'] or '(every address)'} lets anyone who can "
+                "reach it run code as this user: listen on 127.0.0.1, use a token, or, if "
+                "something in front authenticates, add --no-auth-i-know-this-is-open"
+            )
     elif not token:
         token, generated = secrets.token_hex(24), True
+    else:
+        check_token(token)
     return Config(**values | {"token": token, "token_generated": generated})
 
 

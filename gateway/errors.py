@@ -8,7 +8,9 @@
     │   ├── Forbidden                 403 wrong token
     │   ├── NotFound                  404 unknown kernel, session, kernelspec or file
     │   ├── Conflict                  409 the kernel is in a state that forbids the action
+    │   ├── PayloadTooLarge           413 a request body over the gateway's cap
     │   └── LimitReached              429 a kernel limit (global or per user) is reached
+    │       └── TooManySessions       429 a kernel has as many client sessions as allowed
     ├── KernelError                   500 a kernel could not be started, reached or signalled
     │   ├── KernelStartError          500 the backend failed to launch it
     │   ├── KernelTimeout             504 it did not answer within its launch timeout
@@ -70,9 +72,18 @@ class Conflict(ClientError):
     reason = "Conflict"
 
 
+class PayloadTooLarge(ClientError):
+    status = 413
+    reason = "Payload Too Large"
+
+
 class LimitReached(ClientError):
     status = 429
     reason = "Too Many Kernels"
+
+
+class TooManySessions(LimitReached):
+    reason = "Too Many Sessions"
 
 
 class KernelError(GatewayError):

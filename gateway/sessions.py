@@ -43,9 +43,6 @@ class SessionStore:
         except KeyError:
             raise NotFound(f"no session with id {session_id}") from None
 
-    def by_path(self, path: str) -> Session | None:
-        return next((s for s in self._sessions.values() if s.path == path), None)
-
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 

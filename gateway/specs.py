@@ -157,6 +157,26 @@ def container_spec(
     }
 
 
+def add_access_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, who in (("--authorized-users", "only these"), ("--unauthorized-users", "not these")):
+        parser.add_argument(
+            flag,
+            default="",
+            help=f"comma-separated KERNEL_USERNAMEs: {who} may start it (a 403 otherwise)",
+        )
+
+
+def with_access(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`spec` with the user lists given (--authorized-users, --unauthorized-users) in its
+    provisioner config, where the gateway reads them (users.py)."""
+    config = spec["metadata"]["kernel_provisioner"].setdefault("config", {})
+    for key in ("authorized_users", "unauthorized_users"):
+        given = [n.strip() for n in (getattr(args, key, "") or "").split(",") if n.strip()]
+        if given:
+            config[key] = given
+    return spec
+
+
 def write_spec(name: str, spec: dict[str, Any], directory: str | None = None) -> Path:
     if not _NAME.match(name):
         raise BadRequest(f"kernelspec name {name!r} may only use letters, digits, '.', '_', '-'")
@@ -275,8 +295,18 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         )
         c.add_argument("--workdir", default="")
         c.add_argument("--env", action="append", default=[], help="KEY=VALUE (repeatable)")
+        c.add_argument(
+            "--working-dir-rw",
+            action="store_const",
+            const="rw",
+            default=None,
+            dest="working_dir_mode",
+            help="mount the mirrored working directory read-write (default: read-only)",
+        )
         c.add_argument("--uid", type=int, default=None)
         c.add_argument("--gid", type=int, default=None)
+        c.add_argument("--uid-range", default="", help="KERNEL_UID a client may choose: 1000-65533")
+        c.add_argument("--gid-range", default="", help="KERNEL_GID a client may choose: 1000-65533")
         c.add_argument("--cpus", type=float, default=None)
         c.add_argument("--memory", default="", help="4g, 512m")
         c.add_argument("--pids-limit", type=int, default=None)
@@ -302,6 +332,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_parser("remove", help="remove a kernelspec"),
     ):
         p.add_argument("--dir", default=None, help="kernels directory (default: Jupyter's)")
+    for p in backends.choices.values():
+        add_access_arguments(p)
     sub.choices["remove"].add_argument("name")
 
 
@@ -326,7 +358,7 @@ def run_spec_command(args: argparse.Namespace) -> None:
             known_hosts=args.known_hosts,
             display_name=args.display_name,
         )
-        print(f"wrote {write_spec(args.name, spec, args.dir)}")
+        print(f"wrote {write_spec(args.name, with_access(spec, args), args.dir)}")
     elif args.spec_command == "add" and args.backend in CONTAINER_BACKENDS:
         spec = container_spec(
             args.backend,
@@ -337,10 +369,13 @@ def run_spec_command(args: argparse.Namespace) -> None:
             reach=args.reach,
             volumes=args.volumes,
             mirror_working_dir=args.mirror_working_dir,
+            working_dir_mode=args.working_dir_mode,
             workdir=args.workdir,
             env=pairs(args.env, "--env"),
             uid=args.uid,
             gid=args.gid,
+            uid_range=args.uid_range,
+            gid_range=args.gid_range,
             cpus=args.cpus,
             memory=args.memory,
             pids_limit=args.pids_limit,
@@ -349,7 +384,7 @@ def run_spec_command(args: argparse.Namespace) -> None:
             python=args.python,
             constraints=getattr(args, "constraints", []),
         )
-        print(f"wrote {write_spec(args.name, spec, args.dir)}")
+        print(f"wrote {write_spec(args.name, with_access(spec, args), args.dir)}")
     elif args.spec_command == "add":
         spec = ssh_spec(
             args.host,
@@ -361,7 +396,7 @@ def run_spec_command(args: argparse.Namespace) -> None:
             pre=args.pre,
             display_name=args.display_name,
         )
-        print(f"wrote {write_spec(args.name, spec, args.dir)}")
+        print(f"wrote {write_spec(args.name, with_access(spec, args), args.dir)}")
     elif args.spec_command == "list":
         for name, backend, display in list_specs(args.dir):
             print(f"{name}\t{backend}\t{display}")

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
+import stat
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import StateError
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kernels (
@@ -38,7 +42,41 @@ CREATE TABLE IF NOT EXISTS sessions (
     type TEXT NOT NULL,
     kernel_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    admin INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
 """
+
+
+def private_dir(path: str) -> None:
+    """Make `path` (and what it lacks above it) mode 0700 whatever the umask, or narrow an
+    existing one to 0700 (and say so): the state database and the runtime dir hold every
+    kernel's HMAC key, which lets whoever reads it sign messages to that kernel."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent != path and not os.path.isdir(parent):
+            private_dir(parent)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    _narrow(path, 0o700)
+
+
+def private_file(path: str) -> None:
+    """Make `path` an empty file of mode 0600 whatever the umask, or narrow an existing one
+    to 0600 (and say so). Called before anything secret is written to it."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    _narrow(path, 0o600)
+
+
+def _narrow(path: str, mode: int) -> None:
+    """chmod to `mode`, keeping the sticky bit jupyter_client sets on the runtime dir."""
+    current = stat.S_IMODE(os.stat(path).st_mode)
+    if current & 0o777 != mode:
+        os.chmod(path, (current & ~0o777) | mode)
+        log.warning("%s was mode %04o; made it %04o", path, current & 0o777, mode)
 
 
 @dataclass
@@ -51,6 +89,7 @@ class KernelRecord:
     launch: dict[str, Any]  # the client's env extras and cwd, to relaunch on restart
     created: float
     pooled: bool = False  # a warm pool's kernel, no one's yet (kernels/pool.py)
+    owner: str = "admin"  # the user who started it (users.py); older records: the admin
 
 
 class StateStore:
@@ -58,7 +97,16 @@ class StateStore:
         self.path = path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rkg-state")
         if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            # SQLite gives the -wal and -shm files the database's own mode when it makes them
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                private_dir(folder)
+            try:
+                for name in (path, f"{path}-wal", f"{path}-shm"):
+                    if name == path or os.path.exists(name):
+                        private_file(name)
+            except OSError as e:
+                raise StateError(f"cannot make the state database {path} private: {e}") from e
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -74,6 +122,8 @@ class StateStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(kernels)")}
         if "pooled" not in columns:
             self._db.execute("ALTER TABLE kernels ADD COLUMN pooled INTEGER NOT NULL DEFAULT 0")
+        if "owner" not in columns:
+            self._db.execute("ALTER TABLE kernels ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin'")
 
     async def _run(self, sql: str, args: tuple[Any, ...]) -> None:
         def run() -> None:
@@ -102,7 +152,7 @@ class StateStore:
             info["key"] = info["key"].decode()
         await self._run(
             "INSERT OR REPLACE INTO kernels (id, name, username, connection_info, "
-            "provisioner_info, launch, created, pooled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "provisioner_info, launch, created, pooled, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rec.id,
                 rec.name,
@@ -112,6 +162,7 @@ class StateStore:
                 json.dumps(rec.launch),
                 rec.created,
                 int(rec.pooled),
+                rec.owner,
             ),
         )
 
@@ -123,7 +174,7 @@ class StateStore:
         """Read once at start-up, before serving."""
         rows = self._db.execute(
             "SELECT id, name, username, connection_info, provisioner_info, "
-            "launch, created, pooled FROM kernels ORDER BY created"
+            "launch, created, pooled, owner FROM kernels ORDER BY created"
         ).fetchall()
         return [
             KernelRecord(
@@ -135,6 +186,7 @@ class StateStore:
                 json.loads(r[5]),
                 r[6],
                 bool(r[7]),
+                r[8],
             )
             for r in rows
         ]
@@ -152,6 +204,32 @@ class StateStore:
 
     def sessions(self) -> list[tuple[str, str, str, str, str]]:
         return self._db.execute("SELECT id, path, name, type, kernel_id FROM sessions").fetchall()
+
+    # -- user tokens (users.py; `rkg token` writes them, the gateway reads them) ----------
+
+    def add_token(self, name: str, token_hash: str, admin: bool, created: float) -> None:
+        """Called by `rkg token add`; a name already there is a sqlite3.IntegrityError."""
+        self._db.execute(
+            "INSERT INTO tokens (name, hash, admin, created) VALUES (?, ?, ?, ?)",
+            (name, token_hash, int(admin), created),
+        )
+
+    def remove_token(self, name: str) -> bool:
+        """Called by `rkg token remove`: whether there was such a user."""
+        return self._db.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount > 0
+
+    def changed_elsewhere(self) -> int:
+        """SQLite's data_version: it changes when another connection (`rkg token`) commits,
+        never for this one's own writes. A few microseconds: asked on every token check."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def tokens(self) -> list[tuple[str, str, bool, float]]:
+        """(name, SHA-256 of the token, admin, created) of every user, by name. Read by
+        `rkg token list` and by the gateway when another process changed the database."""
+        rows = self._db.execute(
+            "SELECT name, hash, admin, created FROM tokens ORDER BY name"
+        ).fetchall()
+        return [(r[0], r[1], bool(r[2]), r[3]) for r in rows]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

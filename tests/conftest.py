@@ -310,9 +310,13 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """One gateway shared by a test module (token auth on, base URL /)."""
+    """One gateway shared by a test module (token auth on, base URL /). Kernels may work in
+    this run's temporary directories: a jupyter_server in front sends its root_dir there."""
     gw = GatewayProcess(
-        port=free_port(), token=secrets.token_hex(16), workdir=tmp_path_factory.mktemp("gateway")
+        port=free_port(),
+        token=secrets.token_hex(16),
+        workdir=tmp_path_factory.mktemp("gateway"),
+        extra_args=["--working-dir-root", str(tmp_path_factory.getbasetemp())],
     )
     gw.start()
     yield gw

@@ -93,6 +93,8 @@ def _sample(f: Any, n: int) -> tuple[str, Any]:
         return text, _cleaned(f, (text,))
     choices = {"log_level": ("error", "warning"), "log_format": ("json", "text")}
     text = choices[f.name][n % 2] if f.name in choices else f"text{n}"
+    if f.name == "token":  # a shorter one is refused
+        text = f"text{n}-0123456789abcdef"
     return text, _cleaned(f, text)
 
 
@@ -156,12 +158,13 @@ def test_base_url_is_normalised():
 
 def test_token_sources(tmp_path):
     secret = tmp_path / "token"
-    secret.write_text("from-file\n")
+    secret.write_text("from-file-0123456789\n")
     file_env = {"RKG_TOKEN_FILE": str(secret)}
-    assert parse_serve_args([], file_env).token == "from-file"
-    assert parse_serve_args([], file_env | {"RKG_TOKEN": "env"}).token == "env"
-    flagged = parse_serve_args(["--token", "flag"], file_env | {"RKG_TOKEN": "env"})
-    assert (flagged.token, flagged.token_generated) == ("flag", False)
+    assert parse_serve_args([], file_env).token == "from-file-0123456789"
+    env = {"RKG_TOKEN": "from-env-0123456789"}
+    assert parse_serve_args([], file_env | env).token == "from-env-0123456789"
+    flagged = parse_serve_args(["--token", "from-flag-0123456789"], file_env | env)
+    assert (flagged.token, flagged.token_generated) == ("from-flag-0123456789", False)
     for argv, environ in ((["--no-auth", "--token", "t"], {}), ([], {"RKG_NO_AUTH": "1"})):
         config = parse_serve_args(argv, environ | file_env)
         assert (config.no_auth, config.token, config.token_generated) == (True, "", False)

@@ -221,6 +221,11 @@ def docker_profile(docker, base_image, build_context) -> Iterator[Deployed]:
 
 async def test_docker_profile_runs_kernels_in_sibling_containers(docker_profile):
     dep = docker_profile
+    # no kernel in the gateway's own container: it would share the engine socket's group
+    status, specs = await api(dep, "GET", "api/kernelspecs")
+    assert status == 200 and list(specs["kernelspecs"]) == ["docker-python"], specs
+    assert specs["default"] == "docker-python"
+    assert (await api(dep, "POST", "api/kernels", {"name": "python3"}))[0] == 404
     status, model = await api(dep, "POST", "api/kernels", {"name": "docker-python"})
     assert status == 201, (model, dep.log())
     kid = model["id"]

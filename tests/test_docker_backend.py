@@ -52,8 +52,10 @@ def specs(tmp_path, docker, kernel_image):
 
 
 @pytest.fixture
-def gw(gateway_factory, specs, docker):
-    gw = gateway_factory(extra_args=["--kernelspec-dir", str(specs)])
+def gw(gateway_factory, specs, docker, tmp_path):
+    gw = gateway_factory(
+        extra_args=["--kernelspec-dir", str(specs), "--working-dir-root", str(tmp_path)]
+    )
     yield gw
     gw.stop()
     assert docker.ours() == [], "containers left behind"

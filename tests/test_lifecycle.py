@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -40,7 +41,12 @@ async def test_signal_stops_kernels_and_closes_sockets(gateway_factory, sig):
 
 
 async def test_kernel_env_is_filtered(gateway_factory, tmp_path):
-    gw = gateway_factory(extra_args=["--env-allow", "ALLOWED_VAR", "--env-allow", "PATH"])
+    gw = gateway_factory(
+        extra_args=[
+            *("--env-allow", "ALLOWED_VAR", "--env-allow", "PATH"),
+            *("--working-dir-root", str(tmp_path)),
+        ]
+    )
     env = {
         "KERNEL_USERNAME": "ada",
         "ALLOWED_VAR": "yes",
@@ -165,8 +171,9 @@ async def test_generated_token_is_printed_and_works(tmp_path):
 
 
 def test_port_in_use_is_a_clear_error(gateway):
+    serve = [sys.executable, "-m", "gateway", "serve", "--port", str(gateway.port)]
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(gateway.port), "--token", "t"],
+        [*serve, "--token", gateway.token],
         capture_output=True,
         text=True,
         timeout=30,
@@ -294,11 +301,13 @@ async def test_kernel_that_keeps_dying_is_declared_dead(gateway_factory):
 
 async def test_configured_by_environment(tmp_path):
     """docker-compose passes RKG_* variables, not flags."""
-    gw = GatewayProcess(port=free_port(), token="from-env", base_url="/env/", workdir=tmp_path)
+    gw = GatewayProcess(
+        port=free_port(), token=secrets.token_hex(16), base_url="/env/", workdir=tmp_path
+    )
     env = {
         **os.environ,
         "RKG_PORT": str(gw.port),
-        "RKG_TOKEN": "from-env",
+        "RKG_TOKEN": gw.token,
         "RKG_BASE_URL": "/env/",
         "RKG_STATE_DB": ":memory:",
     }

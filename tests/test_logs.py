@@ -177,7 +177,7 @@ def test_a_trusted_proxy_that_is_no_address_stops_the_gateway(tmp_path):
     run = subprocess.run(
         [
             *(sys.executable, "-m", "gateway", "serve", "--port", str(free_port())),
-            *("--state-db", ":memory:", "--token", "t", "--trusted-proxy", "proxy.example.org"),
+            *("--state-db", ":memory:", "--no-auth", "--trusted-proxy", "proxy.example.org"),
         ],
         capture_output=True,
         text=True,

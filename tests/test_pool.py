@@ -252,7 +252,12 @@ async def test_a_start_takes_a_pooled_kernel_and_the_pool_refills(gateway_factor
 
 
 async def test_a_start_that_shapes_the_launch_gets_a_fresh_kernel(gateway_factory, tmp_path):
-    gw = gateway_factory(extra_args=["--pool", "python3=1", "--env-allow", "ALLOWED_VAR"])
+    gw = gateway_factory(
+        extra_args=[
+            *("--pool", "python3=1", "--env-allow", "ALLOWED_VAR"),
+            *("--working-dir-root", str(tmp_path)),
+        ]
+    )
     await pool_ready(gw)
     before = await pooled_kernels(gw)
     for env in ({"KERNEL_WORKING_DIR": str(tmp_path)}, {"ALLOWED_VAR": "yes"}):

@@ -251,15 +251,16 @@ def test_launch_timeout():
 def test_working_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "w").mkdir()
-    assert kenv.working_dir({"KERNEL_WORKING_DIR": str(tmp_path / "w")}) == str(tmp_path / "w")
-    assert kenv.working_dir({"KERNEL_WORKING_DIR": "~/w"}) == str(tmp_path / "w")
-    assert kenv.working_dir({"KERNEL_WORKING_DIR": str(tmp_path / "absent")}) is None
-    assert kenv.working_dir({}) is None
+    root = kenv.working_dir_root("")  # HOME's
+    assert kenv.working_dir({"KERNEL_WORKING_DIR": str(tmp_path / "w")}, root) == root + "/w"
+    assert kenv.working_dir({"KERNEL_WORKING_DIR": "~/w"}, root) == root + "/w"
+    assert kenv.working_dir({"KERNEL_WORKING_DIR": str(tmp_path / "absent")}, root) is None
+    assert kenv.working_dir({}, root) is None
 
 
 def test_launch_request(tmp_path):
     asked = {"KERNEL_LAUNCH_TIMEOUT": "5", "KERNEL_WORKING_DIR": str(tmp_path), "OTHER": "x"}
-    request = kenv.LaunchRequest.from_client(asked, [], 60.0)
+    request = kenv.LaunchRequest.from_client(asked, [], 60.0, str(tmp_path))
     assert request.env == {k: v for k, v in asked.items() if k.startswith("KERNEL_")}
     assert (request.timeout, request.cwd) == (5.0, str(tmp_path))
     assert kenv.LaunchRequest.from_client(None, [], 60.0) == kenv.LaunchRequest({}, 60.0, None)
@@ -421,7 +422,8 @@ def test_container_config():
     assert body["User"] == "1001:100" and body["WorkingDir"] == "/w"
     assert body["Labels"]["team"] == "ml" and body["Labels"]["kernel_id"] == "k1"
     host = body["HostConfig"]
-    assert host["Binds"] == ["/d:/d:ro", "/w:/w"]
+    assert host["Binds"] == ["/d:/d:ro"]  # the operator's; the client's dir is a structured mount
+    assert host["Mounts"] == [{"Type": "bind", "Source": "/w", "Target": "/w", "ReadOnly": True}]
     assert (host["NanoCpus"], host["Memory"], host["PidsLimit"]) == (1_500_000_000, 2**29, 64)
     assert all(
         b == [{"HostIp": "127.0.0.1", "HostPort": ""}] for b in host["PortBindings"].values()

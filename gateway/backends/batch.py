@@ -230,6 +230,12 @@ class BatchProvisioner(RemoteProvisioner):
             self._site = None
 
     @classmethod
+    def as_gateway_user(cls, config: dict[str, Any]) -> bool:
+        """Submitted from this machine: the job runs as the gateway's user (on a node that
+        may share its file system); from a login node, as that node's user."""
+        return not config.get("login")
+
+    @classmethod
     async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
         """The scheduler, asked a cheap question where the kernels' jobs are submitted: on
         this machine ("slurm (local)") or on the login node ("slurm via me@login1:22")."""

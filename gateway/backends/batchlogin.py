@@ -78,7 +78,7 @@ class LocalSite:
     async def realpath(self, path: str) -> str:
         def real() -> str:
             full = os.path.abspath(os.path.expanduser(path))
-            os.makedirs(full, exist_ok=True)
+            os.makedirs(full, mode=0o700, exist_ok=True)  # the runtime dir: keys, logs
             return full
 
         return await asyncio.to_thread(real)
@@ -156,10 +156,12 @@ class LoginSite:
         return code, str(result.stdout or ""), str(result.stderr or "")
 
     async def realpath(self, path: str) -> str:
+        import asyncssh
+
         sftp = await self.host.sftp()
         rel = path[2:] if path.startswith("~/") else path
         with sshpool.ssh_errors(self.host.target, f"making the directory {path}"):
-            await sftp.makedirs(rel, exist_ok=True)
+            await sftp.makedirs(rel, asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
             return str(await sftp.realpath(rel))
 
     async def write_private(self, path: str, text: str) -> None:

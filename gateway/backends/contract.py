@@ -92,6 +92,13 @@ class GatewayHooks:
         return ""
 
     @classmethod
+    def as_gateway_user(cls, config: dict[str, Any]) -> bool:
+        """Whether a kernelspec with this provisioner config runs its kernels as the gateway's
+        own system user on a machine that holds the gateway's files (users.check_may_start
+        keeps such specs to admins unless the spec authorizes a user by name)."""
+        return False
+
+    @classmethod
     async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
         """Called by the status page (cached, bounded in time) per distinct kernelspec
         config naming this provisioner: what the spec depends on, as (label, error) pairs,

@@ -6,8 +6,9 @@ with
     "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-docker", "config": {
         "image": "my/kernel:1", "docker_host": "unix:///var/run/docker.sock",
         "network": "", "reach": "published", "volumes": ["/data:/data:ro"],
-        "mirror_working_dir": false, "workdir": "", "env": {"A": "1"},
-        "uid": 1000, "gid": 100, "prohibited_uids": [0],
+        "mirror_working_dir": false, "working_dir_mode": "ro", "workdir": "", "env": {"A": "1"},
+        "uid": 1000, "gid": 100, "uid_range": "1000-65533", "gid_range": "1000-65533",
+        "prohibited_uids": [0], "prohibited_gids": [0],
         "cpus": 2, "memory": "4g", "pids_limit": 512, "gpus": "all",
         "labels": {"team": "ml"}, "python": "python3", "kernel_cmd": []}}}
 
@@ -17,9 +18,15 @@ inside the container's own network namespace, so nothing else can take them, and
 publishes them on 127.0.0.1 with host ports it picks and binds itself, so there is no race
 between choosing and binding a port (reach "published"). With reach "network" the gateway
 connects to the container's address on `network` instead (a gateway in a container on the
-same network). Containers are named after KERNEL_USERNAME and the kernel id and labelled
-app=remote-kernel-gateway, component=kernel, kernel_id=<id>; a gateway start removes the ones
-no kernel of its own owns (reap_orphans).
+same network).
+
+What a client chooses is checked before anything is created: KERNEL_UID / KERNEL_GID must be
+whole numbers in `uid_range` / `gid_range` (or the spec's own `uid` / `gid`) and not in
+`prohibited_uids` / `prohibited_gids` (else a 403); KERNEL_WORKING_DIR reaches a backend only
+once the gateway has checked it (kernels/env.py), and is mounted as a structured bind, read-only
+unless `working_dir_mode` is "rw". Containers are named after KERNEL_USERNAME and the kernel
+id and labelled app=remote-kernel-gateway, component=kernel, kernel_id=<id>; a gateway start
+removes the ones no kernel of its own owns (reap_orphans).
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ BOOT = (
     "f=os.open(p,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600);os.write(f,i.encode());os.close(f)\n"
     "os.execvp(sys.argv[1],sys.argv[1:])\n"
 )
+_DIGITS = re.compile(r"[0-9]+")
+DEFAULT_ID_RANGE = "1000-65533"  # no system account (below 1000), nor nobody (65534)
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]+")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -81,6 +90,52 @@ def device_requests(gpus: str) -> list[dict[str, Any]]:
     return [req]
 
 
+def id_ranges(text: str) -> list[tuple[int, int]]:
+    """'1000-65533', '1000-1999,5000', '' (none) -> [(1000, 65533)], ...; ValueError if not."""
+    out = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not part.strip():
+            continue
+        high = high if dash else low
+        if not _DIGITS.fullmatch(low.strip()) or not _DIGITS.fullmatch(high.strip()):
+            raise ValueError(f"{text!r} is not a range like 1000-65533")
+        if int(low) > int(high):
+            raise ValueError(f"{text!r} has a range that ends before it begins")
+        out.append((int(low), int(high)))
+    return out
+
+
+def chosen_id(what: str, raw: str, own: int, ranges: str, prohibited: list[int], spec: str) -> int:
+    """The uid or gid (`what`) a kernel runs with: the client's `raw` KERNEL_UID/KERNEL_GID
+    when it is a whole number in `ranges` (or the spec's `own`), else `own`; never one of
+    `prohibited`. A refusal is a Forbidden naming the value and what is allowed."""
+    name = f"KERNEL_{what.upper()}"
+    try:
+        allowed = id_ranges(ranges)
+    except ValueError as e:
+        raise KernelStartError(f"kernelspec {spec!r}: {what}_range {e}") from None
+    shown = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in allowed) or "none"
+    value = own
+    if raw:
+        if not _DIGITS.fullmatch(raw):
+            raise Forbidden(
+                f"{name} {raw[:40]!r} is not a {what}: {what}s are whole numbers ({shown})"
+            )
+        value = int(raw) if len(raw) <= 10 else 2**32  # beyond any id (and int()'s digit limit)
+    if value in prohibited:
+        raise Forbidden(
+            f"kernels may not run as {what} {value} here (prohibited_{what}s of kernelspec "
+            f"{spec!r})"
+        )
+    if value != own and not any(a <= value <= b for a, b in allowed):
+        raise Forbidden(
+            f"{name} {raw[:20]} is outside the {what}s kernelspec {spec!r} allows: {shown} "
+            f"(its {what}_range), or {own}"
+        )
+    return value
+
+
 def container_name(username: str, kernel_id: str) -> str:
     user = _NAME_BAD.sub("-", username).strip("-._")[:40]
     return f"{user}-{kernel_id}" if user else f"kernel-{kernel_id}"
@@ -107,10 +162,16 @@ class DockerProvisioner(RemoteProvisioner):
     mirror_working_dir = Bool(
         False, config=True, help="bind KERNEL_WORKING_DIR at the same path and start there"
     )
+    working_dir_mode = Unicode(
+        "ro", config=True, help="'ro': the mirrored working directory is read-only; 'rw' not"
+    )
     workdir = Unicode("", config=True, help="working directory inside the container")
     uid = Integer(1000, config=True, help="default user; KERNEL_UID overrides")
     gid = Integer(100, config=True, help="default group; KERNEL_GID overrides")
+    uid_range = Unicode(DEFAULT_ID_RANGE, config=True, help="KERNEL_UID a client may choose")
+    gid_range = Unicode(DEFAULT_ID_RANGE, config=True, help="KERNEL_GID a client may choose")
     prohibited_uids = List(Integer(), [0], config=True, help="refused users (root by default)")
+    prohibited_gids = List(Integer(), [0], config=True, help="refused groups (root by default)")
     cpus = Float(0.0, config=True, help="CPU limit (docker run --cpus)")
     memory = Unicode("", config=True, help="memory limit, e.g. 4g")
     pids_limit = Integer(0, config=True)
@@ -176,17 +237,27 @@ class DockerProvisioner(RemoteProvisioner):
         return self.container_id is not None
 
     def _user(self, env: dict[str, str]) -> str:
-        try:
-            uid = int(env.get("KERNEL_UID") or self.uid)
-            gid = int(env.get("KERNEL_GID") or self.gid)
-        except ValueError:
-            raise Forbidden("KERNEL_UID and KERNEL_GID must be numbers") from None
-        if uid in self.prohibited_uids:
-            raise Forbidden(
-                f"kernels may not run as uid {uid} here (prohibited_uids of "
-                f"kernelspec {self.kernel_spec.display_name!r})"
-            )
+        spec = self.kernel_spec.display_name
+        uid = chosen_id(
+            "uid", env.get("KERNEL_UID", ""), self.uid, self.uid_range, self.prohibited_uids, spec
+        )
+        gid = chosen_id(
+            "gid", env.get("KERNEL_GID", ""), self.gid, self.gid_range, self.prohibited_gids, spec
+        )
         return f"{uid}:{gid}"
+
+    def _working_dir_mount(self, env: dict[str, str]) -> list[dict[str, Any]]:
+        """The client's working directory, bound at the same path: a structured mount (never
+        a "src:dst" string built from client input), read-only unless the spec says "rw".
+        The path was checked by the gateway (kernels/env.py) or, under another kernel
+        manager, is the launch's own."""
+        wd = env.get("KERNEL_WORKING_DIR", "")
+        if not self.mirror_working_dir or not wd:
+            return []
+        if self.working_dir_mode not in ("ro", "rw"):
+            raise KernelStartError(f"working_dir_mode {self.working_dir_mode!r}: use 'ro' or 'rw'")
+        readonly = self.working_dir_mode != "rw"
+        return [{"Type": "bind", "Source": wd, "Target": wd, "ReadOnly": readonly}]
 
     def _command(self, conn_file: str) -> list[str]:
         """The kernel command behind the boot step (run by the image's python)."""
@@ -208,13 +279,14 @@ class DockerProvisioner(RemoteProvisioner):
         kenv.update(
             RKG_CONNECTION_FILE=conn_file, RKG_CONNECTION_INFO=info, KERNEL_ID=self.kernel_id
         )
-        binds = list(self.volumes)
-        workdir = self.workdir
-        wd = env.get("KERNEL_WORKING_DIR", "")
-        if self.mirror_working_dir and wd:
-            binds.append(f"{wd}:{wd}")
-            workdir = wd
-        host: dict[str, Any] = {"Init": True, "Binds": binds, "AutoRemove": False}
+        mounts = self._working_dir_mount(env)
+        workdir = mounts[0]["Target"] if mounts else self.workdir
+        host: dict[str, Any] = {
+            "Init": True,
+            "Binds": list(self.volumes),  # the operator's
+            "Mounts": mounts,
+            "AutoRemove": False,
+        }
         if self.network:
             host["NetworkMode"] = self.network
         if self.reach == "published":

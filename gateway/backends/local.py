@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import os
 import secrets
 import signal
 import socket
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,18 @@ from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from .contract import GatewayHooks
+
+
+def inherited_env(environ: Mapping[str, str], secret: Iterable[str]) -> dict[str, str]:
+    """The part of the gateway's own environment that a kernel it starts on this machine
+    inherits: all but RKG_* (the token among them) and the operator's --secret-env names
+    and globs (fnmatch, case-sensitive)."""
+    patterns = tuple(secret)
+    return {
+        k: v
+        for k, v in environ.items()
+        if not k.startswith("RKG_") and not any(fnmatch.fnmatchcase(k, p) for p in patterns)
+    }
 
 
 def process_start_time(pid: int) -> int | None:
@@ -81,6 +95,10 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):
 
     backend = "local"
 
+    @classmethod
+    def as_gateway_user(cls, config: dict[str, Any]) -> bool:
+        return True
+
     attached_pid: int | None = None
     start_time: int | None = None
     log_path: str | None = None
@@ -106,7 +124,11 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):
         conn_file = getattr(self.parent, "connection_file", "")
         self.log_path = str(Path(conn_file).with_suffix(".log")) if conn_file else os.devnull
         # Local file open and fork, as jupyter_client's own launch does: fast, not network.
-        with open(self.log_path, "ab") as log:  # noqa: ASYNC230
+        # The log is the kernel's output: 0600 whatever the umask, as its connection file.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if self.log_path != os.devnull:
+            os.fchmod(fd, 0o600)  # a log kept across a restart, made before this rule
+        with open(fd, "ab") as log:  # noqa: ASYNC230
             scrubbed.setdefault("stdout", log)
             scrubbed.setdefault("stderr", log)
             self.process = launch_kernel(cmd, independent=True, **scrubbed)

@@ -220,10 +220,14 @@ class SSHProvisioner(RemoteProvisioner):
         return self._ssh.name if self._ssh else self.host
 
     async def _launch(self, env: dict[str, str]) -> None:
+        import asyncssh
+
         assert self._ssh is not None
         self.stage(f"uploading the connection file to {self._ssh_name}")
         sftp = await self._ssh.sftp()
-        await sftp.makedirs(self.runtime_dir, exist_ok=True)
+        # made 0700 (an existing one is left as it is: connection files are 0600 anyway)
+        private = asyncssh.SFTPAttrs(permissions=0o700)
+        await sftp.makedirs(self.runtime_dir, private, exist_ok=True)
         self.remote_file = await sftp.realpath(f"{self.runtime_dir}/kernel-{self.kernel_id}.json")
         await self._upload(sftp)
         timeout = self.gateway_timeout(env, 60)

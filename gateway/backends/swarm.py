@@ -38,7 +38,8 @@ FAILED = ("failed", "rejected", "shutdown", "complete", "orphaned", "remove")
 
 
 def mounts(binds: list[str]) -> list[dict[str, Any]]:
-    """docker run -v binds as Swarm bind mounts."""
+    """The operator's `volumes` (docker run -v binds) as Swarm bind mounts. Nothing a client
+    sends is ever parsed here: its working directory comes as a structured mount."""
     out = []
     for bind in binds:
         src, _, rest = bind.partition(":")
@@ -61,7 +62,7 @@ def task_template(
         "Labels": container["Labels"],
         "User": container["User"],
         "Init": True,
-        "Mounts": mounts(host.get("Binds", [])),
+        "Mounts": [*mounts(host.get("Binds", [])), *host.get("Mounts", [])],
     }
     if container.get("WorkingDir"):
         spec["Dir"] = container["WorkingDir"]

@@ -13,16 +13,17 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from tornado import web, websocket
+from tornado import httputil, web, websocket
 from tornado.iostream import StreamClosedError
 
 from .. import logs, metrics, wire
 from ..auth import authenticate
 from ..config import Config
-from ..errors import GatewayError
+from ..errors import BadRequest, GatewayError
 from ..kernels.kernel import ManagedKernel
 from ..kernels.registry import KernelRegistry
 from ..kernels.session import ClientSession
+from ..users import Tokens, User, hidden
 from ..wire import Part
 from . import codec
 
@@ -38,12 +39,14 @@ _CHANNEL_NAMES = {c.encode(): c for c in ("shell", "iopub", "stdin", "control")}
 class KernelWebSocket(websocket.WebSocketHandler):
     registry: KernelRegistry
     config: Config
+    tokens: Tokens
 
     def initialize(self, **collaborators: Any) -> None:
         for name, value in collaborators.items():
             setattr(self, name, value)
         self.kernel: ManagedKernel | None = None
         self.session: ClientSession | None = None
+        self.user = User("")  # no one, until get() authenticates the request
         self.v1 = False
         self.binary_ok = True
         self._pending = 0
@@ -54,8 +57,12 @@ class KernelWebSocket(websocket.WebSocketHandler):
         # the socket's whole life runs in this task: its frames' lines and its access line
         logs.concerning(self.registry.kernels.get(kernel_id) or kernel_id)
         try:
-            authenticate(self.request, self.config.token)
+            self.user = authenticate(self.request, self.tokens, not self.config.token)
             self.kernel = self.registry.get(kernel_id)
+            hidden(self.kernel.owner, self.user, f"no kernel with id {kernel_id}")
+            session_id = self.get_query_argument("session_id", "")
+            self.kernel.fanout.check_room(self.kernel.session_key(session_id, self.user.name))
+            _check_upgrade(self.request.headers)
         except GatewayError as e:
             self.set_status(e.status, e.reason)
             self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -65,6 +72,11 @@ class KernelWebSocket(websocket.WebSocketHandler):
         # send it buffers as base64 in text frames instead of binary frames.
         self.binary_ok = not self.request.headers.get("User-Agent", "").startswith("Tornado/")
         await super().get(kernel_id)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors before the upgrade (a method other than GET: 405) as JSON, as the API's."""
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish({"reason": self._reason, "message": self._reason})
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         if codec.V1_PROTOCOL in subprotocols:
@@ -87,7 +99,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
         assert self.kernel is not None
         self.set_nodelay(True)
         session_id = self.get_query_argument("session_id", "")
-        self.session = self.kernel.session_for(session_id)
+        self.session = self.kernel.session_for(session_id, self.user.name)
         self.session.attach(self)
 
     async def on_message(self, message: str | bytes) -> None:
@@ -125,6 +137,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
         except (websocket.WebSocketClosedError, StreamClosedError):
             return
         self._pending += size
+        self.registry.budget.pending(self, size)  # may cut this very socket off
         fut.add_done_callback(lambda f: self._written(f, size))
         if self._pending > MAX_PENDING_BYTES:
             log.warning(
@@ -172,6 +185,7 @@ class KernelWebSocket(websocket.WebSocketHandler):
 
     def _written(self, fut: Any, size: int) -> None:
         self._pending -= size
+        self.registry.budget.pending(self, -size)
         if not fut.cancelled():
             fut.exception()  # a closed socket: nothing to do, and nothing to log
 
@@ -182,11 +196,31 @@ class KernelWebSocket(websocket.WebSocketHandler):
         if self.ws_connection is not None:
             self.close(code, reason)
 
+    def cut_off(self) -> None:
+        """Called by the gateway's MemoryBudget: its unsent output is what the gateway must
+        free. Closed at once, not after a close frame that would wait behind that output;
+        the client reconnects (with its session_id: to what replay is left)."""
+        self.close_with(1013, "the gateway's memory budget is reached; reconnect")
+        proto = self.ws_connection
+        if proto is not None and proto.stream is not None:
+            proto.stream.close()
+
     def on_close(self) -> None:
+        self.registry.budget.forget(self)
         if self.session is not None and self.kernel is not None:
             self.session.detach(self)
             self.kernel.release(self.session)
             self.session = None
+
+
+def _check_upgrade(headers: httputil.HTTPHeaders) -> None:
+    """What tornado checks before the upgrade, refused as JSON (tornado answers plain text)."""
+    connection = {v.strip().lower() for v in headers.get("Connection", "").split(",")}
+    if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+        raise BadRequest(
+            "this is a kernel's websocket: connect with a websocket client "
+            "(Upgrade: websocket, Connection: Upgrade)"
+        )
 
 
 routes: list[tuple[str, type[web.RequestHandler]]] = [

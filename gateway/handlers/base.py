@@ -13,7 +13,9 @@ from .. import logs
 from ..auth import authenticate
 from ..config import Config
 from ..errors import BadRequest, ClientError, GatewayError, NotFound
+from ..kernels.kernel import ManagedKernel
 from ..kernels.registry import KernelRegistry
+from ..users import Tokens, User, hidden
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 class APIHandler(web.RequestHandler):
     config: Config
     registry: KernelRegistry
+    tokens: Tokens
+    user: User  # who the request is, set by prepare() (users.py)
 
     def initialize(self, **collaborators: Any) -> None:
         for name, value in collaborators.items():
@@ -56,7 +60,13 @@ class APIHandler(web.RequestHandler):
         if kernel_id:  # /api/kernels/ID...: this request's lines, its access line included
             logs.concerning(self.registry.kernels.get(kernel_id) or kernel_id)
         if self.request.method != "OPTIONS":
-            authenticate(self.request, self.config.token)
+            self.user = authenticate(self.request, self.tokens, not self.config.token)
+
+    def own_kernel(self, kernel_id: str) -> ManagedKernel:
+        """The kernel, if this request's user may see it; else the NotFound of a missing one."""
+        kernel = self.registry.get(kernel_id)
+        hidden(kernel.owner, self.user, f"no kernel with id {kernel_id}")
+        return kernel
 
     def options(self, *args: Any) -> None:
         self.set_status(204)

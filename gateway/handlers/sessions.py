@@ -1,4 +1,8 @@
-"""/api/sessions: what JupyterLab and Hydrogen use to bind a document to a kernel."""
+"""/api/sessions: what JupyterLab and Hydrogen use to bind a document to a kernel.
+
+A session belongs to its kernel's owner (users.py): a non-admin sees only theirs, and anyone
+else's answers as a missing id does. A path names one session per user: two users with the
+same path have two sessions."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 from ..errors import BadRequest, NotFound
 from ..kernels.registry import KernelRegistry
 from ..sessions import Session, SessionStore
+from ..users import hidden
 from .base import APIHandler
 
 
@@ -49,23 +54,46 @@ class SessionBase(APIHandler):
         }
 
     def live(self) -> list[Session]:
-        """Sessions whose kernel still exists (a deleted or culled kernel ends its session)."""
+        """This user's sessions whose kernel still exists (a deleted or culled kernel ends
+        its session)."""
         out = []
         for session in self.sessions.all():
-            if session.kernel_id in self.registry.kernels:
-                out.append(session)
-            else:
+            kernel = self.registry.kernels.get(session.kernel_id)
+            if kernel is None:
                 self.sessions.forget(session.id)
+            elif self.user.sees(kernel.owner):
+                out.append(session)
         return out
 
+    def own_session(self, session_id: str) -> Session:
+        """The session, if its kernel is there and this user may see it."""
+        session = self.sessions.get(session_id)
+        kernel = self.registry.kernels.get(session.kernel_id)
+        if kernel is None:
+            self.sessions.forget(session_id)
+            raise NotFound(f"session {session_id} ended: its kernel is gone")
+        hidden(kernel.owner, self.user, f"no session with id {session_id}")
+        return session
+
+    def by_path(self, path: str) -> Session | None:
+        """This user's own session on `path` (an admin's too: another's is not theirs)."""
+        return next(
+            (
+                s
+                for s in self.live()
+                if s.path == path and self.registry.kernels[s.kernel_id].owner == self.user.name
+            ),
+            None,
+        )
+
     async def kernel_for(self, kernel: dict[str, Any], env: Any = None) -> str:
-        """An existing kernel by id, or a new one by name."""
+        """An existing kernel of this user's by id, or a new one by name."""
         if kernel.get("id"):
-            return self.registry.get(str(kernel["id"])).id
+            return self.own_kernel(str(kernel["id"])).id
         name = kernel.get("name")
         if name is not None and not isinstance(name, str):
             raise BadRequest("'kernel.name' must be a string")
-        return (await self.registry.start(name, env)).id
+        return (await self.registry.start(name, env, self.user)).id
 
     async def release_kernel(self, kernel_id: str) -> None:
         """Shut a kernel down once no session uses it."""
@@ -86,12 +114,10 @@ class SessionsHandler(SessionBase):
         path = _text(body, "path") or _text(notebook, "path")
         if not path:
             raise BadRequest("a session needs a 'path'")
-        existing = self.sessions.by_path(path)
-        if existing is not None and existing.kernel_id in self.registry.kernels:
+        existing = self.by_path(path)
+        if existing is not None:
             self.write_json(self.model(existing), 201)
             return
-        if existing is not None:
-            self.sessions.forget(existing.id)
         kernel_id = await self.kernel_for(_kernel_field(body), body.get("env"))
         name = _text(body, "name") or _text(notebook, "name")
         session = await self.sessions.create(
@@ -103,14 +129,10 @@ class SessionsHandler(SessionBase):
 
 class SessionHandler(SessionBase):
     def get(self, session_id: str) -> None:
-        session = self.sessions.get(session_id)
-        if session.kernel_id not in self.registry.kernels:
-            self.sessions.forget(session_id)
-            raise NotFound(f"session {session_id} ended: its kernel is gone")
-        self.write_json(self.model(session))
+        self.write_json(self.model(self.own_session(session_id)))
 
     async def patch(self, session_id: str) -> None:
-        session = self.sessions.get(session_id)
+        session = self.own_session(session_id)
         body = self.json_body()
         notebook = _notebook(body)
         path = _text(body, "path") or _text(notebook, "path")
@@ -129,6 +151,9 @@ class SessionHandler(SessionBase):
         self.write_json(self.model(session))
 
     async def delete(self, session_id: str) -> None:
+        kernel = self.registry.kernels.get(self.sessions.get(session_id).kernel_id)
+        if kernel is not None:  # one whose kernel is gone is no one's, and ended
+            hidden(kernel.owner, self.user, f"no session with id {session_id}")
         session = await self.sessions.remove(session_id)
         await self.release_kernel(session.kernel_id)
         self.set_status(204)

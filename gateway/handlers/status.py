@@ -161,17 +161,21 @@ class StatusHandler(APIHandler):
     host_checks: HostChecks
 
     def get(self) -> None:
-        models = [k.model() for k in list(self.registry.kernels.values())]
+        # a non-admin (users.py) sees their own kernels and failed starts, and no hosts
+        user = self.user
+        kernels = [k for k in list(self.registry.kernels.values()) if user.sees(k.owner)]
+        models = [k.model() for k in kernels]
         self.write_json(
             {
                 "gateway": self._figures(models),
-                # one token today, and whoever holds it may do anything; the page hides its
-                # buttons when this is false (per-user tokens)
-                "admin": True,
+                # the page hides its buttons when this is false
+                "admin": user.admin,
                 "kernels": [_kernel(m) for m in models],
-                "hosts": self.host_checks.hosts(),
+                "hosts": self.host_checks.hosts() if user.admin else [],
                 "failures": [
-                    {**f, "at": wire.iso(f["at"])} for f in reversed(self.registry.failures)
+                    {**f, "at": wire.iso(f["at"])}
+                    for f in reversed(self.registry.failures)
+                    if user.admin or f["user"] == user.name
                 ],
                 # [{spec, size, ready, launching, stage, failing}]: kernels no one has yet
                 "pools": self.registry.pool.status(),
@@ -221,6 +225,12 @@ class StaticHandler(web.StaticFileHandler):
     ) -> None:
         super().initialize(path=str(STATIC))
         self.route = collaborators.get("route", "other")  # the metrics' label
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """A missing file (404) as JSON {"reason", "message"}, as every route's errors
+        (tornado's would be HTML); the message names no path of this machine."""
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"reason": self._reason, "message": self._reason}))
 
     def set_extra_headers(self, path: str) -> None:
         # revalidate (ETag) every time, so an upgraded gateway never runs an old script

@@ -1,13 +1,18 @@
-"""What a client may put into its kernel's environment (POST /api/kernels {"env"})."""
+"""What a client may put into its kernel's environment (POST /api/kernels {"env"}), checked
+once, before any backend sees it: the variables that pass, KERNEL_LAUNCH_TIMEOUT, and
+KERNEL_WORKING_DIR, which must name a directory under --working-dir-root."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BadRequest
+from ..errors import BadRequest, Forbidden
+
+log = logging.getLogger(__name__)
 
 # Never from a client, whatever the allow list says: they would change what runs.
 _NEVER = frozenset(
@@ -55,25 +60,61 @@ def launch_timeout(env: Mapping[str, str], default: float) -> float:
     return value
 
 
-def working_dir(env: Mapping[str, str]) -> str | None:
-    """KERNEL_WORKING_DIR when it names a directory here; otherwise the default."""
-    path = env.get("KERNEL_WORKING_DIR")
-    if path and os.path.isdir(os.path.expanduser(path)):
-        return os.path.expanduser(path)
-    return None
+def working_dir_root(configured: str) -> str:
+    """--working-dir-root, canonical; unset, the home directory of the user running the
+    gateway."""
+    return os.path.realpath(os.path.expanduser(configured or "~"))
+
+
+def working_dir(env: Mapping[str, str], root: str) -> str | None:
+    """KERNEL_WORKING_DIR, canonical (symlinks and '..' resolved), when it names a directory
+    under `root`; None (the kernel's default directory) when it names nothing here, which is
+    what jupyter_server's gateway client sends from another machine (its own root, maybe
+    C:\\...). A path that exists here outside `root` is a Forbidden, and so is one with a
+    ':' (a mount spec's separator): neither reaches a backend, to be mounted or entered."""
+    raw = env.get("KERNEL_WORKING_DIR")
+    if not raw:
+        return None
+    if any(c in raw for c in "\0\n\r"):
+        raise BadRequest("KERNEL_WORKING_DIR may not contain NUL or line breaks")
+    path = os.path.expanduser(raw)
+    if not os.path.isabs(path) or not os.path.exists(path):
+        log.debug("KERNEL_WORKING_DIR %r is no path here: the kernel starts in its default", raw)
+        return None
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root]) != root:
+        resolved = f" ({real})" if real != raw else ""
+        raise Forbidden(
+            f"KERNEL_WORKING_DIR {raw!r}{resolved} is outside {root}, the directory kernels "
+            "may work in here (rkg serve --working-dir-root)"
+        )
+    if ":" in raw or ":" in real:
+        raise Forbidden(f"KERNEL_WORKING_DIR {raw!r} may not contain ':'")
+    if not os.path.isdir(real):
+        log.debug("KERNEL_WORKING_DIR %r is not a directory: the kernel starts in its default", raw)
+        return None
+    return real
 
 
 @dataclass(frozen=True)
 class LaunchRequest:
     """A client's start request, checked once: what its kernel is given explicitly. The
     registry hands `env` and `timeout` to the kernel's manager for the backends, and `env`
-    (over this process's environment) and `cwd` to jupyter_client's start_kernel."""
+    (over this process's environment) and `cwd` to jupyter_client's start_kernel. In `env`,
+    KERNEL_WORKING_DIR is `cwd` or absent: no backend sees a path that was not checked."""
 
     env: Mapping[str, str]  # KERNEL_* and allow-listed names (client_env)
     timeout: float  # the client's KERNEL_LAUNCH_TIMEOUT, else the gateway's
-    cwd: str | None  # KERNEL_WORKING_DIR when it names a directory here
+    cwd: str | None  # KERNEL_WORKING_DIR, canonical, when it names a directory under the root
 
     @classmethod
-    def from_client(cls, env: Any, allowlist: Iterable[str], timeout: float) -> LaunchRequest:
+    def from_client(
+        cls, env: Any, allowlist: Iterable[str], timeout: float, root: str = ""
+    ) -> LaunchRequest:
+        """`root`: --working-dir-root ('' for the default)."""
         extra = client_env(env, allowlist)
-        return cls(extra, launch_timeout(extra, timeout), working_dir(extra))
+        cwd = working_dir(extra, working_dir_root(root))
+        extra.pop("KERNEL_WORKING_DIR", None)
+        if cwd is not None:
+            extra["KERNEL_WORKING_DIR"] = cwd
+        return cls(extra, launch_timeout(extra, timeout), cwd)

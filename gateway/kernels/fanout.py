@@ -13,6 +13,8 @@ import zmq
 import zmq.asyncio
 
 from .. import wire
+from ..errors import TooManySessions
+from .budget import MemoryBudget
 from .session import ClientSession, KernelLink, read_messages
 
 log = logging.getLogger(__name__)
@@ -26,12 +28,16 @@ class Fanout:
         replay_seconds: float,
         replay_max_bytes: int,
         on_iopub: Callable[[Sequence[wire.Part]], None],
+        budget: MemoryBudget | None = None,
+        max_sessions: int = 0,
     ) -> None:
         self.kernel = kernel
         self.sessions: dict[str, ClientSession] = {}
         self.live: asyncio.Future[None] | None = None  # done at iopub's first message
         self._replay_seconds = replay_seconds
         self._replay_max_bytes = replay_max_bytes
+        self._budget = budget
+        self._max_sessions = max_sessions
         self._on_iopub = on_iopub
         self._iopub: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -97,10 +103,37 @@ class Fanout:
         self.expire()
         session = self.sessions.get(session_id) if session_id else None
         if session is None:
-            session = ClientSession(self.kernel, session_id, max_bytes=self._replay_max_bytes)
+            self._make_room()
+            session = ClientSession(
+                self.kernel, session_id, max_bytes=self._replay_max_bytes, budget=self._budget
+            )
             session.open_channels()
             self.sessions[session_id or uuid.uuid4().hex] = session
         return session
+
+    def check_room(self, session_id: str) -> None:
+        """Called at a websocket's handshake, before the upgrade: TooManySessions if this
+        kernel already has --max-sessions-per-kernel sessions with a socket attached (ones
+        kept only for a reconnect make room, oldest first) and `session_id` is none of them."""
+        self.expire()
+        if not self._max_sessions or (session_id and session_id in self.sessions):
+            return
+        if self.connections >= self._max_sessions:
+            raise TooManySessions(
+                f"kernel {self.kernel.id} already has {self.connections} connected client "
+                f"sessions, the most this gateway allows (--max-sessions-per-kernel); "
+                "close one first"
+            )
+
+    def _make_room(self) -> None:
+        """Below --max-sessions-per-kernel: drop the sessions kept for a reconnect, the one
+        detached longest ago first."""
+        kept = sorted(
+            (s for s in self.sessions.values() if s.detached_at is not None),
+            key=lambda s: s.detached_at or 0.0,
+        )
+        while self._max_sessions and len(self.sessions) >= self._max_sessions and kept:
+            self._drop(kept.pop(0))
 
     def release(self, session: ClientSession) -> None:
         """Called when a session's socket closed."""
@@ -116,6 +149,7 @@ class Fanout:
 
     def _drop(self, session: ClientSession) -> None:
         session.close_channels()
+        session.drop_replay()
         for key, value in list(self.sessions.items()):
             if value is session:
                 del self.sessions[key]
@@ -124,4 +158,5 @@ class Fanout:
         """Close every client's socket with `code` and drop the sessions' ZMQ sockets."""
         for session in list(self.sessions.values()):
             session.close(code, reason)
+            session.drop_replay()
         self.sessions.clear()

@@ -24,6 +24,7 @@ from .. import logs, wire
 from ..backends.contract import GatewayKernelManager, backend_name, hooks
 from ..errors import ClientError, KernelError, KernelStartError, KernelTimeout
 from . import jc
+from .budget import MemoryBudget
 from .fanout import Fanout
 from .readiness import Handshake
 from .session import ClientSession
@@ -39,6 +40,8 @@ class ManagedKernel:
         name: str,
         replay_seconds: float,
         replay_max_bytes: int,
+        budget: MemoryBudget | None = None,
+        max_sessions: int = 0,
         autorestart: bool,
         restart_limit: int,
         on_gone: Callable[[ManagedKernel], None],
@@ -55,6 +58,8 @@ class ManagedKernel:
             replay_seconds=replay_seconds,
             replay_max_bytes=replay_max_bytes,
             on_iopub=self._on_iopub,
+            budget=budget,
+            max_sessions=max_sessions,
         )
         self._autorestart = autorestart
         self._restart_limit = restart_limit
@@ -63,6 +68,7 @@ class ManagedKernel:
         self._on_launched = on_launched
         self.created = time.time()
         self.user = ""  # KERNEL_USERNAME at start
+        self.owner = ""  # the user who started it (users.py); a warm pool's: no one yet
         self.launch: dict[str, Any] = {"env": {}, "cwd": None}  # what the registry relaunches
         self._lock = asyncio.Lock()
         self._monitor_task: asyncio.Task[None] | None = None
@@ -164,9 +170,19 @@ class ManagedKernel:
 
     # -- client sessions (the bridge's side) ---------------------------------------------
 
-    def session_for(self, session_id: str) -> ClientSession:
-        """Called by the websocket handler when a client connects; see Fanout.session_for."""
-        return self.fanout.session_for(session_id)
+    def session_key(self, session_id: str, user: str) -> str:
+        """The fan-out's name for `user`'s session_id. The owner's is the id as given; another
+        user (an admin, the only one who reaches someone else's kernel) gets their own session
+        under it, so reusing the owner's session_id neither takes over its socket nor gets its
+        replay (and an owner's id with a '/' is qualified too, so it cannot name another's)."""
+        if session_id and (user != self.owner or "/" in session_id):
+            return f"{user}/{session_id}"
+        return session_id
+
+    def session_for(self, session_id: str, user: str) -> ClientSession:
+        """Called by the websocket handler when `user`'s client connects; see
+        Fanout.session_for and session_key."""
+        return self.fanout.session_for(self.session_key(session_id, user))
 
     def release(self, session: ClientSession) -> None:
         """Called by the websocket handler when a session's socket closed."""

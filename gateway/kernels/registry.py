@@ -16,14 +16,15 @@ from typing import Any, cast
 
 import zmq.asyncio
 from jupyter_client.connect import KernelConnectionInfo
-from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 
-from .. import logs, metrics
+from .. import logs, metrics, users
 from ..backends.contract import GatewayHooks, GatewayKernelManager
 from ..config import Config
 from ..errors import (
+    BadRequest,
     Conflict,
     GatewayError,
     KernelStartError,
@@ -32,10 +33,12 @@ from ..errors import (
     NotFound,
     Unavailable,
 )
-from ..state import KernelRecord, StateStore
+from ..state import KernelRecord, StateStore, private_dir
+from ..users import ADMIN_USER, User
 from . import env as kenv
 from . import jc
 from . import pool as kpool
+from .budget import MemoryBudget
 from .kernel import ManagedKernel
 
 log = logging.getLogger(__name__)
@@ -53,9 +56,16 @@ class KernelRegistry:
         pool_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
+        allowed = config.allowed_kernelspecs
+        if allowed and config.default_kernel_name not in allowed:
+            raise BadRequest(
+                f"--default-kernel {config.default_kernel_name!r} is not among "
+                f"--allowed-kernelspecs ({', '.join(allowed)}): make one of them --default-kernel"
+            )
         self.specs = specs
         self.store = store
         self.kernels: dict[str, ManagedKernel] = {}
+        self.budget = MemoryBudget(config.memory_budget)  # replay and unsent output, in all
         self._users: dict[str, str] = {}  # kernel id -> KERNEL_USERNAME, for the per-user limit
         self._starting: dict[str, asyncio.Task[None]] = {}  # by kernel id
         self._deleted_while_starting: set[str] = set()
@@ -75,7 +85,7 @@ class KernelRegistry:
         self._context.setsockopt(zmq.RCVHWM, 0)
         self.gateway_id = store.gateway_id()
         self._runtime_dir = jupyter_runtime_dir()
-        os.makedirs(self._runtime_dir, exist_ok=True)
+        private_dir(self._runtime_dir)  # connection files and kernel logs: keys, output
         # kernelspecs that name no provisioner get the one that survives gateway restarts
         KernelProvisionerFactory.instance().default_provisioner_name = DEFAULT_PROVISIONER
         # pooled kernels: in none of the above until handed over (pool.py); serve() starts it
@@ -90,9 +100,13 @@ class KernelRegistry:
     def list(self) -> list[ManagedKernel]:
         return [k for k in self.kernels.values() if k.state != "stopping"]
 
-    def spec_exists(self, name: str) -> None:
+    def spec_exists(self, name: str) -> KernelSpec:
+        """The kernelspec, if there is one by that name and --allowed-kernelspecs offers it."""
+        allowed = self.config.allowed_kernelspecs
         try:
-            self.specs.get_kernel_spec(name)
+            if allowed and name not in allowed:
+                raise NoSuchKernel(name)
+            return self.specs.get_kernel_spec(name)
         except NoSuchKernel:
             raise NotFound(f"no kernelspec named {name!r}") from None
 
@@ -125,12 +139,15 @@ class KernelRegistry:
             launch_timeout=launch_timeout,
         )
         km.kernel_id = kernel_id
+        if km.kernel_spec is not None:  # loaded once here, and kept by the manager
+            users.strip_access_keys(km.kernel_spec.metadata)
         return km
 
-    def _managed(self, km: GatewayKernelManager, name: str, user: str) -> ManagedKernel:
-        """A kernel of `user`'s, registered: listed, and counted against the limits."""
+    def _managed(self, km: GatewayKernelManager, name: str, user: str, owner: str) -> ManagedKernel:
+        """A kernel of `owner`'s for KERNEL_USERNAME `user`, registered: listed, and counted
+        against the limits."""
         kernel = self._kernel(km, name)
-        kernel.user = user
+        kernel.user, kernel.owner = user, owner
         self.kernels[km.kernel_id] = kernel
         self._users[km.kernel_id] = user
         return kernel
@@ -142,26 +159,44 @@ class KernelRegistry:
             name=name,
             replay_seconds=cfg.replay_seconds,
             replay_max_bytes=cfg.replay_max_bytes,
+            budget=self.budget,
+            max_sessions=cfg.max_sessions_per_kernel,
             autorestart=cfg.autorestart,
             restart_limit=cfg.restart_limit,
             on_gone=self._forget,
             on_launched=self._record,
         )
 
-    async def start(self, name: str | None, env: Any = None) -> ManagedKernel:
+    async def start(
+        self, name: str | None, env: Any = None, requester: User = ADMIN_USER
+    ) -> ManagedKernel:
+        """A kernel of kernelspec `name` (else the default) for `requester`, who owns it: a
+        non-admin's KERNEL_USERNAME is their name, and the spec must authorize it (users.py)."""
         name = name or self.config.default_kernel_name
-        self.spec_exists(name)
+        spec = self.spec_exists(name)
         req = kenv.LaunchRequest.from_client(
-            env, self.config.env_allowlist, self.config.kernel_launch_timeout
+            users.claimed_env(requester, env),
+            self.config.env_allowlist,
+            self.config.kernel_launch_timeout,
+            self.config.working_dir_root,
         )
         user = req.env.get("KERNEL_USERNAME", "")
+        cfg = self.config
+        users.check_may_start(
+            user or requester.name,
+            name,
+            spec.metadata,
+            cfg.authorized_users,
+            cfg.unauthorized_users,
+            as_gateway_user=requester if self._as_gateway_user(spec.metadata) else None,
+        )
         self._check_limits(user)
         pooled = self.pool.take(name) if kpool.serves(req.env) else None
         if pooled is not None:
-            return await self._hand_over(pooled, req, user)
+            return await self._hand_over(pooled, req, user, requester.name)
         kernel_id = str(uuid.uuid4())
         km = self._manager(kernel_id, name, dict(req.env), req.timeout)
-        kernel = self._managed(km, name, user)
+        kernel = self._managed(km, name, user, requester.name)
         logs.concerning(kernel)  # this request's lines, and its start task's (a failed one's too)
         kernel.launch = {"env": dict(req.env), "cwd": req.cwd}
         task = asyncio.ensure_future(self._start_or_undo(kernel, req.timeout))
@@ -189,14 +224,14 @@ class KernelRegistry:
         return kernel
 
     async def _hand_over(
-        self, kernel: ManagedKernel, req: kenv.LaunchRequest, user: str
+        self, kernel: ManagedKernel, req: kenv.LaunchRequest, user: str, owner: str
     ) -> ManagedKernel:
         """A pooled kernel becomes the requester's: registered before the next await (see
         _check_limits), owned by `user`, started (for its model and the culler) now, and a
         restart relaunches it with the request's env, as if it had been started for it.
         Recorded as the requester's before the start is acknowledged."""
         began = time.monotonic()
-        kernel.user = user
+        kernel.user, kernel.owner = user, owner
         kernel.launch = {"env": dict(req.env), "cwd": req.cwd}
         kernel.created = time.time()
         kernel.touch()
@@ -315,6 +350,7 @@ class KernelRegistry:
 
     @staticmethod
     def _launch_kwargs(kernel: ManagedKernel) -> dict[str, Any]:
+        # serve() has taken RKG_* and the --secret-env names out of os.environ (drop_secrets)
         kwargs: dict[str, Any] = {
             "env": {**os.environ, **kernel.launch["env"], "KERNEL_ID": kernel.id}
         }
@@ -336,6 +372,7 @@ class KernelRegistry:
                 kernel.launch,
                 kernel.created,
                 pooled=kernel.id in self.pool.members,
+                owner=kernel.owner,
             )
         )
 
@@ -381,6 +418,17 @@ class KernelRegistry:
                 len(records),
                 self.pool.ready(),
             )
+
+    @staticmethod
+    def _as_gateway_user(metadata: Mapping[str, Any]) -> bool:
+        """Whether the spec's kernels run as this gateway's system user: its provisioner says
+        so (GatewayHooks.as_gateway_user); jupyter_client's local provisioner and one the
+        gateway does not know are taken to."""
+        meta = metadata.get("kernel_provisioner") or {}
+        cls = jc.provisioner_class(str(meta.get("provisioner_name", DEFAULT_PROVISIONER)))
+        if isinstance(cls, type) and issubclass(cls, GatewayHooks):
+            return cls.as_gateway_user(dict(meta.get("config") or {}))
+        return True
 
     def spec_provisioners(self) -> tuple[tuple[str, type[GatewayHooks], dict[str, Any]], ...]:
         """(kernelspec name, provisioner class, its config) of every kernelspec whose
@@ -435,7 +483,9 @@ class KernelRegistry:
         km.provisioner = prov
         # a pooled kernel is no one's: in the pool once it answers, not among the kernels
         kernel = (
-            self._kernel(km, rec.name) if rec.pooled else self._managed(km, rec.name, rec.username)
+            self._kernel(km, rec.name)
+            if rec.pooled
+            else self._managed(km, rec.name, rec.username, rec.owner)
         )
         logs.concerning(kernel)  # and so its monitor's and pump's lines
         kernel.launch, kernel.created = rec.launch, rec.created

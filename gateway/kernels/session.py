@@ -26,6 +26,7 @@ import zmq.asyncio
 
 from .. import wire
 from ..errors import BadFrame
+from .budget import MemoryBudget
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,21 @@ class KernelLink(Protocol):
 
 
 class ClientSession:
-    def __init__(self, kernel: KernelLink, session_id: str, *, max_bytes: int) -> None:
+    def __init__(
+        self,
+        kernel: KernelLink,
+        session_id: str,
+        *,
+        max_bytes: int,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.kernel = kernel
         self.session_id = session_id
         self.identity = (session_id or uuid.uuid4().hex).encode()
         self.sink: Sink | None = None
         self.detached_at: float | None = time.monotonic()
         self._max_bytes = max_bytes
+        self._budget = budget  # the gateway's, shared by every session's replay
         self._backlog: deque[tuple[bytes, Sequence[wire.Part]]] = deque()
         self._backlog_bytes = 0
         self._overflowed = False
@@ -219,18 +228,29 @@ class ClientSession:
                 self.kernel.id,
                 self._max_bytes,
             )
-            self._overflowed = True
-            self._backlog.clear()
-            self._backlog_bytes = 0
+            self.drop_replay()
             return
         self._backlog.append((channel, parts))
         self._backlog_bytes += size
+        if self._budget is not None:
+            self._budget.replay_held(self, self._backlog_bytes)
+
+    def drop_replay(self) -> None:
+        """Forget the replay (over its own cap, or called by the gateway's MemoryBudget, or
+        the session is dropped); until a socket attaches, nothing more is kept."""
+        self._overflowed = True
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        if self._budget is not None:
+            self._budget.replay_held(self, 0)
 
     def attach(self, sink: Sink) -> None:
         """Make `sink` the session's socket; an older one is closed. Backlog goes first."""
         old, self.sink = self.sink, None
         if old is not None and old is not sink:
             old.close_with(4000, "replaced by a newer connection with the same session_id")
+        if self._budget is not None:  # from replay to the socket's pending writes
+            self._budget.replay_held(self, 0)
         while self._backlog:
             sink.send(*self._backlog.popleft())
         self._backlog_bytes = 0
