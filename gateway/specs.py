@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,71 @@ def container_spec(
             }
         },
     }
+
+
+def any_kernel(
+    spec: dict[str, Any],
+    kernel_cmd: str = "",
+    language: str = "",
+    port_range: str = "",
+    interrupt_mode: str = "",
+) -> dict[str, Any]:
+    """`spec` made to run any kernel: `kernel_cmd` (a shell-quoted command line that must hold
+    {connection_file}) becomes its argv and, for a backend that runs it elsewhere, its
+    config's kernel_cmd; `language` its language (and the display name's first word when
+    that was the default "Python ..."); `port_range` (LO-HI) the config's port_range;
+    `interrupt_mode` (signal, message) how the kernel is interrupted."""
+    from .backends.ports import parse_range
+
+    prov = spec.get("metadata", {}).get("kernel_provisioner")
+    config = prov.setdefault("config", {}) if prov is not None else {}
+    if kernel_cmd:
+        try:
+            argv = shlex.split(kernel_cmd)
+        except ValueError as e:
+            raise BadRequest(f"--kernel-cmd {kernel_cmd!r}: {e}") from e
+        if not any("{connection_file}" in a for a in argv):
+            raise BadRequest(
+                f"--kernel-cmd {kernel_cmd!r} has no {{connection_file}}: the kernel must be "
+                "given its connection file (its ports and key), e.g. "
+                "'R --slave -e IRkernel::main() --args {connection_file}'"
+            )
+        spec["argv"] = argv
+        if prov is not None:
+            config["kernel_cmd"] = argv
+    if language:
+        spec["language"] = language
+        if kernel_cmd and spec.get("display_name", "").startswith("Python ("):
+            spec["display_name"] = language + spec["display_name"].removeprefix("Python")
+    if port_range:
+        try:
+            parse_range(port_range)
+        except ValueError as e:
+            raise BadRequest(f"--port-range: {e}") from e
+        config["port_range"] = port_range
+    if interrupt_mode:
+        spec["interrupt_mode"] = interrupt_mode
+    return spec
+
+
+def add_any_kernel_arguments(parser: argparse.ArgumentParser, ports: bool = True) -> None:
+    parser.add_argument(
+        "--kernel-cmd",
+        default="",
+        help="any kernel's command line, with {connection_file} (default: ipykernel)",
+    )
+    parser.add_argument("--language", default="", help="the kernel's language (default: python)")
+    parser.add_argument(
+        "--interrupt-mode",
+        choices=["signal", "message"],
+        default="",
+        help="signal: SIGINT (default); message: an interrupt_request, for kernels that die of "
+        "SIGINT (xeus-python)",
+    )
+    if ports:
+        parser.add_argument(
+            "--port-range", default="", help="LO-HI: the kernel's ports (a firewall's open range)"
+        )
 
 
 def add_access_arguments(parser: argparse.ArgumentParser) -> None:
@@ -332,9 +398,24 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_parser("remove", help="remove a kernelspec"),
     ):
         p.add_argument("--dir", default=None, help="kernels directory (default: Jupyter's)")
-    for p in backends.choices.values():
+    for name, p in backends.choices.items():
+        # a Swarm service's published ports cannot be given as a range
+        add_any_kernel_arguments(p, ports=name != "swarm")
         add_access_arguments(p)
     sub.choices["remove"].add_argument("name")
+
+
+def with_args(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`spec` with the options every backend has (--kernel-cmd, --language, --port-range,
+    --interrupt-mode)."""
+    spec = any_kernel(
+        spec,
+        getattr(args, "kernel_cmd", ""),
+        getattr(args, "language", ""),
+        getattr(args, "port_range", ""),
+        getattr(args, "interrupt_mode", ""),
+    )
+    return with_access(spec, args)
 
 
 def run_spec_command(args: argparse.Namespace) -> None:
@@ -358,7 +439,7 @@ def run_spec_command(args: argparse.Namespace) -> None:
             known_hosts=args.known_hosts,
             display_name=args.display_name,
         )
-        print(f"wrote {write_spec(args.name, with_access(spec, args), args.dir)}")
+        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir)}")
     elif args.spec_command == "add" and args.backend in CONTAINER_BACKENDS:
         spec = container_spec(
             args.backend,
@@ -384,7 +465,7 @@ def run_spec_command(args: argparse.Namespace) -> None:
             python=args.python,
             constraints=getattr(args, "constraints", []),
         )
-        print(f"wrote {write_spec(args.name, with_access(spec, args), args.dir)}")
+        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir)}")
     elif args.spec_command == "add":
         spec = ssh_spec(
             args.host,
@@ -396,7 +477,7 @@ def run_spec_command(args: argparse.Namespace) -> None:
             pre=args.pre,
             display_name=args.display_name,
         )
-        print(f"wrote {write_spec(args.name, with_access(spec, args), args.dir)}")
+        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir)}")
     elif args.spec_command == "list":
         for name, backend, display in list_specs(args.dir):
             print(f"{name}\t{backend}\t{display}")

@@ -47,7 +47,7 @@ def specs(tmp_path, docker, kernel_image):
             "import sys; print('no kernel today', flush=True); sys.exit(3)",
         ],
     )
-    docker_spec(d, "dk-hang", **base, kernel_cmd=["sleep", "600"])
+    docker_spec(d, "dk-hang", **base, kernel_cmd=["sh", "-c", "sleep 600", "{connection_file}"])
     return d
 
 

@@ -191,7 +191,8 @@ async def test_submit_refused_is_a_clear_error(slurm, slurm_gateway):
 async def test_job_that_fails_reports_its_output(slurm, slurm_gateway):
     status, body = await api(slurm_gateway, "POST", "api/kernels", {"name": "slurm-nopython"})
     assert status == 500, body
-    assert "before the kernel bound its ports" in body["message"], body
+    # the job script wrote the kernel's ports before its exec failed
+    assert "exited during start-up" in body["message"], body
     assert "/nonexistent/python3" in body["message"], body
     assert slurm.wait_no_jobs() == []
 

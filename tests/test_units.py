@@ -337,7 +337,7 @@ def test_remote_kernel_env_under_a_plain_kernel_manager():
 def _script(**kw: object) -> list[str]:
     args: dict = {
         "cmd": ["python3", "-m", "ipykernel_launcher", "-f", "/rt/k 1.json"],
-        "conn_file": "/rt/k 1.json",
+        "ports": [16384, 16385, 20000, 20001, 32767],
         "log_file": "~/rt/k.log",
         "env": {},
         "workdir": "",

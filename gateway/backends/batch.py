@@ -11,12 +11,15 @@ value, so one provisioner serves all four); a kernelspec chooses it with
         "login": "me@login1", "jump_hosts": ["me@bastion"]}}}
 
 A launch writes a connection file with every port 0 into runtime_dir (a filesystem the
-compute nodes share with the gateway) and submits a job script that execs ipykernel on it;
-ipykernel binds free ports on its node and rewrites the file, which the gateway reads back.
-No port is chosen before the kernel binds it, so there is no race, whichever node the job lands
-on. The node comes from the scheduler's status; the gateway connects to it directly, or, with
-`login` set, runs every command on that login node over the SSH backend's shared connection and
-forwards the five ports through it (batchlogin.py: LocalSite / LoginSite).
+compute nodes share with the gateway) and submits a job script that, on its node, chooses five
+free ports from `port_range` (default: below the node's ephemeral range; ports.py says why no
+other process can take them before the kernel binds them), writes them into that file and execs
+the kernel on it: any kernel (IRkernel, xeus-python, ipykernel), since it only binds the ports
+it is given. The gateway reads the ports back from the file. A kernel that exits with "Address
+already in use" is started again (a new job) by the gateway's retry. The node comes from the
+scheduler's status; the gateway connects to it directly, or, with `login` set, runs every
+command on that login node over the SSH backend's shared connection and forwards the five ports
+through it (batchlogin.py: LocalSite / LoginSite).
 
 While the job waits in the queue the kernel is `starting`; the scheduler's state and reason are
 kept for the launch-timeout message, and a job still queued when the start is given up (the
@@ -41,6 +44,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Dict, Float, Integer, List, Unicode
 
 from ..errors import KernelError, KernelStartError, KernelTimeout, SchedulerError
+from . import ports as kports
 from . import sshpool
 from .batchlogin import LocalSite, LoginSite
 from .common import CHANNELS, RemoteProvisioner
@@ -106,9 +110,12 @@ def status_cache(scheduler: Scheduler, site: Site) -> StatusCache:
     return _caches[key]
 
 
-def job_script(*, cmd: list[str], env: dict[str, str], workdir: str, pre_command: str) -> str:
-    """The POSIX sh job script: cd, the pre-command, then exec the kernel (so that the job
-    ends when the kernel does and a signal to the job reaches the kernel itself)."""
+def job_script(
+    *, cmd: list[str], env: dict[str, str], workdir: str, pre_command: str, ports: str = ""
+) -> str:
+    """The POSIX sh job script: cd, the pre-command, `ports` (sh that writes the kernel's
+    ports into its connection file, ports.choose_script), then exec the kernel (so that the
+    job ends when the kernel does and a signal to the job reaches the kernel itself)."""
     lines = ["#!/bin/sh", "umask 077"]
     if workdir:
         where = (
@@ -123,6 +130,8 @@ def job_script(*, cmd: list[str], env: dict[str, str], workdir: str, pre_command
             "{ echo 'rkg: the pre_command failed' >&2; exit 4; }"
         )
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    if ports:
+        lines.append(ports)
     lines.append("exec " + " ".join(shlex.quote(a) for a in cmd) + " </dev/null")
     return "\n".join(lines) + "\n"
 
@@ -361,11 +370,16 @@ class BatchProvisioner(RemoteProvisioner):
         runtime = await self._site.realpath(self.runtime_dir or default_runtime)
         self.conn_file = f"{runtime}/batch-kernel-{self.kernel_id}.json"
         await self._site.write_private(self.conn_file, self._conn_text())
+        try:
+            span = kports.parse_range(self.port_range)
+        except ValueError as e:
+            raise KernelStartError(f"kernelspec {self.kernel_spec.display_name!r}: {e}") from e
         script = job_script(
             cmd=self._command(self.conn_file),
             env=self._env(env),
             workdir=self.workdir if self._script_cds() else "",
             pre_command=self.pre_command,
+            ports=kports.choose_script(self.conn_file, span, CHANNELS),
         )
         argv = self.sched.submit(self._request(cwd))
         self.stage(f"submitting the job to {self.sched.label.removesuffix(' job')}{via}")
@@ -383,7 +397,8 @@ class BatchProvisioner(RemoteProvisioner):
         log.info("kernel %s submitted as %s", self.kernel_id, self.job_label)
 
     def _conn_text(self) -> str:
-        """The connection file the job starts with: every port 0."""
+        """The connection file the job starts with: every port 0, until the job script
+        writes the ports it chose on the node."""
         return json.dumps(self._connection_file({}, self.ip), indent=2)
 
     async def _read_ports(self) -> dict[str, int] | None:
@@ -397,8 +412,9 @@ class BatchProvisioner(RemoteProvisioner):
         return ports if all(ports.values()) else None
 
     async def _wait_running(self, deadline: float) -> None:
-        """Until ipykernel rewrote the connection file; the job's state is read every
-        poll step (growing from 0.25 s to poll_interval) to notice a job that ended."""
+        """Until the job script wrote the ports into the connection file; the job's state
+        is read every poll step (growing from 0.25 s to poll_interval) to notice a job that
+        ended."""
         assert self.job_id is not None
         site = self._site
         assert site is not None

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import signal
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from traitlets import Dict, Float, List, Unicode
 
+from ..errors import KernelStartError
 from .contract import GatewayProvisioner
 
 if TYPE_CHECKING:
@@ -137,6 +139,12 @@ class RemoteProvisioner(GatewayProvisioner):
         help="the python that runs the kernel, where it runs ({python} in kernel_cmd)",
     )
     kernel_cmd = List(Unicode(), config=True, help="kernel command with {connection_file}")
+    port_range = Unicode(
+        "",
+        config=True,
+        help="LO-HI: the kernel's ports where it runs (a firewall's open range); default: "
+        "below the host's ephemeral range (SSH, batch), ports the engine picks (Docker)",
+    )
     env = Dict(config=True, help="more environment for the kernel")
     poll_interval = Float(1.0, config=True, help="seconds a liveness answer is reused")
 
@@ -184,6 +192,12 @@ class RemoteProvisioner(GatewayProvisioner):
 
     def _command(self, conn_file: str) -> list[str]:
         """kernel_cmd (or ipykernel's) with the connection file and python filled in."""
+        if self.kernel_cmd and not any("{connection_file}" in a for a in self.kernel_cmd):
+            raise KernelStartError(
+                f"kernelspec {self.kernel_spec.display_name!r}: its kernel_cmd "
+                f"{shlex.join(self.kernel_cmd)!r} has no {{connection_file}}, so the kernel "
+                "could not be told its ports and key"
+            )
         return [
             a.replace("{connection_file}", conn_file).replace("{python}", self.python)
             for a in list(self.kernel_cmd) or DEFAULT_CMD

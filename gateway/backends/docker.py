@@ -291,7 +291,7 @@ class DockerProvisioner(RemoteProvisioner):
             host["NetworkMode"] = self.network
         if self.reach == "published":
             host["PortBindings"] = {
-                f"{p}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]
+                f"{p}/tcp": [{"HostIp": "127.0.0.1", "HostPort": self.port_range}]
                 for p in CONTAINER_PORTS.values()
             }
         if self.cpus:

@@ -6,21 +6,25 @@ Registered as `rkg-ssh` (and `ssh-provisioner`, its old name); a kernelspec choo
         "host": "gpu1", "port": 22, "username": "me", "identity_file": "~/.ssh/id_ed25519",
         "known_hosts": "~/.ssh/known_hosts", "jump_hosts": ["me@bastion:22"],
         "python": "/opt/conda/bin/python", "kernel_cmd": [..., "{connection_file}"],
-        "workdir": "~/work", "pre_command": "module load cuda", "env": {"A": "1"}}}}
+        "workdir": "~/work", "pre_command": "module load cuda", "env": {"A": "1"},
+        "port_range": "40000-40999"}}}
 
-A launch: upload the connection file over SFTP (mode 0600) with every port 0; start the kernel
-detached from the SSH channel (its own session and process group, so it survives a dropped
-connection); ipykernel binds free ports and rewrites the file, and the launch command, still on
-the host, sends that file back. No port is chosen before the kernel binds it, so no race. Then
-one local forward per channel over the host's shared connection (sshpool.py); the connection
-info points at the local ends. A reconnect re-forwards on the same local ports, so the
-gateway's ZMQ sockets simply reconnect.
+A launch: read the host's TCP tables and ephemeral port range (/proc, one short command: no
+Python needed there), choose the kernel's five ports from `port_range` (default: a range below
+the ephemeral one; ports.py says why no other process can take them before the kernel binds
+them), and upload the connection file with those ports over SFTP (mode 0600). Then start the
+kernel detached from the SSH channel (its own session and process group, so it survives a
+dropped connection) and wait, still on the host, until its five ports listen. Any kernel works
+(IRkernel, IJulia, xeus-python, ipykernel): it binds the ports it is given and writes nothing
+back. A kernel that exits with "Address already in use" is launched again on fresh ports.
+Then one local forward per channel over the host's shared connection (sshpool.py); the
+connection info points at the local ends. A reconnect re-forwards on the same local ports, so
+the gateway's ZMQ sockets simply reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import shlex
@@ -31,6 +35,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from traitlets import Float, Integer, List, Unicode
 
 from ..errors import KernelError, KernelStartError, KernelTimeout
+from . import ports as kports
 from . import sshpool
 from .common import CHANNELS, RemoteProvisioner
 from .sshpool import ALIVE_FN, Hop, SSHHost, Target, ssh_errors
@@ -40,7 +45,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLL_STEP = 0.05  # seconds between the launch command's looks at the connection file
+POLL_STEP = 0.05  # seconds between the launch command's looks at the kernel's ports
+ATTEMPTS = 3  # launches of one start when the kernel meets "Address already in use"
+# the host's ephemeral range and TCP tables, for choosing the kernel's ports
+TABLES_CMD = (
+    "cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null; echo ==; "
+    "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true"
+)
 
 
 def shell_path(path: str) -> str:
@@ -55,7 +66,7 @@ def shell_path(path: str) -> str:
 def launch_script(
     *,
     cmd: list[str],
-    conn_file: str,
+    ports: list[int],
     log_file: str,
     env: dict[str, str],
     workdir: str,
@@ -63,8 +74,9 @@ def launch_script(
     pre_command: str,
     steps: int,
 ) -> str:
-    """POSIX sh run over SSH: start the kernel detached, print `PID n`, then wait for the
-    rewritten connection file and print `READY` and the file (or `EXITED` / `TIMEOUT`)."""
+    """POSIX sh run over SSH: start the kernel detached, print `PID n`, then wait until its
+    `ports` listen and print `READY` (or `EXITED` / `TIMEOUT`). A host without
+    /proc/net/tcp is READY at once (the gateway's kernel_info handshake still waits)."""
     cd = []
     if kernel_workdir:
         cd.append(f"if [ -d {shell_path(kernel_workdir)} ]; then cd {shell_path(kernel_workdir)}")
@@ -80,16 +92,23 @@ def launch_script(
         )
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     argv = " ".join(shlex.quote(a) for a in cmd)
-    cf = shell_path(conn_file)
+    hexes = " ".join(f"{p:04X}" for p in ports)
     lines += [
         ALIVE_FN,
+        "listening() {",
+        "  [ -r /proc/net/tcp ] || return 0",
+        f"  for p in {hexes}; do",
+        '    grep -Eq "^ *[0-9]+: [0-9A-F]+:$p [0-9A-F]+:[0-9A-F]+ 0A " '
+        "/proc/net/tcp /proc/net/tcp6 2>/dev/null || return 1",
+        "  done",
+        "}",
         # the subshell exits at once, so the kernel is not our child (no zombie to reap) and
         # not a process group leader, so setsid gives it its own session without forking
         f"pid=$( (setsid {argv} </dev/null >>{shell_path(log_file)} 2>&1 & echo $!) )",
         'echo "PID $pid"',
         "i=0",
         f"while [ $i -lt {steps} ]; do",
-        f"  if grep -Eq '\"shell_port\": *[1-9]' {cf}; then echo READY; cat {cf}; exit 0; fi",
+        "  if listening; then echo READY; exit 0; fi",
         '  alive "$pid" || { echo EXITED; exit 0; }',
         f"  sleep {POLL_STEP}; i=$((i+1))",
         "done",
@@ -229,18 +248,73 @@ class SSHProvisioner(RemoteProvisioner):
         private = asyncssh.SFTPAttrs(permissions=0o700)
         await sftp.makedirs(self.runtime_dir, private, exist_ok=True)
         self.remote_file = await sftp.realpath(f"{self.runtime_dir}/kernel-{self.kernel_id}.json")
-        await self._upload(sftp)
         timeout = self.gateway_timeout(env, 60)
         cmd = self._command(self.remote_file)
+        for attempt in range(1, ATTEMPTS + 1):
+            await self._choose_ports()
+            await self._upload(sftp)
+            first = await self._start(env, cmd, timeout)
+            if first == "READY":
+                return
+            if first == "TIMEOUT":
+                raise KernelTimeout(
+                    f"the kernel on {self._ssh_name} did not listen on its ports within "
+                    f"{timeout:g} s (KERNEL_LAUNCH_TIMEOUT)"
+                )
+            tail = await self._read_tail()
+            if first == "PREFAILED":
+                raise KernelStartError(
+                    f"the pre_command {self.pre_command!r} failed on {self._ssh_name}: {tail}"
+                )
+            if first == "NOWORKDIR":
+                raise KernelStartError(f"cannot cd to {self.workdir!r} on {self._ssh_name}")
+            if attempt == ATTEMPTS or not kports.address_in_use(tail):
+                raise KernelStartError(explain_exit(tail, cmd, self._ssh_name))
+            log.warning(
+                "kernel %s on %s: a port was taken (%s); launching it again on other ports",
+                self.kernel_id,
+                self._ssh_name,
+                sorted(self.remote_ports.values()),
+            )
+            self._release_ports()
+
+    async def _choose_ports(self) -> None:
+        """Five free ports on the host from port_range (module docstring of ports.py),
+        reserved for this kernel until it ends."""
+        assert self._ssh is not None
+        try:
+            span = kports.parse_range(self.port_range)
+        except ValueError as e:
+            raise KernelStartError(f"kernelspec {self.kernel_spec.display_name!r}: {e}") from e
+        result = await self._ssh.exec(
+            TABLES_CMD, what=f"reading the open ports of {self._ssh_name}", limit=15
+        )
+        ephemeral, _, tables = str(result.stdout or "").partition("==")
+        host = self._ssh_name
+        avoid = kports.used_ports(tables) | kports.RESERVED.of(host)
+        try:
+            span = span or kports.default_range(kports.parse_ephemeral(ephemeral))
+            chosen = kports.choose(len(CHANNELS), span, avoid)
+        except ValueError as e:
+            raise KernelStartError(f"no ports for the kernel on {host}: {e}") from e
+        kports.RESERVED.take(host, chosen)
+        self.remote_ports = dict(zip(CHANNELS, chosen, strict=True))
+
+    def _release_ports(self) -> None:
+        kports.RESERVED.give_back(self._ssh_name, list(self.remote_ports.values()))
+
+    async def _start(self, env: dict[str, str], cmd: list[str], seconds: float) -> str:
+        """Run the launch script; its verdict (READY, EXITED, TIMEOUT, ...)."""
+        assert self._ssh is not None
         script = launch_script(
             cmd=cmd,
-            conn_file=self.remote_file,
+            ports=list(self.remote_ports.values()),
             log_file=self._log_file,
             env=self._env(env),
             workdir=self.workdir,
             kernel_workdir=env.get("KERNEL_WORKING_DIR", ""),
             pre_command=self.pre_command,
-            steps=int(timeout / POLL_STEP) + 1,
+            steps=int(seconds / POLL_STEP) + 1,
         )
         conn = await self._ssh.connection()
         # the script runs the pre_command, then starts the kernel and prints its pid
@@ -251,48 +325,17 @@ class SSHProvisioner(RemoteProvisioner):
                 self.pid = self.pgid = int(first.split()[1])
                 self.stage(f"waiting for the kernel's ports on {self._ssh_name}")
                 first = (await proc.stdout.readline()).strip()
-            rest = await proc.stdout.read()
-        if first == "READY":
-            ports = await self._ports(rest, sftp)
-            self.remote_ports = {ch: int(ports[f"{ch}_port"]) for ch in CHANNELS}
-            return
-        if first == "TIMEOUT":
-            raise KernelTimeout(
-                f"the kernel on {self._ssh_name} did not bind its ports within "
-                f"{timeout:g} s (KERNEL_LAUNCH_TIMEOUT)"
-            )
-        tail = await self._read_tail()
-        if first == "PREFAILED":
-            raise KernelStartError(
-                f"the pre_command {self.pre_command!r} failed on {self._ssh_name}: {tail}"
-            )
-        if first == "NOWORKDIR":
-            raise KernelStartError(f"cannot cd to {self.workdir!r} on {self._ssh_name}")
-        raise KernelStartError(explain_exit(tail, cmd, self._ssh_name))
-
-    async def _ports(self, text: str, sftp: asyncssh.SFTPClient) -> dict[str, Any]:
-        """The rewritten connection file; read again if we caught it half written."""
-        for _ in range(20):
-            with contextlib.suppress(ValueError):
-                info: dict[str, Any] = json.loads(text)
-                if all(info.get(f"{ch}_port") for ch in CHANNELS):
-                    return info
-            await asyncio.sleep(POLL_STEP)
-            async with sftp.open(self.remote_file) as f:
-                text = await f.read()
-        raise KernelStartError(
-            f"the kernel on {self._ssh_name} wrote an unreadable connection file {self.remote_file}"
-        )
+        return str(first)
 
     @property
     def _log_file(self) -> str:
         return self.remote_file[: -len(".json")] + ".log"
 
     async def _upload(self, sftp: asyncssh.SFTPClient) -> None:
-        """The connection file, mode 0600 from its creation, every port 0."""
+        """The connection file with the chosen ports, mode 0600 from its creation."""
         import asyncssh
 
-        info = self._connection_file({}, "127.0.0.1")
+        info = self._connection_file(self.remote_ports, "127.0.0.1")
         info["kernel_name"] = self.kernel_spec.name if hasattr(self.kernel_spec, "name") else ""
         attrs = asyncssh.SFTPAttrs(permissions=0o600)
         async with sftp.open(self.remote_file, "w", attrs) as f:
@@ -365,6 +408,7 @@ class SSHProvisioner(RemoteProvisioner):
     async def _abort(self, *, restart: bool) -> None:
         ssh = self._ssh
         self.forwards.close()
+        self._release_ports()
         if ssh is not None:
             steps = []
             if self.pgid is not None:
