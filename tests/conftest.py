@@ -47,6 +47,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         sweep.report("gateways and their kernels", [p.describe() for p in procs])
 
 
+def rkg(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The `rkg` command (`rkg spec add ...`, `rkg token ...`) as a user runs it, its output
+    captured as text; `check`: a non-zero exit fails with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=timeout
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"rkg {' '.join(args)} exited {done.returncode}: {done.stderr}")
+    return done
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GatewayProcess, _cleanup, eventually, free_port, processes_matching
+from conftest import GatewayProcess, _cleanup, eventually, free_port, processes_matching, rkg
 from gateway.backends import ports as kports
 from gateway.specs import any_kernel
 from gwclient import KernelSocket, api, start_kernel
@@ -68,23 +68,7 @@ def _need_kernels() -> None:
 
 def _cli_spec(directory: Path, backend: str, name: str, *args: str) -> dict:
     """`rkg spec add BACKEND NAME ARGS`, read back."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "spec",
-            "add",
-            backend,
-            name,
-            *args,
-            "--dir",
-            str(directory),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    rkg("spec", "add", backend, name, *args, "--dir", str(directory))
     return json.loads((directory / name / "kernel.json").read_text())
 
 

@@ -86,19 +86,31 @@ async def test_no_auth_on_an_open_address_with_the_loud_flag(gateway_factory):
 # -- Host (DNS rebinding) -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hosts_gateway(tmp_path_factory):
+def _own_gateway(tmp_path_factory, name: str, *extra_args: str):
+    """A module's gateway with `extra_args`; at the end stopped, leaving no kernel process."""
     from conftest import GatewayProcess, _cleanup
 
     gw = GatewayProcess(
         port=free_port(),
         token=uuid.uuid4().hex,
-        extra_args=["--allowed-host", "gw.example.org", "--allowed-host", "*.corp.test"],
-        workdir=tmp_path_factory.mktemp("hosts"),
+        extra_args=list(extra_args),
+        workdir=tmp_path_factory.mktemp(name),
     )
     gw.start()
     yield gw
     assert not _cleanup(gw)
+
+
+@pytest.fixture(scope="module")
+def hosts_gateway(tmp_path_factory):
+    yield from _own_gateway(
+        tmp_path_factory,
+        "hosts",
+        "--allowed-host",
+        "gw.example.org",
+        "--allowed-host",
+        "*.corp.test",
+    )
 
 
 @pytest.mark.parametrize(
@@ -251,17 +263,9 @@ async def test_oversized_body_is_a_413_from_the_headers(gateway):
 
 @pytest.fixture(scope="module")
 def impatient(tmp_path_factory):
-    from conftest import GatewayProcess, _cleanup
-
-    gw = GatewayProcess(
-        port=free_port(),
-        token=uuid.uuid4().hex,
-        extra_args=["--idle-timeout", "2", "--body-timeout", "2"],
-        workdir=tmp_path_factory.mktemp("impatient"),
+    yield from _own_gateway(
+        tmp_path_factory, "impatient", "--idle-timeout", "2", "--body-timeout", "2"
     )
-    gw.start()
-    yield gw
-    assert not _cleanup(gw)
 
 
 async def closed_after(reader, writer, drip: bytes, every: float, limit: float) -> float:

@@ -10,12 +10,11 @@ import json
 import secrets
 import signal
 import sqlite3
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from conftest import GatewayProcess, _cleanup, eventually, free_port
+from conftest import GatewayProcess, _cleanup, eventually, free_port, rkg
 from gwclient import KernelSocket, api, metric, scrape, start_kernel
 
 
@@ -220,40 +219,11 @@ async def test_gateway_shutdown_cancels_running_and_queued_jobs(slurm, specs, tm
 
 
 def test_spec_cli(tmp_path):
-    import subprocess
-
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "spec",
-            "add",
-            "slurm",
-            "gpu-a100",
-            "--partition",
-            "gpu",
-            "--cpus",
-            "8",
-            "--memory",
-            "32G",
-            "--gpus",
-            "1",
-            "--walltime",
-            "04:00:00",
-            "--account",
-            "proj42",
-            "--submit-arg=--qos=short",
-            "--pre",
-            "module load cuda",
-            "--login",
-            "me@login1",
-            "--jump",
-            "me@bastion",
-            "--dir",
-            str(tmp_path),
-        ],
-        check=True,
+    rkg(
+        *("spec", "add", "slurm", "gpu-a100", "--partition", "gpu", "--cpus", "8"),
+        *("--memory", "32G", "--gpus", "1", "--walltime", "04:00:00", "--account", "proj42"),
+        *("--submit-arg=--qos=short", "--pre", "module load cuda", "--login", "me@login1"),
+        *("--jump", "me@bastion", "--dir", str(tmp_path)),
     )
     spec = json.loads((tmp_path / "gpu-a100" / "kernel.json").read_text())
     prov = spec["metadata"]["kernel_provisioner"]
@@ -272,30 +242,10 @@ def test_spec_cli(tmp_path):
         "login": "me@login1",
         "jump_hosts": ["me@bastion"],
     }
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "spec",
-            "add",
-            "sge",
-            "sge-all",
-            "--queue",
-            "all.q",
-            "--dir",
-            str(tmp_path),
-        ],
-        check=True,
-    )
+    rkg("spec", "add", "sge", "sge-all", "--queue", "all.q", "--dir", str(tmp_path))
     sge = json.loads((tmp_path / "sge-all" / "kernel.json").read_text())
     assert sge["interrupt_mode"] == "message"
-    listed = subprocess.run(
-        [sys.executable, "-m", "gateway", "spec", "list", "--dir", str(tmp_path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    listed = rkg("spec", "list", "--dir", str(tmp_path)).stdout
     assert "gpu-a100\trkg-batch slurm me@login1" in listed
 
 

@@ -38,6 +38,7 @@ from conftest import (
     eventually_sync,
     free_port,
     require_infra,
+    rkg,
     stop_process,
 )
 from gateway import __version__
@@ -346,23 +347,7 @@ def silent_port() -> Iterator[int]:
 
 
 def ssh_spec(specs: Path, name: str, port: int) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "spec",
-            "add",
-            "ssh",
-            name,
-            "--host",
-            f"nobody@127.0.0.1:{port}",
-            "--dir",
-            str(specs),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    rkg("spec", "add", "ssh", name, "--host", f"nobody@127.0.0.1:{port}", "--dir", str(specs))
 
 
 async def test_hosts_that_are_down_show_their_errors(gateway_factory, tmp_path, silent_port, page):
