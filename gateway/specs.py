@@ -14,7 +14,8 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, Conflict, NotFound
+from .kernels import failover
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -24,7 +25,7 @@ def kernels_dir(directory: str | None) -> Path:
 
 
 def ssh_spec(
-    host: str,
+    host: str | list[str],
     *,
     jump: list[str] | None = None,
     python: str = "python3",
@@ -35,9 +36,22 @@ def ssh_spec(
     display_name: str = "",
     kernel_cmd: list[str] | None = None,
     env: dict[str, str] | None = None,
+    password_command: str = "",
+    password_file: str = "",
 ) -> dict[str, Any]:
-    """The kernel.json of a Python kernel on `host` ([user@]host[:port])."""
+    """The kernel.json of a Python kernel on `host` ([user@]host[:port]); a list of hosts is
+    tried in order at each start (failover), the first kept as `host`."""
+    hosts = [host] if isinstance(host, str) else list(host)
+    host = hosts[0]
     config: dict[str, Any] = {"host": host, "python": python}
+    if len(hosts) > 1:
+        config["hosts"] = hosts
+    if password_command and password_file:
+        raise BadRequest("give --password-command or --password-file, not both")
+    if password_file:
+        from .backends.sshpool import check_password_file
+
+        password_file = check_password_file(password_file)
     for key, value in (
         ("jump_hosts", jump),
         ("workdir", workdir),
@@ -46,6 +60,8 @@ def ssh_spec(
         ("pre_command", pre),
         ("kernel_cmd", kernel_cmd),
         ("env", env),
+        ("password_command", password_command),
+        ("password_file", password_file),
     ):
         if value:
             config[key] = value
@@ -243,10 +259,68 @@ def with_access(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     return spec
 
 
-def write_spec(name: str, spec: dict[str, Any], directory: str | None = None) -> Path:
+def local_spec(
+    python: str,
+    *,
+    display_name: str = "",
+    env: dict[str, str] | None = None,
+    ipykernel: bool = True,
+) -> dict[str, Any]:
+    """The kernel.json of an ipykernel in another environment on this machine (a conda env,
+    a venv): `python` must be an executable that can import ipykernel (unless not
+    `ipykernel`: another kernel's command replaces the argv)."""
+    import os
+    import subprocess
+
+    path = os.path.abspath(os.path.expanduser(python))
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise BadRequest(f"--python {python!r} is not an executable file")
+    if ipykernel:
+        try:
+            probe = subprocess.run(
+                [path, "-c", "import ipykernel"], capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise BadRequest(f"--python {python!r} does not run: {e}") from e
+        if probe.returncode != 0:
+            last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+            raise BadRequest(
+                f"{path} has no ipykernel ({last}); install it there: "
+                f"{path} -m pip install ipykernel"
+            )
+    spec: dict[str, Any] = {
+        "argv": [path, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": display_name or f"Python ({path})",
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "rkg-local", "config": {}}},
+    }
+    if env:
+        spec["env"] = env
+    return spec
+
+
+def with_launch_timeout(spec: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    """`spec` with a launch timeout of its own (--launch-timeout), kept in its provisioner
+    config as `launch_timeout`: a start of it may take that long unless the client sets
+    KERNEL_LAUNCH_TIMEOUT (kernels/env.py spec_launch_timeout)."""
+    if seconds is None:
+        return spec
+    if not 0 < seconds <= 24 * 3600:
+        raise BadRequest("--launch-timeout must be between 0 and 86400 seconds")
+    spec["metadata"]["kernel_provisioner"].setdefault("config", {})["launch_timeout"] = seconds
+    return spec
+
+
+def write_spec(
+    name: str, spec: dict[str, Any], directory: str | None = None, force: bool = False
+) -> Path:
+    """Refuses to replace an existing kernelspec unless `force`."""
     if not _NAME.match(name):
         raise BadRequest(f"kernelspec name {name!r} may only use letters, digits, '.', '_', '-'")
     path = kernels_dir(directory) / name
+    if (path / "kernel.json").exists() and not force:
+        raise Conflict(f"{path} exists already; add --force to replace it")
     path.mkdir(parents=True, exist_ok=True)
     (path / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
     return path
@@ -263,16 +337,65 @@ def list_specs(directory: str | None = None) -> list[tuple[str, str, str]]:
             continue
         prov = spec.get("metadata", {}).get("kernel_provisioner", {})
         backend = prov.get("provisioner_name", "local")
-        config = prov.get("config", {})
-        where = (
-            config.get("host", "")
-            or config.get("image", "")
-            or " ".join(w for w in (config.get("scheduler", ""), config.get("login", "")) if w)
-        )
+        where = _where(prov.get("config", {}))
+        chain = failover.of(spec.get("metadata"))
+        if chain is not None:
+            backend, where = "failover", " ".join(chain.specs)
         out.append(
             (spec_file.parent.name, f"{backend} {where}".strip(), spec.get("display_name", ""))
         )
     return out
+
+
+def _where(config: dict[str, Any]) -> str:
+    return str(
+        config.get("host", "")
+        or config.get("image", "")
+        or " ".join(w for w in (config.get("scheduler", ""), config.get("login", "")) if w)
+    )
+
+
+def show_spec(name: str, directory: str | None = None) -> str:
+    """A kernelspec for people: one paragraph (backend, where, what runs) and its kernel.json,
+    pretty-printed."""
+    path = kernels_dir(directory) / name / "kernel.json"
+    if not _NAME.match(name) or not path.is_file():
+        raise NotFound(f"no kernelspec {name!r} in {kernels_dir(directory)}")
+    try:
+        spec = json.loads(path.read_text())
+    except ValueError as e:
+        raise BadRequest(f"{path} is not JSON: {e}") from e
+    prov = spec.get("metadata", {}).get("kernel_provisioner") or {}
+    backend = prov.get("provisioner_name", "")
+    config = prov.get("config") or {}
+    where = _where(config)
+    runs = shlex.join(config.get("kernel_cmd") or spec.get("argv") or [])
+    lines = [
+        f"{name}: {spec.get('display_name', '')!r}, {spec.get('language', '?')}, "
+        + (f"backend {backend}" if backend else "a plain local kernel (jupyter_client)")
+        + (f" on {where}" if where else " on this machine")
+        + f"; runs: {runs}"
+    ]
+    extras = []
+    if config.get("jump_hosts"):
+        extras.append("via " + ", ".join(config["jump_hosts"]))
+    limit = config.get("launch_timeout")
+    if limit:
+        extras.append(
+            f"launch timeout {limit:g} s"
+            if isinstance(limit, int | float)
+            else f"launch timeout {limit!r}"
+        )
+    if config.get("port_range"):
+        extras.append(f"ports {config['port_range']}")
+    if config.get("password_command"):
+        extras.append("password from a command")
+    if config.get("password_file"):
+        extras.append(f"password from {config['password_file']}")
+    if extras:
+        lines[0] += "; " + "; ".join(extras)
+    lines[0] += "."
+    return "\n".join([*lines, f"{path}:", json.dumps(spec, indent=2)])
 
 
 def remove_spec(name: str, directory: str | None = None) -> Path:
@@ -292,7 +415,12 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     backends = add.add_subparsers(dest="backend", required=True)
     ssh = backends.add_parser("ssh", help="a kernel on another machine over SSH")
     ssh.add_argument("name")
-    ssh.add_argument("--host", required=True, help="user@host[:port]")
+    ssh.add_argument(
+        "--host",
+        required=True,
+        action="append",
+        help="user@host[:port]; repeated: tried in this order at each start (failover)",
+    )
     ssh.add_argument("--jump", action="append", default=[], help="jump host (repeatable)")
     ssh.add_argument("--python", default="python3", help="python on the remote host")
     ssh.add_argument("--workdir", default="", help="remote working directory")
@@ -300,6 +428,20 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     ssh.add_argument("--known-hosts", default="", help="known_hosts file")
     ssh.add_argument("--pre", default="", help="shell command run first (module load ...)")
     ssh.add_argument("--display-name", default="")
+    ssh.add_argument(
+        "--password-command",
+        default="",
+        help="command run on the gateway's machine whose output is the SSH password or "
+        "one-time code (e.g. 'pass show gpu1')",
+    )
+    ssh.add_argument(
+        "--password-file", default="", help="file holding the SSH password (mode 0600)"
+    )
+    local = backends.add_parser("local", help="a kernel in another environment on this machine")
+    local.add_argument("name")
+    local.add_argument("--python", required=True, help="that environment's python")
+    local.add_argument("--env", action="append", default=[], help="KEY=VALUE (repeatable)")
+    local.add_argument("--display-name", default="")
     for scheduler, what in SCHEDULER_NAMES.items():
         batch = backends.add_parser(scheduler, help=f"a kernel run as a {what} batch job")
         batch.add_argument("name")
@@ -393,16 +535,64 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     batches = [backends.choices[s] for s in (*SCHEDULER_NAMES, *CONTAINER_BACKENDS)]
     for p in (
         ssh,
+        local,
         *batches,
         sub.add_parser("list", help="list kernelspecs"),
+        sub.add_parser("show", help="show a kernelspec, readable"),
         sub.add_parser("remove", help="remove a kernelspec"),
     ):
         p.add_argument("--dir", default=None, help="kernels directory (default: Jupyter's)")
     for name, p in backends.choices.items():
-        # a Swarm service's published ports cannot be given as a range
-        add_any_kernel_arguments(p, ports=name != "swarm")
+        # a Swarm service's published ports cannot be given as a range; local kernels get
+        # theirs from jupyter_client
+        add_any_kernel_arguments(p, ports=name not in ("swarm", "local"))
         add_access_arguments(p)
+        p.add_argument("--force", action="store_true", help="replace an existing kernelspec")
+        p.add_argument(
+            "--launch-timeout",
+            type=float,
+            default=None,
+            help="seconds a start may take (default: --kernel-launch-timeout); a client's "
+            "KERNEL_LAUNCH_TIMEOUT overrides it",
+        )
+    add_failover_arguments(backends)
     sub.choices["remove"].add_argument("name")
+    sub.choices["show"].add_argument("name")
+
+
+def add_failover_arguments(backends: Any) -> None:
+    """`rkg spec add failover NAME SPEC...`: none of the backends' options apply (who may
+    start it: each member's own user lists, checked at the start)."""
+    fo = backends.add_parser(
+        "failover", help="a kernelspec that tries other kernelspecs in order (PC, else server)"
+    )
+    fo.add_argument("name")
+    fo.add_argument("specs", nargs="+", metavar="SPEC", help="kernelspecs, tried in this order")
+    fo.add_argument(
+        "--attempt-timeout",
+        type=float,
+        default=0.0,
+        help="seconds one kernelspec has to start and answer (default: the launch timeout)",
+    )
+    fo.add_argument("--display-name", default="")
+    fo.add_argument("--language", default="", help="default: the first kernelspec's")
+    fo.add_argument("--dir", default=None, help="kernels directory (default: Jupyter's)")
+    fo.add_argument("--force", action="store_true", help="replace an existing kernelspec")
+
+
+def failover_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The kernel.json `rkg spec add failover` writes; the language is the first member's
+    when that kernelspec is in the same directory."""
+    language = args.language
+    first = kernels_dir(args.dir) / args.specs[0] / "kernel.json"
+    if not language and first.is_file():
+        language = str(json.loads(first.read_text()).get("language") or "")
+    return failover.spec(
+        args.specs,
+        attempt_timeout=args.attempt_timeout,
+        display_name=args.display_name,
+        language=language or "python",
+    )
 
 
 def with_args(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -415,7 +605,7 @@ def with_args(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         getattr(args, "port_range", ""),
         getattr(args, "interrupt_mode", ""),
     )
-    return with_access(spec, args)
+    return with_launch_timeout(with_access(spec, args), getattr(args, "launch_timeout", None))
 
 
 def run_spec_command(args: argparse.Namespace) -> None:
@@ -439,7 +629,7 @@ def run_spec_command(args: argparse.Namespace) -> None:
             known_hosts=args.known_hosts,
             display_name=args.display_name,
         )
-        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir)}")
+        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir, args.force)}")
     elif args.spec_command == "add" and args.backend in CONTAINER_BACKENDS:
         spec = container_spec(
             args.backend,
@@ -465,7 +655,17 @@ def run_spec_command(args: argparse.Namespace) -> None:
             python=args.python,
             constraints=getattr(args, "constraints", []),
         )
-        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir)}")
+        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir, args.force)}")
+    elif args.spec_command == "add" and args.backend == "failover":
+        print(f"wrote {write_spec(args.name, failover_spec(args), args.dir, args.force)}")
+    elif args.spec_command == "add" and args.backend == "local":
+        spec = local_spec(
+            args.python,
+            display_name=args.display_name,
+            env=pairs(args.env, "--env"),
+            ipykernel=not args.kernel_cmd,
+        )
+        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir, args.force)}")
     elif args.spec_command == "add":
         spec = ssh_spec(
             args.host,
@@ -476,8 +676,12 @@ def run_spec_command(args: argparse.Namespace) -> None:
             known_hosts=args.known_hosts,
             pre=args.pre,
             display_name=args.display_name,
+            password_command=args.password_command,
+            password_file=args.password_file,
         )
-        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir)}")
+        print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir, args.force)}")
+    elif args.spec_command == "show":
+        print(show_spec(args.name, args.dir))
     elif args.spec_command == "list":
         for name, backend, display in list_specs(args.dir):
             print(f"{name}\t{backend}\t{display}")

@@ -91,7 +91,8 @@ async def test_kernel_lifecycle_shapes(gateway):
     model = await start_kernel(gateway)
     standard = {"id", "name", "last_activity", "execution_state", "connections"}
     assert set(model) == standard | {"gateway"}  # the gateway's own object beside them
-    assert set(model["gateway"]) == {"backend", "host", "user", "state", "stage", "started"}
+    assert set(model["gateway"]) == {"backend", "spec", "host", "user", "state", "stage", "started"}
+    assert model["gateway"]["spec"] == model["name"]
     assert model["gateway"]["state"] == "running" and model["gateway"]["stage"] == ""
     assert ISO.match(model["last_activity"]) and ISO.match(model["gateway"]["started"])
     kid = model["id"]

@@ -182,8 +182,8 @@ class BatchProvisioner(RemoteProvisioner):
     launch_timeout = Float(
         0,
         config=True,
-        help="give a start up after this (0: the gateway's "
-        "launch timeout, else KERNEL_LAUNCH_TIMEOUT, else 600 s)",
+        help="give a start up after this unless the client sets KERNEL_LAUNCH_TIMEOUT "
+        "(0: the gateway's launch timeout, else 600 s)",
     )
 
     restored: ClassVar[dict[str, str]] = {
@@ -359,7 +359,7 @@ class BatchProvisioner(RemoteProvisioner):
         return self.connection_info
 
     def _deadline(self, env: dict[str, str], started: float) -> float:
-        return started + (self.launch_timeout or self.gateway_timeout(env, 600))
+        return started + self.gateway_timeout(env, 600)
 
     async def _submit(self, env: dict[str, str], cwd: str) -> None:
         assert self._site is not None

@@ -147,6 +147,12 @@ class RemoteProvisioner(GatewayProvisioner):
     )
     env = Dict(config=True, help="more environment for the kernel")
     poll_interval = Float(1.0, config=True, help="seconds a liveness answer is reused")
+    launch_timeout = Float(
+        0.0,
+        config=True,
+        help="seconds a start may take unless the client sets KERNEL_LAUNCH_TIMEOUT "
+        "(0: the gateway's --kernel-launch-timeout); the gateway reads it (kernels/env.py)",
+    )
 
     #: {key in the recorded provisioner info: attribute}, saved by get_provisioner_info and
     #: set again by load_provisioner_info: what re-attaching to the kernel needs

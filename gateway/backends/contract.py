@@ -42,7 +42,11 @@ class GatewayKernelManager(AsyncKernelManager):
     launch_timeout = Float(
         0.0,
         help="seconds the gateway gives this start (the client's "
-        "KERNEL_LAUNCH_TIMEOUT, else --kernel-launch-timeout); 0: unknown",
+        "KERNEL_LAUNCH_TIMEOUT, else the kernelspec's launch_timeout, else "
+        "--kernel-launch-timeout); 0: unknown",
+    )
+    launch_timeout_source = Unicode(
+        "KERNEL_LAUNCH_TIMEOUT", help="which of those it is, for a timeout's message"
     )
     stages: Any = List(
         help="the current launch's stages so far, as (seconds since it began, words); "
@@ -147,15 +151,26 @@ class GatewayHooks:
         return {k: v for k, v in env.items() if k.startswith("KERNEL_")}
 
     def gateway_timeout(self, env: dict[str, str], default: float) -> float:
-        """Seconds this start may take: the gateway's, else the launch env's
-        KERNEL_LAUNCH_TIMEOUT (a plain JupyterLab passes it there), else `default`."""
+        """Seconds this start may take: the gateway's (which is the client's, else the
+        kernelspec's, else the gateway's own: kernels/env.py), else the launch env's
+        KERNEL_LAUNCH_TIMEOUT (a plain JupyterLab passes it there), else the kernelspec's
+        `launch_timeout`, else `default`. The same for every backend."""
         parent = self.parent
         if isinstance(parent, GatewayKernelManager) and parent.launch_timeout > 0:
             return float(parent.launch_timeout)
+        own = float(getattr(self, "launch_timeout", 0) or 0)
         try:
-            return float(env.get("KERNEL_LAUNCH_TIMEOUT") or default)
+            return float(env.get("KERNEL_LAUNCH_TIMEOUT") or own or default)
         except ValueError:
-            return default
+            return own or default
+
+    def timeout_source(self) -> str:
+        """What set gateway_timeout(), for a message: KERNEL_LAUNCH_TIMEOUT, the kernelspec's
+        launch_timeout, or --kernel-launch-timeout."""
+        parent = self.parent
+        if isinstance(parent, GatewayKernelManager) and parent.launch_timeout > 0:
+            return str(parent.launch_timeout_source)
+        return "KERNEL_LAUNCH_TIMEOUT"
 
 
 class GatewayProvisioner(GatewayHooks, KernelProvisionerBase):

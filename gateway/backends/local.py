@@ -23,6 +23,7 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from traitlets import Float
 
 from .contract import GatewayHooks
 
@@ -94,6 +95,12 @@ class DurableLocalProvisioner(GatewayHooks, LocalProvisioner):
     default for local kernels."""
 
     backend = "local"
+    launch_timeout = Float(
+        0.0,
+        config=True,
+        help="seconds a start may take unless the client sets KERNEL_LAUNCH_TIMEOUT "
+        "(0: the gateway's --kernel-launch-timeout); the gateway reads it (kernels/env.py)",
+    )
 
     @classmethod
     def as_gateway_user(cls, config: dict[str, Any]) -> bool:

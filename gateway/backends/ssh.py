@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from jupyter_client.connect import KernelConnectionInfo
 from traitlets import Float, Integer, List, Unicode
 
-from ..errors import KernelError, KernelStartError, KernelTimeout
+from ..errors import BackendUnavailable, KernelError, KernelStartError, KernelTimeout
 from . import ports as kports
 from . import sshpool
 from .common import CHANNELS, RemoteProvisioner
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 POLL_STEP = 0.05  # seconds between the launch command's looks at the kernel's ports
 ATTEMPTS = 3  # launches of one start when the kernel meets "Address already in use"
+# only under a plain JupyterLab that sets no timeout at all; the gateway always gives one
+PLAIN_LAUNCH_TIMEOUT = 600.0
 # the host's ephemeral range and TCP tables, for choosing the kernel's ports
 TABLES_CMD = (
     "cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null; echo ==; "
@@ -129,16 +131,35 @@ def explain_exit(tail: str, cmd: list[str], host: str) -> str:
     return what + (f"; its output:\n{tail}" if tail else "")
 
 
+def no_host_launched(failed: list[tuple[str, KernelError]]) -> KernelError:
+    """The error of a start that every host failed, each host's reason in it: a 503 when
+    none could be reached, else a start error."""
+    reasons = "; ".join(f"{host}: {e.message}" for host, e in failed)
+    message = f"the kernel could not start on any of its {len(failed)} hosts: {reasons}"
+    if all(isinstance(e, BackendUnavailable) for _, e in failed):
+        return BackendUnavailable(message)
+    return KernelStartError(message)
+
+
 class SSHProvisioner(RemoteProvisioner):
     """Registered as `rkg-ssh`: a kernel started over SSH, detached from the connection."""
 
     backend = "ssh"
 
     host = Unicode("", config=True, help="[user@]host[:port] of the remote machine")
+    hosts = List(
+        Unicode(),
+        config=True,
+        help="[user@]host[:port] of each machine to try, in order (failover); default: host",
+    )
     port = Integer(22, config=True)
     username = Unicode("", config=True)
     identity_file = Unicode("", config=True, help="private key; default: ssh-agent, ~/.ssh")
     known_hosts = Unicode("~/.ssh/known_hosts", config=True)
+    password_command = Unicode(
+        "", config=True, help="run here; its output is the host's password or one-time code"
+    )
+    password_file = Unicode("", config=True, help="a 0600 file holding the host's password")
     jump_hosts = List(Unicode(), config=True, help="[user@]host[:port] hops, like ssh -J")
     workdir = Unicode("", config=True)
     pre_command = Unicode("", config=True, help="shell run first: module load, conda activate")
@@ -147,7 +168,7 @@ class SSHProvisioner(RemoteProvisioner):
         config=True,
         help="remote directory of connection files (relative: to $HOME)",
     )
-    connect_timeout = Float(10.0, config=True)
+    connect_timeout = Float(5.0, config=True, help="seconds one host (hop) has to answer")
     keepalive_interval = Float(5.0, config=True)
     reconnect_timeout = Float(30.0, config=True, help="give a dropped host up after this")
     poll_interval = Float(1.0, config=True, help="seconds between liveness probes")
@@ -158,8 +179,9 @@ class SSHProvisioner(RemoteProvisioner):
         "remote_ports": "remote_ports",
         "local_ports": "local_ports",
         "remote_connection_file": "remote_file",
+        "host": "host",  # the one of `hosts` the kernel runs on: re-attach goes there
     }
-    noted = ("host", "port", "username", "jump_hosts")
+    noted = ("port", "username", "jump_hosts")
 
     pid: int | None = None
     pgid: int | None = None
@@ -190,6 +212,8 @@ class SSHProvisioner(RemoteProvisioner):
             self.connect_timeout,
             self.keepalive_interval,
             reconnect_timeout=self.reconnect_timeout,
+            password_command=self.password_command,
+            password_file=self.password_file,
         )
 
     @property
@@ -198,19 +222,52 @@ class SSHProvisioner(RemoteProvisioner):
 
     @classmethod
     async def reachable(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
-        """The host and its jump hosts (`user@host:port`), each answering or not: the
-        shared connection when it is up, else one made for the check and closed."""
-        if not config.get("host"):
+        """Each host (of `hosts`, else `host`) and its jump hosts (`user@host:port`),
+        answering or not: the shared connection when it is up, else one made for the check
+        and closed."""
+        hosts = list(config.get("hosts") or []) or [config.get("host")]
+        if not all(hosts):
             return [("ssh", "the kernelspec names no host")]
-        hops = await sshpool.reachable(cls.from_config(config).target())
-        return [(str(hop), why) for hop, why in hops]
+        checks = [sshpool.reachable(cls.from_config({**config, "host": h}).target()) for h in hosts]
+        return [(str(hop), why) for hops in await asyncio.gather(*checks) for hop, why in hops]
 
     # -- launch --------------------------------------------------------------------------
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Called by the kernel manager (start and restart). `cmd` is the spec's local argv,
-        unused: the remote command comes from kernel_cmd / python."""
+        unused: the remote command comes from kernel_cmd / python. A start tries `hosts` in
+        order and stays on the first that answers and launches; a restart stays on the
+        kernel's host unless its connection is lost for good."""
         self._exit, self._tail, self._urgent = None, "", False
+        env = kwargs.get("env") or {}
+        if self._ssh is not None and self._ssh.lost:
+            log.warning(
+                "kernel %s: %s; restarting it on the first host that answers",
+                self.kernel_id,
+                self._ssh.lost,
+            )
+            sshpool.release(self._ssh)
+            self._ssh = None
+        if self._ssh is not None:
+            await self._launch_on_host(env)
+            return self.connection_info
+        candidates = list(self.hosts) or [self.host]
+        failed: list[tuple[str, KernelError]] = []
+        for host in candidates:
+            self.host = host
+            try:
+                await self._launch_on_host(env)
+                return self.connection_info
+            except KernelError as e:
+                if len(candidates) == 1:
+                    raise
+                failed.append((host, e))
+                log.warning("kernel %s: host %s failed: %s", self.kernel_id, host, e.message)
+        raise no_host_launched(failed)
+
+    async def _launch_on_host(self, env: dict[str, str]) -> None:
+        """Connect to `host` unless connected, and launch the kernel there; on failure
+        nothing of it is left there and the lease is given back."""
         if self._ssh is None:
             target = self.target()
             if not sshpool.live(target):
@@ -218,7 +275,7 @@ class SSHProvisioner(RemoteProvisioner):
             self._ssh = await sshpool.acquire(target)
         try:
             with ssh_errors(self._ssh.target, f"starting the kernel on {self._ssh.name}"):
-                await self._launch(kwargs.get("env") or {})
+                await self._launch(env)
             await self._forward()
         except BaseException as e:
             # nothing left behind, whoever calls next (a failed restart gets no cleanup call)
@@ -228,7 +285,6 @@ class SSHProvisioner(RemoteProvisioner):
             raise KernelStartError(
                 f"starting the kernel on {self._ssh_name}: {type(e).__name__}: {e}"
             ) from e
-        return self.connection_info
 
     def location(self) -> str:
         """GatewayHooks.location: `user@host:port` of the SSH host."""
@@ -248,7 +304,7 @@ class SSHProvisioner(RemoteProvisioner):
         private = asyncssh.SFTPAttrs(permissions=0o700)
         await sftp.makedirs(self.runtime_dir, private, exist_ok=True)
         self.remote_file = await sftp.realpath(f"{self.runtime_dir}/kernel-{self.kernel_id}.json")
-        timeout = self.gateway_timeout(env, 60)
+        timeout = self.gateway_timeout(env, PLAIN_LAUNCH_TIMEOUT)
         cmd = self._command(self.remote_file)
         for attempt in range(1, ATTEMPTS + 1):
             await self._choose_ports()
@@ -259,7 +315,7 @@ class SSHProvisioner(RemoteProvisioner):
             if first == "TIMEOUT":
                 raise KernelTimeout(
                     f"the kernel on {self._ssh_name} did not listen on its ports within "
-                    f"{timeout:g} s (KERNEL_LAUNCH_TIMEOUT)"
+                    f"{timeout:g} s ({self.timeout_source()})"
                 )
             tail = await self._read_tail()
             if first == "PREFAILED":
@@ -319,12 +375,19 @@ class SSHProvisioner(RemoteProvisioner):
         conn = await self._ssh.connection()
         # the script runs the pre_command, then starts the kernel and prints its pid
         self.stage(f"launching the kernel on {self._ssh_name}")
-        async with self._ssh.sessions, await conn.create_process(script) as proc:
-            first = (await proc.stdout.readline()).strip()
-            if first.startswith("PID "):
-                self.pid = self.pgid = int(first.split()[1])
-                self.stage(f"waiting for the kernel's ports on {self._ssh_name}")
+        async with self._ssh.sessions:
+            proc = await conn.create_process(script)
+            try:
                 first = (await proc.stdout.readline()).strip()
+                if first.startswith("PID "):
+                    self.pid = self.pgid = int(first.split()[1])
+                    self.stage(f"waiting for the kernel's ports on {self._ssh_name}")
+                    first = (await proc.stdout.readline()).strip()
+            finally:
+                # not `async with proc`: its exit waits for the script, which a cancelled
+                # start (attempt timeout, delete) would leave polling until the kernel is
+                # killed, and that happens after this returns (_abort)
+                proc.close()
         return str(first)
 
     @property

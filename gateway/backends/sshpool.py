@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import BackendUnavailable, KernelError, KernelStartError
+from ..errors import BackendUnavailable, GatewayError, KernelError, KernelStartError
 
 if TYPE_CHECKING:
     import asyncssh
@@ -88,6 +88,17 @@ class Target:
     keepalive_interval: float = 5.0
     keepalive_count_max: int = 3
     reconnect_timeout: float = 30.0
+    # the target hop's password or one-time code, for password and keyboard-interactive
+    # auth: the output of a command run here, or a file's text (secret(); never a client's)
+    password_command: str = ""
+    password_file: str = ""
+
+    @property
+    def password_source(self) -> str:
+        """Where the password comes from, for messages (a command's text may hold one)."""
+        if self.password_command:
+            return "the kernelspec's password_command"
+        return f"password_file {self.password_file}" if self.password_file else ""
 
 
 class Watcher(Protocol):
@@ -122,9 +133,11 @@ def ssh_errors(target: Target, what: str, hop: Hop | None = None) -> Iterator[No
         ) from e
     except mod.PermissionDenied as e:
         ident = target.identity_file or "ssh-agent / ~/.ssh/id_*"
+        check = f"the username and the key ({ident})"
+        if target.password_source and hop == target.hop:
+            check = f"the username, the key ({ident}) and the password ({target.password_source})"
         raise KernelStartError(
-            f"SSH authentication to {hop} was refused ({e.reason}); "
-            f"check the username and the key ({ident})"
+            f"SSH authentication to {hop} was refused ({e.reason}); check {check}"
         ) from e
     except TimeoutError as e:
         raise BackendUnavailable(
@@ -151,6 +164,102 @@ def _read_credentials(target: Target) -> tuple[Any, Any]:
     if target.identity_file:
         keys = [mod.read_private_key(os.path.expanduser(target.identity_file))]
     return known, keys
+
+
+SECRET_TIMEOUT = 60.0  # seconds a password_command may take (it may ask a person)
+
+
+def check_password_file(path: str) -> str:
+    """`path`, absolute, if it is a file only its owner may read (mode 0600 or stricter);
+    a BadRequest otherwise: a password others can read is no secret."""
+    from ..errors import BadRequest
+
+    full = os.path.abspath(os.path.expanduser(path))
+    try:
+        mode = os.stat(full).st_mode
+    except OSError as e:
+        raise BadRequest(f"password_file {full}: {e.strerror}") from e
+    if mode & 0o077:
+        raise BadRequest(
+            f"password_file {full} may be read by others (mode {mode & 0o777:04o}): "
+            f"refused; chmod 600 {full}"
+        )
+    return full
+
+
+def _read_text(path: str) -> str:
+    with open(os.path.expanduser(path)) as f:
+        return f.read()
+
+
+async def secret(target: Target) -> str | None:
+    """The password or one-time code of `target`'s hop: its password_command's output (one
+    trailing line break dropped), or its password_file's text; None when it has neither.
+    Read anew for every connection (a one-time code changes)."""
+    if target.password_file:
+        path = target.password_file
+        try:
+            check_password_file(path)
+        except GatewayError as e:  # a BadRequest at `rkg spec add`; the spec's to fix here
+            raise KernelStartError(e.message) from None
+        try:
+            text = await asyncio.to_thread(_read_text, path)
+            return text.removesuffix("\n")
+        except OSError as e:
+            raise KernelStartError(f"cannot read password_file {path}: {e.strerror}") from e
+    if not target.password_command:
+        return None
+    proc = await asyncio.create_subprocess_shell(
+        target.password_command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), SECRET_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise KernelStartError(
+            f"the password_command for {target.hop} gave no answer in {SECRET_TIMEOUT:g} s"
+        ) from None
+    if proc.returncode != 0:
+        last = (err.decode(errors="replace").strip().splitlines() or [""])[-1]
+        raise KernelStartError(
+            f"the password_command for {target.hop} exited {proc.returncode}: {last}"
+        )
+    return out.decode(errors="replace").removesuffix("\n")
+
+
+def _secret_client(password: str) -> Any:
+    """An asyncssh client that gives `password` once to password auth and once to a
+    keyboard-interactive challenge (every prompt of it: a password, a one-time code), so a
+    wrong one ends the login instead of being retried."""
+    base: Any = require_asyncssh().SSHClient
+
+    class SecretClient(base):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.given: set[str] = set()
+
+        def _once(self, method: str) -> bool:
+            first = method not in self.given
+            self.given.add(method)
+            return first
+
+        def password_auth_requested(self) -> str | None:
+            return password if self._once("password") else None
+
+        def kbdint_auth_requested(self) -> str:
+            return ""  # any submethod
+
+        def kbdint_challenge_received(
+            self, name: str, instructions: str, lang: str, prompts: Any
+        ) -> list[str] | None:
+            if not prompts:
+                return []  # a message only
+            return [password] * len(prompts) if self._once("kbdint") else None
+
+    return SecretClient
 
 
 class SSHHost:
@@ -201,6 +310,10 @@ class SSHHost:
                     opts["username"] = hop.username
                 if keys is not None:
                     opts["client_keys"] = keys
+                if hop == t.hop and t.password_source:
+                    password = await secret(t)
+                    if password is not None:
+                        opts["client_factory"] = _secret_client(password)
                 self.trying = hop
                 with ssh_errors(t, "connecting", hop):
                     conn = await asyncio.wait_for(

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BadRequest, Forbidden
+from ..errors import BadRequest, Forbidden, KernelStartError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,24 @@ def launch_timeout(env: Mapping[str, str], default: float) -> float:
     return value
 
 
+def spec_launch_timeout(metadata: Mapping[str, Any]) -> float | None:
+    """A kernelspec's own launch timeout (`rkg spec add ... --launch-timeout`), kept in its
+    provisioner config as `launch_timeout`; None when it has none (or 0, a backend's "the
+    gateway's"). One that is not a number in range is the spec's mistake, and said so."""
+    prov = metadata.get("kernel_provisioner") or {}
+    raw = (prov.get("config") or {}).get("launch_timeout") if isinstance(prov, Mapping) else None
+    if raw in (None, 0, 0.0):
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= 24 * 3600:
+        raise KernelStartError(
+            f"the kernelspec's launch_timeout {raw!r} must be seconds between 0 and 86400"
+        )
+    return float(raw)
+
+
+SOURCES = ("KERNEL_LAUNCH_TIMEOUT", "the kernelspec's launch_timeout", "--kernel-launch-timeout")
+
+
 def working_dir_root(configured: str) -> str:
     """--working-dir-root, canonical; unset, the home directory of the user running the
     gateway."""
@@ -104,17 +122,29 @@ class LaunchRequest:
     KERNEL_WORKING_DIR is `cwd` or absent: no backend sees a path that was not checked."""
 
     env: Mapping[str, str]  # KERNEL_* and allow-listed names (client_env)
-    timeout: float  # the client's KERNEL_LAUNCH_TIMEOUT, else the gateway's
+    # the client's KERNEL_LAUNCH_TIMEOUT, else the kernelspec's, else the gateway's
+    timeout: float
     cwd: str | None  # KERNEL_WORKING_DIR, canonical, when it names a directory under the root
+    timeout_source: str = SOURCES[2]  # which of the three `timeout` is (SOURCES)
 
     @classmethod
     def from_client(
-        cls, env: Any, allowlist: Iterable[str], timeout: float, root: str = ""
+        cls,
+        env: Any,
+        allowlist: Iterable[str],
+        timeout: float,
+        root: str = "",
+        spec_timeout: float | None = None,
     ) -> LaunchRequest:
-        """`root`: --working-dir-root ('' for the default)."""
+        """`root`: --working-dir-root ('' for the default); `timeout`: the gateway's;
+        `spec_timeout`: the kernelspec's (spec_launch_timeout)."""
         extra = client_env(env, allowlist)
         cwd = working_dir(extra, working_dir_root(root))
         extra.pop("KERNEL_WORKING_DIR", None)
         if cwd is not None:
             extra["KERNEL_WORKING_DIR"] = cwd
-        return cls(extra, launch_timeout(extra, timeout), cwd)
+        if "KERNEL_LAUNCH_TIMEOUT" in extra:
+            return cls(extra, launch_timeout(extra, timeout), cwd, SOURCES[0])
+        if spec_timeout:
+            return cls(extra, spec_timeout, cwd, SOURCES[1])
+        return cls(extra, timeout, cwd, SOURCES[2])

@@ -97,6 +97,8 @@ class ManagedKernel:
             # the gateway's own: clients that know nothing of it ignore it
             "gateway": {
                 "backend": self.backend,
+                # the kernelspec it runs as: a failover spec's member, else `name`
+                "spec": self.km.kernel_name,
                 "host": self.location,
                 "user": self.user,
                 "state": self.state,
@@ -212,9 +214,10 @@ class ManagedKernel:
             await self._abandon()
             # a backend that queues its kernels says where the start stood (batch.py)
             note = hooks(self.km.provisioner).launch_note()
+            source = getattr(self.km, "launch_timeout_source", "") or "KERNEL_LAUNCH_TIMEOUT"
             raise KernelTimeout(
                 f"kernel {self.name!r} did not become ready within "
-                f"{launch_timeout:g} s (KERNEL_LAUNCH_TIMEOUT)" + (f": {note}" if note else "")
+                f"{launch_timeout:g} s ({source})" + (f": {note}" if note else "")
             ) from None
         except (KernelError, ClientError):  # a backend may refuse the request (uid, GPUs)
             await self._abandon()

@@ -36,7 +36,7 @@ from ..errors import (
 from ..state import KernelRecord, StateStore, private_dir
 from ..users import ADMIN_USER, User
 from . import env as kenv
-from . import jc
+from . import failover, jc
 from . import pool as kpool
 from .budget import MemoryBudget
 from .kernel import ManagedKernel
@@ -179,23 +179,33 @@ class KernelRegistry:
             self.config.env_allowlist,
             self.config.kernel_launch_timeout,
             self.config.working_dir_root,
+            kenv.spec_launch_timeout(spec.metadata),
         )
         user = req.env.get("KERNEL_USERNAME", "")
         cfg = self.config
-        users.check_may_start(
-            user or requester.name,
-            name,
-            spec.metadata,
-            cfg.authorized_users,
-            cfg.unauthorized_users,
-            as_gateway_user=requester if self._as_gateway_user(spec.metadata) else None,
-        )
+        chain = failover.of(spec.metadata)
+        # a failover spec runs nothing itself: each member is checked as if asked for
+        for checked in [name, *(chain.specs if chain else ())]:
+            try:
+                meta = self.spec_exists(checked).metadata
+            except NotFound:
+                continue  # a missing member is its reason in a failed start
+            runs_as_us = failover.of(meta) is None and self._as_gateway_user(meta)
+            users.check_may_start(
+                user or requester.name,
+                checked,
+                meta,
+                cfg.authorized_users,
+                cfg.unauthorized_users,
+                as_gateway_user=requester if runs_as_us else None,
+            )
         self._check_limits(user)
         pooled = self.pool.take(name) if kpool.serves(req.env) else None
         if pooled is not None:
             return await self._hand_over(pooled, req, user, requester.name)
         kernel_id = str(uuid.uuid4())
         km = self._manager(kernel_id, name, dict(req.env), req.timeout)
+        km.launch_timeout_source = req.timeout_source
         kernel = self._managed(km, name, user, requester.name)
         logs.concerning(kernel)  # this request's lines, and its start task's (a failed one's too)
         kernel.launch = {"env": dict(req.env), "cwd": req.cwd}
@@ -242,6 +252,7 @@ class KernelRegistry:
         if isinstance(km, GatewayKernelManager):  # what the backend reads at a relaunch
             km.client_env = {**req.env, "KERNEL_ID": kernel.id}
             km.launch_timeout = req.timeout
+            km.launch_timeout_source = req.timeout_source
         jc.mark_started(km, self._launch_kwargs(kernel))
         try:
             await self._record(kernel)
@@ -267,7 +278,13 @@ class KernelRegistry:
         began = time.monotonic()
         with logs.about(kernel):  # and the tasks it makes: its monitor's lines
             try:
-                await self._start_with_retry(kernel, self.config.kernel_launch_timeout)
+                km, timeout = kernel.km, self.config.kernel_launch_timeout
+                spec = km.kernel_spec if isinstance(km, GatewayKernelManager) else None
+                own = kenv.spec_launch_timeout(spec.metadata) if spec is not None else None
+                if own and isinstance(km, GatewayKernelManager):  # as start() would give it
+                    timeout = km.launch_timeout = own
+                    km.launch_timeout_source = kenv.SOURCES[1]
+                await self._start_with_retry(kernel, timeout)
             except BaseException as e:
                 if not isinstance(e, asyncio.CancelledError):  # a shutdown: nothing wrong
                     self._start_failed(kernel, e, time.monotonic() - began, counted=False)
@@ -335,6 +352,42 @@ class KernelRegistry:
         )
 
     async def _start_with_retry(self, kernel: ManagedKernel, launch_timeout: float) -> None:
+        """A failover kernelspec's kernel starts as the first of its members that starts
+        (failover.py): each attempt gets a manager of that member's."""
+        spec = kernel.km.kernel_spec
+        chain = failover.of(spec.metadata if spec is not None else None)
+        if chain is None:
+            await self._start_once(kernel, launch_timeout)
+            return
+        failed: list[tuple[str, GatewayError]] = []
+        for member in chain.specs:
+            try:
+                if failover.of(self.spec_exists(member).metadata) is not None:
+                    raise BadRequest("a failover kernelspec cannot list another one")
+                kernel.km = self._member_manager(kernel, member)
+                await self._start_once(kernel, chain.attempt(launch_timeout))
+                return
+            except GatewayError as e:
+                failed.append((member, e))
+                log.warning(
+                    "kernel %s (%s) did not start as %s: %s",
+                    kernel.id,
+                    kernel.name,
+                    member,
+                    e.message,
+                )
+                kernel.state = "starting"
+        raise failover.none_started(kernel.name, failed)
+
+    def _member_manager(self, kernel: ManagedKernel, member: str) -> GatewayKernelManager:
+        """A manager for kernelspec `member` with what the kernel's first manager was given."""
+        km = kernel.km
+        env = dict(km.client_env) if isinstance(km, GatewayKernelManager) else {}
+        env.pop("KERNEL_ID", None)
+        timeout = km.launch_timeout if isinstance(km, GatewayKernelManager) else 0.0
+        return self._manager(kernel.id, member, env, timeout)
+
+    async def _start_once(self, kernel: ManagedKernel, launch_timeout: float) -> None:
         """jupyter_client picks the ports here and the kernel binds them later; under churn
         another socket can take one in between. A kernel that died of exactly that is
         launched again on fresh ports (jupyter_client picks new ones after a cleanup)."""
@@ -362,6 +415,9 @@ class KernelRegistry:
         """After every launch (start and restart): what a later gateway needs to re-attach."""
         prov = kernel.km.provisioner
         info = await prov.get_provisioner_info() if prov is not None else {}
+        launch = dict(kernel.launch)
+        if kernel.km.kernel_name != kernel.name:  # a failover spec's: the member it runs as
+            launch["spec"] = kernel.km.kernel_name
         await self.store.put_kernel(
             KernelRecord(
                 kernel.id,
@@ -369,7 +425,7 @@ class KernelRegistry:
                 self._users.get(kernel.id, ""),
                 dict(kernel.km.get_connection_info()),
                 info,
-                kernel.launch,
+                launch,
                 kernel.created,
                 pooled=kernel.id in self.pool.members,
                 owner=kernel.owner,
@@ -471,7 +527,10 @@ class KernelRegistry:
     async def _restore_one(self, rec: KernelRecord) -> None:
         # a restart relaunches with what the client first asked for
         km = self._manager(
-            rec.id, rec.name, dict(rec.launch.get("env") or {}), self.config.kernel_launch_timeout
+            rec.id,
+            str(rec.launch.get("spec") or rec.name),  # a failover spec's member (failover.py)
+            dict(rec.launch.get("env") or {}),
+            self.config.kernel_launch_timeout,
         )
         info = cast(KernelConnectionInfo, rec.connection_info)
         km.load_connection_info(info)
