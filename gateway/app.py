@@ -12,7 +12,6 @@ import ssl
 from contextlib import suppress
 from typing import Any
 
-from jupyter_client.kernelspec import KernelSpecManager
 from tornado import httpserver, web, websocket
 
 from . import __version__, auth, edge, logs, metrics
@@ -21,7 +20,7 @@ from .bridge import connection
 from .config import Config, is_loopback
 from .handlers import base, kernels, kernelspecs, sessions, spec, status
 from .handlers import metrics as metrics_handlers
-from .kernels import pool
+from .kernels import discovery, pool
 from .kernels.registry import KernelRegistry
 from .sessions import SessionStore
 from .state import StateStore
@@ -123,8 +122,8 @@ def _log_request(trusted: tuple[logs.Network, ...], handler: web.RequestHandler)
     )
 
 
-def kernel_spec_manager(config: Config) -> KernelSpecManager:
-    ksm = KernelSpecManager()
+def kernel_spec_manager(config: Config) -> discovery.SpecManager:
+    ksm = discovery.SpecManager()  # also lists the kernelspecs found on SSH hosts
     ksm.kernel_dirs = [*config.kernelspec_dirs, *ksm.kernel_dirs]
     return ksm
 
@@ -194,6 +193,11 @@ async def serve(config: Config) -> None:
     raise_fd_limit()
     drop_secrets(config)
     specs = kernel_spec_manager(config)
+    # in the background: the kernelspecs of `discover` templates, read from their hosts; the
+    # first read (bounded) comes before re-attaching kernels and sizing pools, which need them
+    finder = discovery.Discovery(specs)
+    finding = asyncio.create_task(finder.run())
+    await finder.settled()
     pools = pool.sizes(config.pools, specs)  # a --pool of no kernelspec: refused, here
     state = StateStore(config.state_db)
     registry = KernelRegistry(config, specs, state, pools)
@@ -238,7 +242,7 @@ async def serve(config: Config) -> None:
     # them running and recorded (their sockets get 1001, so clients reconnect to the next
     # gateway); 4. close what connections remain, bounded; 5. release ZMQ and the state store.
     server.stop()
-    for task in (culler, reaper):
+    for task in (culler, reaper, finding):
         if task:
             task.cancel()
             with suppress(asyncio.CancelledError):

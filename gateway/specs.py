@@ -38,9 +38,13 @@ def ssh_spec(
     env: dict[str, str] | None = None,
     password_command: str = "",
     password_file: str = "",
+    discover: bool = False,
+    discover_paths: list[str] | None = None,
 ) -> dict[str, Any]:
     """The kernel.json of a Python kernel on `host` ([user@]host[:port]); a list of hosts is
-    tried in order at each start (failover), the first kept as `host`."""
+    tried in order at each start (failover), the first kept as `host`. With `discover`, a
+    template: the gateway lists the kernelspecs installed on the host instead
+    (kernels/discovery.py)."""
     hosts = [host] if isinstance(host, str) else list(host)
     host = hosts[0]
     config: dict[str, Any] = {"host": host, "python": python}
@@ -62,6 +66,8 @@ def ssh_spec(
         ("env", env),
         ("password_command", password_command),
         ("password_file", password_file),
+        ("discover", discover),
+        ("discover_paths", discover_paths),
     ):
         if value:
             config[key] = value
@@ -437,6 +443,18 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     ssh.add_argument(
         "--password-file", default="", help="file holding the SSH password (mode 0600)"
     )
+    ssh.add_argument(
+        "--discover",
+        action="store_true",
+        help="list every kernelspec installed on the host as NAME-<its name> (read over SFTP)",
+    )
+    ssh.add_argument(
+        "--discover-path",
+        dest="discover_paths",
+        action="append",
+        default=[],
+        help="a kernels directory on the host to read first, with --discover (repeatable)",
+    )
     local = backends.add_parser("local", help="a kernel in another environment on this machine")
     local.add_argument("name")
     local.add_argument("--python", required=True, help="that environment's python")
@@ -678,7 +696,11 @@ def run_spec_command(args: argparse.Namespace) -> None:
             display_name=args.display_name,
             password_command=args.password_command,
             password_file=args.password_file,
+            discover=args.discover,
+            discover_paths=args.discover_paths,
         )
+        if args.discover_paths and not args.discover:
+            raise BadRequest("--discover-path needs --discover")
         print(f"wrote {write_spec(args.name, with_args(spec, args), args.dir, args.force)}")
     elif args.spec_command == "show":
         print(show_spec(args.name, args.dir))
