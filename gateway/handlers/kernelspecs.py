@@ -18,18 +18,11 @@ from ..backends.common import RemoteProvisioner
 from ..backends.contract import GatewayHooks
 from ..errors import NotFound
 from ..kernels import jc
+from ..kernels.discovery import is_resource
 from ..kernels.registry import DEFAULT_PROVISIONER
 from .base import APIHandler
 
 _PRIVATE_METADATA = ("kernel_provisioner", "process_proxy", "rkg")
-
-
-def is_resource(fname: str) -> bool:
-    """The files a client may fetch from a kernelspec's directory."""
-    stem, ext = os.path.splitext(fname)
-    if stem.startswith("logo-"):
-        return ext in (".png", ".svg") and "/" not in fname
-    return fname in ("kernel.js", "kernel.css")
 
 
 def summary(metadata: dict[str, Any]) -> dict[str, str]:

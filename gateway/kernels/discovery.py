@@ -41,10 +41,19 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
 from ..backends import sshpool
-from ..handlers.kernelspecs import is_resource
 from . import failover
 
 log = logging.getLogger(__name__)
+
+
+def is_resource(fname: str) -> bool:
+    """The files a client may fetch from a kernelspec's directory (handlers/kernelspecs.py
+    serves only these), and so the only ones copied from a host."""
+    stem, ext = os.path.splitext(fname)
+    if stem.startswith("logo-"):
+        return ext in (".png", ".svg") and "/" not in fname
+    return fname in ("kernel.js", "kernel.css")
+
 
 DEFAULT_PATHS = (
     ".local/share/jupyter/kernels",  # SFTP paths are relative to the login's home
