@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sshd import SSHLab, _cmdline, sh
 
-from conftest import GatewayProcess, _cleanup, eventually, free_port
+from conftest import GatewayProcess, _cleanup, eventually, free_port, rkg
 from gateway.kernels import failover
 from gateway.specs import ssh_spec, write_spec
 from gwclient import KernelSocket, api, start_kernel
@@ -317,21 +317,13 @@ async def test_failover_spec_reattaches_as_its_member(gateway_factory, ssh_lab, 
 
 
 def test_spec_add_failover(tmp_path):
-    def rkg(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "gateway", "spec", *args, "--dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-
-    assert rkg("add", "ssh", "pc", "--host", "me@pc", "--language", "R").returncode == 0
-    added = rkg("add", "failover", "pc-else-server", "pc", "server", "--attempt-timeout", "20")
-    assert added.returncode == 0, added.stderr
+    d = ("--dir", str(tmp_path))
+    rkg("spec", "add", "ssh", "pc", "--host", "me@pc", "--language", "R", *d)
+    rkg("spec", "add", "failover", "pc-else-server", "pc", "server", "--attempt-timeout", "20", *d)
     spec = json.loads((tmp_path / "pc-else-server" / "kernel.json").read_text())
     assert spec["metadata"]["rkg_failover"] == {"specs": ["pc", "server"], "attempt_timeout": 20}
     assert spec["language"] == "R"
-    assert "pc-else-server\tfailover pc server" in rkg("list").stdout
+    assert "pc-else-server\tfailover pc server" in rkg("spec", "list", *d).stdout
 
 
 async def test_failover_spec_in_a_warm_pool(gateway_factory, ssh_lab, specs):
