@@ -58,6 +58,24 @@ def rkg(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Compl
     return done
 
 
+def serving(
+    workdir: Path, *extra_args: str, env: dict[str, str] | None = None
+) -> Iterator[GatewayProcess]:
+    """A module's own gateway (`yield from serving(...)` in a fixture): started with
+    `extra_args`, and at the end stopped, leaving no kernel process of its own behind."""
+    gw = GatewayProcess(
+        port=free_port(),
+        token=secrets.token_hex(16),
+        extra_args=list(extra_args),
+        workdir=workdir,
+        env=env or {},
+    )
+    gw.start()
+    yield gw
+    leftovers = _cleanup(gw)
+    assert not leftovers, f"kernel processes left behind: {leftovers}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GatewayProcess, _cleanup, eventually, free_port, processes_matching, rkg
+from conftest import (
+    GatewayProcess,
+    _cleanup,
+    eventually,
+    free_port,
+    processes_matching,
+    rkg,
+    serving,
+)
 from gateway.backends import ports as kports
 from gateway.specs import any_kernel
 from gwclient import KernelSocket, api, start_kernel
@@ -113,16 +121,7 @@ def ssh_gw(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
             config.update(ssh_lab.config("rhost1"), kernel_cmd=config["kernel_cmd"])
             _save(specs, name, spec)
     ssh_lab.write_spec(specs, "ssh-squatted", "rhost1", **_squatter(ssh_lab))
-    gw = GatewayProcess(
-        port=free_port(),
-        token=secrets.token_hex(16),
-        extra_args=["--kernelspec-dir", str(specs)],
-        workdir=tmp_path_factory.mktemp("gateway-any-ssh"),
-    )
-    gw.start()
-    yield gw
-    leftovers = _cleanup(gw)
-    assert not leftovers, f"kernel processes left behind: {leftovers}"
+    yield from serving(tmp_path_factory.mktemp("gateway-any-ssh"), "--kernelspec-dir", str(specs))
     assert not _kernel_procs(""), f"kernels left behind: {_kernel_procs('')}"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from sshd import SSHLab, _cmdline, sh
 
-from conftest import GatewayProcess, _cleanup, eventually, free_port, rkg
+from conftest import GatewayProcess, eventually, rkg, serving
 from gateway.kernels import failover
 from gateway.specs import ssh_spec, write_spec
 from gwclient import KernelSocket, api, start_kernel
@@ -103,16 +102,7 @@ def failover_spec(members: list[str], attempt_timeout: float = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def fo_gateway(ssh_lab, specs: Path, tmp_path_factory) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(
-        port=free_port(),
-        token=secrets.token_hex(16),
-        extra_args=["--kernelspec-dir", str(specs)],
-        workdir=tmp_path_factory.mktemp("gateway-failover"),
-    )
-    gw.start()
-    yield gw
-    leftovers = _cleanup(gw)
-    assert not leftovers, f"kernel processes left behind: {leftovers}"
+    yield from serving(tmp_path_factory.mktemp("gateway-failover"), "--kernelspec-dir", str(specs))
     assert not ssh_lab.leftovers(), f"remote kernels left behind: {ssh_lab.leftovers()}"
 
 

@@ -16,12 +16,11 @@ import struct
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 import websockets
 
-from conftest import eventually, free_port
+from conftest import eventually, free_port, serving
 from gwclient import KernelSocket, api, message, start_kernel
 
 MB = 1024 * 1024
@@ -86,30 +85,11 @@ async def test_no_auth_on_an_open_address_with_the_loud_flag(gateway_factory):
 # -- Host (DNS rebinding) -------------------------------------------------------------------
 
 
-def _own_gateway(tmp_path_factory, name: str, *extra_args: str):
-    """A module's gateway with `extra_args`; at the end stopped, leaving no kernel process."""
-    from conftest import GatewayProcess, _cleanup
-
-    gw = GatewayProcess(
-        port=free_port(),
-        token=uuid.uuid4().hex,
-        extra_args=list(extra_args),
-        workdir=tmp_path_factory.mktemp(name),
-    )
-    gw.start()
-    yield gw
-    assert not _cleanup(gw)
-
-
 @pytest.fixture(scope="module")
 def hosts_gateway(tmp_path_factory):
-    yield from _own_gateway(
-        tmp_path_factory,
-        "hosts",
-        "--allowed-host",
-        "gw.example.org",
-        "--allowed-host",
-        "*.corp.test",
+    yield from serving(
+        tmp_path_factory.mktemp("hosts"),
+        *("--allowed-host", "gw.example.org", "--allowed-host", "*.corp.test"),
     )
 
 
@@ -263,8 +243,8 @@ async def test_oversized_body_is_a_413_from_the_headers(gateway):
 
 @pytest.fixture(scope="module")
 def impatient(tmp_path_factory):
-    yield from _own_gateway(
-        tmp_path_factory, "impatient", "--idle-timeout", "2", "--body-timeout", "2"
+    yield from serving(
+        tmp_path_factory.mktemp("impatient"), "--idle-timeout", "2", "--body-timeout", "2"
     )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import GatewayProcess, _cleanup, eventually, free_port
+from conftest import GatewayProcess, eventually, serving
 from gwclient import KernelSocket, api, metric, scrape, start_kernel
 
 
@@ -36,16 +35,7 @@ def ssh_gateway(ssh_lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
         "rhost1",
         kernel_cmd=["/nonexistent/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
     )
-    gw = GatewayProcess(
-        port=free_port(),
-        token=secrets.token_hex(16),
-        extra_args=["--kernelspec-dir", str(specs)],
-        workdir=tmp_path_factory.mktemp("gateway-ssh"),
-    )
-    gw.start()
-    yield gw
-    leftovers = _cleanup(gw)
-    assert not leftovers, f"kernel processes left behind: {leftovers}"
+    yield from serving(tmp_path_factory.mktemp("gateway-ssh"), "--kernelspec-dir", str(specs))
     assert not ssh_lab.leftovers(), f"remote kernels left behind: {ssh_lab.leftovers()}"
 
 
