@@ -76,11 +76,6 @@ def names(value: Any) -> frozenset[str]:
     return frozenset(str(v).strip() for v in items if str(v).strip())
 
 
-def names_option(value: str) -> str:
-    """Config `clean` of --authorized-users / --unauthorized-users: 'a, b' -> 'a,b'."""
-    return ",".join(sorted(names(value)))
-
-
 class Tokens:
     """The admin token and the user tokens: the user a request's token belongs to."""
 
