@@ -200,7 +200,8 @@ class Config:
     working_dir_root: str = _option(
         "",
         "--working-dir-root",
-        "a KERNEL_WORKING_DIR that exists here must be under this directory (else a 403)",
+        "a KERNEL_WORKING_DIR that exists here must be under this directory (else a 403); "
+        "{user} in it is the requester's name",
         shown_default="the home directory of the user running the gateway",
     )
     secret_env: tuple[str, ...] = _option(

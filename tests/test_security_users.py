@@ -472,3 +472,34 @@ def test_rkg_spec_add_writes_the_user_lists(tmp_path):
         config = spec["metadata"]["kernel_provisioner"]["config"]
         assert config["authorized_users"] == ["alice", "bob"], backend
         assert config["unauthorized_users"] == ["eve"], backend
+
+
+async def test_a_working_dir_root_per_user(gateway_factory, tmp_path):
+    """`--working-dir-root ROOT/{user}`: each user's kernels work (mount, sync) only under
+    their own folder; an admin under ROOT."""
+    specs = make_specs(tmp_path / "specs")
+    root = tmp_path / "homes"
+    for who in ("alice", "bob"):
+        (root / who / "nb").mkdir(parents=True)
+    gw = gateway_factory(
+        extra_args=["--kernelspec-dir", str(specs), "--working-dir-root", f"{root}/{{user}}"]
+    )
+    alice = add_user(gw, "alice")
+    own, other = str(root / "alice" / "nb"), str(root / "bob" / "nb")
+    model = await start_as(gw, alice, env={"KERNEL_WORKING_DIR": own})
+    ks = await KernelSocket.open(gw, model["id"], token=alice)
+    try:
+        assert (await ks.execute("import os; print(os.getcwd())"))[0].strip() == own
+    finally:
+        await ks.close()
+    status, body = await api(
+        gw,
+        "POST",
+        "api/kernels",
+        {"name": "shared-local", "env": {"KERNEL_WORKING_DIR": other}},
+        token=alice,
+    )
+    assert status == 403 and f"outside {root / 'alice'}" in body["message"], body
+    admin = await start_as(gw, gw.token, "python3", env={"KERNEL_WORKING_DIR": other})
+    for kernel_id in (model["id"], admin["id"]):
+        assert (await api(gw, "DELETE", f"api/kernels/{kernel_id}"))[0] == 204

@@ -78,9 +78,14 @@ def spec_launch_timeout(metadata: Mapping[str, Any]) -> float | None:
 SOURCES = ("KERNEL_LAUNCH_TIMEOUT", "the kernelspec's launch_timeout", "--kernel-launch-timeout")
 
 
-def working_dir_root(configured: str) -> str:
+def working_dir_root(configured: str, user: str = "", admin: bool = True) -> str:
     """--working-dir-root, canonical; unset, the home directory of the user running the
-    gateway."""
+    gateway. A `{user}` in it is the requester's name (a user's name is a plain word:
+    users.py), so each user's kernels work, mount and sync only under their own folder; an
+    admin's root is the part before `{user}`."""
+    if "{user}" in configured:
+        head, _, tail = configured.partition("{user}")
+        configured = head if admin else head + user + tail
     return os.path.realpath(os.path.expanduser(configured or "~"))
 
 
@@ -135,11 +140,14 @@ class LaunchRequest:
         timeout: float,
         root: str = "",
         spec_timeout: float | None = None,
+        user: str = "",
+        admin: bool = True,
     ) -> LaunchRequest:
         """`root`: --working-dir-root ('' for the default); `timeout`: the gateway's;
-        `spec_timeout`: the kernelspec's (spec_launch_timeout)."""
+        `spec_timeout`: the kernelspec's (spec_launch_timeout); `user`, `admin`: the
+        requester, for a `{user}` in `root`."""
         extra = client_env(env, allowlist)
-        cwd = working_dir(extra, working_dir_root(root))
+        cwd = working_dir(extra, working_dir_root(root, user, admin))
         extra.pop("KERNEL_WORKING_DIR", None)
         if cwd is not None:
             extra["KERNEL_WORKING_DIR"] = cwd

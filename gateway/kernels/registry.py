@@ -180,6 +180,8 @@ class KernelRegistry:
             self.config.kernel_launch_timeout,
             self.config.working_dir_root,
             kenv.spec_launch_timeout(spec.metadata),
+            requester.name,
+            requester.admin,
         )
         user = req.env.get("KERNEL_USERNAME", "")
         cfg = self.config
