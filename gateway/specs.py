@@ -14,6 +14,7 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 
+from .backends.sync import DEFAULT_EXCLUDES
 from .errors import BadRequest, Conflict, NotFound
 from .kernels import failover
 
@@ -40,6 +41,7 @@ def ssh_spec(
     password_file: str = "",
     discover: bool = False,
     discover_paths: list[str] | None = None,
+    sync: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The kernel.json of a Python kernel on `host` ([user@]host[:port]); a list of hosts is
     tried in order at each start (failover), the first kept as `host`. With `discover`, a
@@ -71,6 +73,7 @@ def ssh_spec(
     ):
         if value:
             config[key] = value
+    config.update(sync or {})
     argv = kernel_cmd or [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     return {
         "argv": argv,  # informative: the provisioner runs this on the remote host
@@ -394,6 +397,8 @@ def show_spec(name: str, directory: str | None = None) -> str:
         )
     if config.get("port_range"):
         extras.append(f"ports {config['port_range']}")
+    if config.get("sync"):
+        extras.append(f"files in sync every {config.get('sync_interval', 5):g} s")
     if config.get("password_command"):
         extras.append("password from a command")
     if config.get("password_file"):
@@ -455,6 +460,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="a kernels directory on the host to read first, with --discover (repeatable)",
     )
+    add_sync_arguments(ssh)
     local = backends.add_parser("local", help="a kernel in another environment on this machine")
     local.add_argument("name")
     local.add_argument("--python", required=True, help="that environment's python")
@@ -578,6 +584,52 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     sub.choices["show"].add_argument("name")
 
 
+def add_sync_arguments(ssh: argparse.ArgumentParser) -> None:
+    ssh.add_argument(
+        "--sync",
+        action="store_true",
+        help="mirror the notebook's folder (KERNEL_WORKING_DIR) to the host under --workdir, "
+        "start the kernel there and bring its files back while it runs",
+    )
+    ssh.add_argument(
+        "--sync-exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help=f"also never sync these names (repeatable; always: {' '.join(DEFAULT_EXCLUDES)})",
+    )
+    ssh.add_argument(
+        "--sync-max-file-mb", type=float, default=None, help="larger files stay put (100)"
+    )
+    ssh.add_argument(
+        "--sync-max-total-mb",
+        type=float,
+        default=None,
+        help="a larger folder is not synced: its start fails (2048)",
+    )
+    ssh.add_argument("--sync-interval", type=float, default=None, help="seconds between passes (5)")
+
+
+def sync_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The provisioner config of `--sync` and its options, checked here so that a bad value
+    is said when the spec is written."""
+    given = {
+        "sync_max_file_mb": args.sync_max_file_mb,
+        "sync_max_total_mb": args.sync_max_total_mb,
+        "sync_interval": args.sync_interval,
+    }
+    if not args.sync:
+        if args.sync_exclude or any(v is not None for v in given.values()):
+            raise BadRequest("the --sync-* options need --sync")
+        return {}
+    for key, value in given.items():
+        low = 0.2 if key == "sync_interval" else 0
+        if value is not None and not low < value <= (3600 if low else 1e7):
+            raise BadRequest(f"--{key.replace('_', '-')} {value:g} is out of range")
+    config = {"sync": True, "sync_excludes": [*DEFAULT_EXCLUDES, *args.sync_exclude]}
+    return config | {k: v for k, v in given.items() if v is not None}
+
+
 def add_failover_arguments(backends: Any) -> None:
     """`rkg spec add failover NAME SPEC...`: none of the backends' options apply (who may
     start it: each member's own user lists, checked at the start)."""
@@ -698,6 +750,7 @@ def run_spec_command(args: argparse.Namespace) -> None:
             password_file=args.password_file,
             discover=args.discover,
             discover_paths=args.discover_paths,
+            sync=sync_config(args),
         )
         if args.discover_paths and not args.discover:
             raise BadRequest("--discover-path needs --discover")

@@ -25,18 +25,21 @@ the gateway's ZMQ sockets simply reconnect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import shlex
 import signal
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
-from traitlets import Float, Integer, List, Unicode
+from traitlets import Bool, Float, Integer, List, Unicode
 
 from ..errors import BackendUnavailable, KernelError, KernelStartError, KernelTimeout
 from . import ports as kports
 from . import sshpool
+from . import sync as fsync
 from .common import CHANNELS, RemoteProvisioner
 from .sshpool import ALIVE_FN, Hop, SSHHost, Target, ssh_errors
 
@@ -172,6 +175,21 @@ class SSHProvisioner(RemoteProvisioner):
     keepalive_interval = Float(5.0, config=True)
     reconnect_timeout = Float(30.0, config=True, help="give a dropped host up after this")
     poll_interval = Float(1.0, config=True, help="seconds between liveness probes")
+    sync = Bool(
+        False,
+        config=True,
+        help="mirror KERNEL_WORKING_DIR to <workdir>/rkg-sync/... on the host, start the "
+        "kernel there, and keep both in sync while it runs (sync.py)",
+    )
+    sync_excludes = List(
+        Unicode(),
+        default_value=list(fsync.DEFAULT_EXCLUDES),
+        config=True,
+        help="names (or relative paths, with '/') never synced; fnmatch patterns",
+    )
+    sync_max_file_mb = Float(100.0, config=True, help="larger files are not synced")
+    sync_max_total_mb = Float(2048.0, config=True, help="a larger folder is not synced")
+    sync_interval = Float(5.0, config=True, help="seconds between passes while the kernel runs")
 
     restored: ClassVar[dict[str, str]] = {
         "pid": "pid",
@@ -180,6 +198,8 @@ class SSHProvisioner(RemoteProvisioner):
         "local_ports": "local_ports",
         "remote_connection_file": "remote_file",
         "host": "host",  # the one of `hosts` the kernel runs on: re-attach goes there
+        "sync_local": "sync_local",  # the synced pair, when `sync`: re-attach resumes it
+        "sync_remote": "sync_remote",
     }
     noted = ("port", "username", "jump_hosts")
 
@@ -187,7 +207,10 @@ class SSHProvisioner(RemoteProvisioner):
     pgid: int | None = None
     remote_ports: dict[str, int]
     remote_file = ""
+    sync_local = ""
+    sync_remote = ""
     _ssh: SSHHost | None = None
+    _mirror: fsync.Mirror | None = None
     _urgent = False
 
     def __init__(self, **kwargs: Any) -> None:
@@ -275,10 +298,14 @@ class SSHProvisioner(RemoteProvisioner):
             self._ssh = await sshpool.acquire(target)
         try:
             with ssh_errors(self._ssh.target, f"starting the kernel on {self._ssh.name}"):
+                await self._sync_first(env)
                 await self._launch(env)
             await self._forward()
+            if self._mirror is not None:
+                self._mirror.start()
         except BaseException as e:
             # nothing left behind, whoever calls next (a failed restart gets no cleanup call)
+            await asyncio.shield(self._end_sync(final=False))
             await asyncio.shield(self._abort(restart=False))
             if isinstance(e, KernelError) or not isinstance(e, Exception):
                 raise
@@ -362,13 +389,16 @@ class SSHProvisioner(RemoteProvisioner):
     async def _start(self, env: dict[str, str], cmd: list[str], seconds: float) -> str:
         """Run the launch script; its verdict (READY, EXITED, TIMEOUT, ...)."""
         assert self._ssh is not None
+        workdir, kernel_workdir = self.workdir, env.get("KERNEL_WORKING_DIR", "")
+        if self.sync_remote:  # the mirror of KERNEL_WORKING_DIR, there since the first pass
+            workdir, kernel_workdir = self.sync_remote, ""
         script = launch_script(
             cmd=cmd,
             ports=list(self.remote_ports.values()),
             log_file=self._log_file,
             env=self._env(env),
-            workdir=self.workdir,
-            kernel_workdir=env.get("KERNEL_WORKING_DIR", ""),
+            workdir=workdir,
+            kernel_workdir=kernel_workdir,
             pre_command=self.pre_command,
             steps=int(seconds / POLL_STEP) + 1,
         )
@@ -421,13 +451,67 @@ class SSHProvisioner(RemoteProvisioner):
         ports = await self.forwards.open(self._ssh, "127.0.0.1", self.remote_ports, pid=self.pid)
         self._connect_to("127.0.0.1", ports)
 
+    # -- files in sync ------------------------------------------------------------------
+
+    def _sync_options(self) -> fsync.Options:
+        if not (self.sync_max_file_mb > 0 and self.sync_max_total_mb > 0) or not (
+            0.2 <= self.sync_interval <= 3600
+        ):
+            raise KernelStartError(
+                f"kernelspec {self.kernel_spec.display_name!r}: sync_max_file_mb and "
+                "sync_max_total_mb must be over 0, sync_interval 0.2 to 3600 s"
+            )
+        return fsync.Options(
+            tuple(self.sync_excludes),
+            int(self.sync_max_file_mb * 2**20),
+            int(self.sync_max_total_mb * 2**20),
+            self.sync_interval,
+        )
+
+    async def _sync_first(self, env: dict[str, str]) -> None:
+        """With `sync`, before each launch: one pass between KERNEL_WORKING_DIR (checked by
+        the gateway: a directory under --working-dir-root) and its mirror on the host, where
+        the kernel then starts. No KERNEL_WORKING_DIR here, no sync."""
+        if not self.sync:
+            return
+        assert self._ssh is not None
+        if self._mirror is None:
+            local = self.client_env(env).get("KERNEL_WORKING_DIR", "")
+            if not local or not await asyncio.to_thread(os.path.isdir, local):
+                log.info(
+                    "kernel %s: no KERNEL_WORKING_DIR on this machine, so no files to sync",
+                    self.kernel_id,
+                )
+                self.sync_local = self.sync_remote = ""
+                return
+            options = self._sync_options()
+            sftp = await self._ssh.sftp()
+            folder = fsync.remote_folder(local, self.workdir)
+            await sftp.makedirs(folder, exist_ok=True)
+            self.sync_local, self.sync_remote = local, await sftp.realpath(folder)
+            self._mirror = fsync.acquire(self._ssh, local, self.sync_remote, options)
+        self.stage(f"syncing {self.sync_local} to {self._ssh_name}")
+        await self._mirror.sync(first=True, report=self.stage)
+
+    async def _end_sync(self, *, final: bool) -> None:
+        mirror, self._mirror = self._mirror, None
+        if mirror is not None:
+            await fsync.release(mirror, final=final)
+
     # -- while it runs -------------------------------------------------------------------
 
     async def _attach(self) -> SSHHost | None:
-        """After load_provisioner_info: take a lease and forward the recorded ports."""
+        """After load_provisioner_info: take a lease, forward the recorded ports and resume
+        the kernel's sync."""
         if self._ssh is None and self.pid is not None:
             self._ssh = await sshpool.acquire(self.target())
             await self._forward()
+            if self.sync and self.sync_local and self._mirror is None:
+                mirror = fsync.acquire(
+                    self._ssh, self.sync_local, self.sync_remote, self._sync_options()
+                )
+                self._mirror = mirror
+                mirror.start()
         return self._ssh
 
     async def probe(self, max_age: float) -> int | None:
@@ -465,7 +549,13 @@ class SSHProvisioner(RemoteProvisioner):
     async def cleanup(self, restart: bool = False) -> None:
         """Called by the kernel manager once the kernel stopped: nothing of it is left on the
         host (its process group is killed, its files removed unless restarting); the lease
-        on the connection ends unless restarting."""
+        on the connection ends unless restarting. With `sync`, the kernel's last files come
+        back first (a restart keeps syncing, from its next launch)."""
+        if restart and self._mirror is not None:
+            with contextlib.suppress(Exception):
+                await self._mirror.sync()
+        elif not restart:
+            await self._end_sync(final=True)
         await self._abort(restart=restart)
 
     async def _abort(self, *, restart: bool) -> None:
