@@ -38,6 +38,18 @@ LINGER = 10.0  # seconds an unused connection stays open for the next kernel
 PROBE_TIMEOUT = 4.0  # seconds reachable() gives a connection (its caller allows ~5)
 # OpenSSH allows 10 sessions per connection by default (MaxSessions); one is our SFTP client
 SESSIONS = 8
+# AES-GCM first: asyncssh runs ChaCha20-Poly1305 (its default first choice) as several
+# Python-level cipher calls per packet, 55-130 us, against 7-30 us for AES-GCM (one call, AES-NI
+# where the CPU has it). Every kernel message and every synced file crosses as packets. The
+# rest of asyncssh's list follows, so a server without GCM still negotiates.
+CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+)
 
 
 def require_asyncssh() -> Any:
@@ -305,6 +317,7 @@ class SSHHost:
                     "keepalive_interval": t.keepalive_interval,
                     "keepalive_count_max": t.keepalive_count_max,
                     "connect_timeout": t.connect_timeout,
+                    "encryption_algs": CIPHERS,
                 }
                 if hop.username:
                     opts["username"] = hop.username
