@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 DEFAULT_EXCLUDES = (".git", ".ipynb_checkpoints", "__pycache__")
 NEVER = (".ssh", ".gnupg", ".rkg-sync-*")  # credentials, and our own unfinished copies
 TEMP_PREFIX = ".rkg-sync-"
-TRANSFERS = 8  # files in flight at once: small files are bound by round trips, not bytes
+TRANSFERS = 32  # files in flight at once: small files are bound by round trips, not bytes
+SMALL_FILE = 256 * 1024  # bytes: read and written in one piece, not by asyncssh's put/get
 PROGRESS_EVERY = 2.0  # seconds between progress lines of a large pass
 LARGE_PASS = (200, 50 * 2**20)  # files, bytes: a pass that logs its progress
 MODE_BITS = 0o777  # no setuid, setgid or sticky bit crosses over
@@ -264,7 +265,10 @@ class Mirror:
         self._lock = asyncio.Lock()
         self._loop: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
-        self._made: set[str] = set()  # host directories this pass made or found
+        # host directories this pass made or found, relative: one request each, however
+        # many files go there at once
+        self._made: dict[str, asyncio.Future[None]] = {}
+        self._checked: set[str] = set()  # local folders this pass found to be folders
         key = f"{ssh.name}\0{remote}\0{local}".encode()
         self.state_file = os.path.join(
             jupyter_data_dir(), "rkg-sync", hashlib.sha256(key).hexdigest()[:24] + ".json"
@@ -344,6 +348,7 @@ class Mirror:
                     f"({opts.max_file_bytes // 2**20}): not synced",
                 )
         self._made.clear()
+        self._checked.clear()
         todo = plan(here.files, there.files, self.base)
         changed = self._settle(todo.settled, here.files.keys() | there.files.keys())
         moving = [*todo.push, *todo.pull, *todo.conflicts]
@@ -417,10 +422,13 @@ class Mirror:
         parent = self.local
         for part in parts[:-1]:
             parent = os.path.join(parent, part)
+            if parent in self._checked:
+                continue
             with contextlib.suppress(FileExistsError):
                 os.mkdir(parent)
             if not stat.S_ISDIR(os.lstat(parent).st_mode):
                 raise OSError(f"{parent} is not a directory of the folder (a symlink?)")
+            self._checked.add(parent)
         return os.path.join(parent, parts[-1])
 
     def _there(self, rel: str) -> str:
@@ -429,17 +437,25 @@ class Mirror:
     async def _push(
         self, sftp: asyncssh.SFTPClient, rel: str, h: Stat | None, t: Stat | None, pr: Progress
     ) -> None:
+        import asyncssh
+
         assert h is not None
         src, dst = os.path.join(self.local, rel), self._there(rel)
-        head = dst.rpartition("/")[0]
-        if head not in self._made:
-            await sftp.makedirs(head, exist_ok=True)
-            self._made.add(head)
-        tmp = f"{head}/{TEMP_PREFIX}{secrets.token_hex(6)}"
+        await self._folder_there(sftp, rel.rpartition("/")[0])
+        tmp = f"{dst.rpartition('/')[0]}/{TEMP_PREFIX}{secrets.token_hex(6)}"
+        stamp = asyncssh.SFTPAttrs(permissions=h.mode | 0o600, atime=h.mtime, mtime=h.mtime)
         try:
-            await sftp.put(src, tmp, progress_handler=_bytes_to(pr))
-            await sftp.chmod(tmp, h.mode | 0o600)
-            await sftp.utime(tmp, (h.mtime, h.mtime))
+            if h.size <= SMALL_FILE:  # one read, and no request but open, write, stamp, close
+                data = await asyncio.to_thread(_read, src)
+                async with sftp.open(tmp, "wb") as f:
+                    await f.write(data)
+                    await f.setstat(stamp)
+                written = len(data)
+                pr.advance(written)
+            else:  # asyncssh's pipelined reads and writes
+                await sftp.put(src, tmp, progress_handler=_bytes_to(pr))
+                await sftp.setstat(tmp, stamp)
+                written = int((await sftp.lstat(tmp)).size or 0)
             await _rename(sftp, tmp, dst)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -448,27 +464,75 @@ class Mirror:
         pr.advance(0, 1)
         # the baseline is the file as listed here and as written there: one written here
         # while it was copied is newer than the baseline and moves again next pass
-        done = await sftp.lstat(dst)
-        self.base[rel] = (h, Stat(int(done.size or 0), int(done.mtime or 0)))
+        self.base[rel] = (h, Stat(written, h.mtime))
+
+    async def _folder_there(self, sftp: asyncssh.SFTPClient, rel_dir: str) -> None:
+        """The host has the folder `rel_dir` (relative; '' is the mirror itself)."""
+        if not rel_dir:
+            return
+        made = self._made.get(rel_dir)
+        if made is None:
+            made = self._made[rel_dir] = asyncio.ensure_future(self._mkdir(sftp, rel_dir))
+        await made
+
+    async def _mkdir(self, sftp: asyncssh.SFTPClient, rel_dir: str) -> None:
+        import asyncssh
+
+        await self._folder_there(sftp, rel_dir.rpartition("/")[0])
+        path = self._there(rel_dir)
+        try:
+            await sftp.mkdir(path)
+        except asyncssh.SFTPError:  # SFTP v3 says only "failure" when it exists
+            if not stat.S_ISDIR((await sftp.stat(path)).permissions or 0):
+                raise
 
     async def _pull(
         self, sftp: asyncssh.SFTPClient, rel: str, h: Stat | None, t: Stat | None, pr: Progress
     ) -> None:
         assert t is not None
-        src, dst = self._there(rel), await asyncio.to_thread(self._here, rel)
-        tmp = os.path.join(os.path.dirname(dst), f"{TEMP_PREFIX}{secrets.token_hex(6)}")
+        src = self._there(rel)
+        if t.size <= SMALL_FILE:  # open, one read of the listed size, close; then one thread hop
+            async with sftp.open(src, "rb") as f:
+                data = await f.read(t.size)
+            assert isinstance(data, bytes)  # opened in binary mode
+            here = await asyncio.to_thread(self._land, rel, t, data)
+            pr.advance(len(data))
+        else:
+            here = await asyncio.to_thread(self._land, rel, t, None)
+            tmp = self._temp(rel)
+            try:
+                await sftp.get(src, tmp, progress_handler=_bytes_to(pr))
+                here = await asyncio.to_thread(self._land, rel, t, tmp)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        pr.advance(0, 1)
+        self.base[rel] = (here, t)
+
+    def _temp(self, rel: str) -> str:
+        return os.path.join(self.local, os.path.dirname(rel), TEMP_PREFIX + secrets.token_hex(6))
+
+    def _land(self, rel: str, t: Stat, data: bytes | str | None) -> Stat:
+        """Put a pulled file in place here (in a thread): `data` written to a temporary
+        file, or `data` naming one already written, then its mode and mtime, then renamed over
+        `rel` (a symlink there is replaced, never written through). `data` None only makes
+        the folders on the way. The file as it now is here."""
+        dst = self._here(rel)
+        if data is None:
+            return Stat(0, 0)
+        tmp = data if isinstance(data, str) else self._temp(rel)
         try:
-            await sftp.get(src, tmp, progress_handler=_bytes_to(pr))
+            if isinstance(data, bytes):
+                _write(tmp, data)
             os.chmod(tmp, t.mode | 0o600)
             os.utime(tmp, (t.mtime, t.mtime))
-            os.replace(tmp, dst)  # replaces a symlink itself, never writes through it
+            os.replace(tmp, dst)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        pr.advance(0, 1)
         done = os.stat(dst, follow_symlinks=False)
-        self.base[rel] = (Stat(done.st_size, int(done.st_mtime)), t)
+        return Stat(done.st_size, int(done.st_mtime))
 
     async def _conflict(
         self, sftp: asyncssh.SFTPClient, rel: str, h: Stat | None, t: Stat | None, pr: Progress
@@ -522,6 +586,17 @@ class Mirror:
                 await self.sync()
             except Exception as e:
                 log.warning("%s: last pass failed: %s", self.label, e)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _bytes_to(pr: Progress) -> Callable[[bytes, bytes, int, int], None]:
