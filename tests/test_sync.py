@@ -294,3 +294,16 @@ async def test_a_restarted_gateway_resumes_the_sync(gateway_factory, ssh_lab, pl
     assert sorted(p.name for p in nb.iterdir()) == ["a.txt", "after.txt"]
     await _delete(gw, ssh_lab, model["id"])
     assert gw.stop() == 0
+
+
+async def test_a_large_first_sync_is_logged(sync_gateway, ssh_lab, places):
+    nb = _folder(places, "many")
+    for i in range(250):
+        (nb / f"f{i:03}.txt").write_text(str(i))
+    model = await start_kernel(sync_gateway, "sync-slow", env={"KERNEL_WORKING_DIR": str(nb)})
+    assert await _run(sync_gateway, model["id"], "import os; print(len(os.listdir()))") == "250"
+    await _delete(sync_gateway, ssh_lab, model["id"])
+    assert sync_gateway.log_path is not None
+    log = sync_gateway.log_path.read_text()
+    assert f"sync {nb} <-> " in log and ": 250 files, 0.0 MB to copy" in log, log[-2000:]
+    assert ": 250 up, 0 down, 0 conflicts kept both" in log
