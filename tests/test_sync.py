@@ -296,14 +296,42 @@ async def test_a_restarted_gateway_resumes_the_sync(gateway_factory, ssh_lab, pl
     assert gw.stop() == 0
 
 
-async def test_a_large_first_sync_is_logged(sync_gateway, ssh_lab, places):
+async def test_many_files_each_way_and_the_log(sync_gateway, ssh_lab, places):
+    """250 new files go to the host, and the 102 the kernel writes come back, as tar streams
+    (sync.py, BULK_FILES): mtimes kept, and the host's stream held to the same rules as
+    single copies (no writing through a symlink here, no setuid bit)."""
     nb = _folder(places, "many")
     for i in range(250):
         (nb / f"f{i:03}.txt").write_text(str(i))
+    os.utime(nb / "f007.txt", (1_000_000_000, 1_000_000_000))
+    (nb / "link").symlink_to(places["outside"])
     model = await start_kernel(sync_gateway, "sync-slow", env={"KERNEL_WORKING_DIR": str(nb)})
-    assert await _run(sync_gateway, model["id"], "import os; print(len(os.listdir()))") == "250"
-    await _delete(sync_gateway, ssh_lab, model["id"])
+    kid = model["id"]
+    listed = await _run(
+        sync_gateway,
+        kid,
+        "import os; print(len(os.listdir()), int(os.stat('f007.txt').st_mtime),"
+        " oct(os.stat('f001.txt').st_mode & 0o7777))",
+    )
+    mode = oct(stat.S_IMODE((nb / "f001.txt").stat().st_mode) | 0o600)
+    assert listed == f"250 1000000000 {mode}"
+    await _run(
+        sync_gateway,
+        kid,
+        "import os; os.makedirs('out'); os.makedirs('link')\n"
+        "for i in range(100): open(f'out/{i}.txt', 'w').write(str(i))\n"
+        "open('link/evil2.txt', 'w').write('x'); open('suid2', 'w').write('x')\n"
+        "os.chmod('suid2', 0o4755)",
+    )
+    # sync-slow: the restart's pass brings all 102 at once
+    assert (await api(sync_gateway, "POST", f"api/kernels/{kid}/restart", {}))[0] == 200
+    assert len(list((nb / "out").glob("*.txt"))) == 100
+    assert stat.S_IMODE((nb / "suid2").stat().st_mode) == 0o755
+    assert (nb / "out" / "42.txt").read_text() == "42"
+    assert not (places["outside"] / "evil2.txt").exists()
+    await _delete(sync_gateway, ssh_lab, kid)
     assert sync_gateway.log_path is not None
     log = sync_gateway.log_path.read_text()
     assert f"sync {nb} <-> " in log and ": 250 files, 0.0 MB to copy" in log, log[-2000:]
     assert ": 250 up, 0 down, 0 conflicts kept both" in log
+    assert ": 0 up, 102 down, 0 conflicts kept both" in log  # out/*, suid2 and link/evil2
