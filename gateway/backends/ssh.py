@@ -7,7 +7,8 @@ Registered as `rkg-ssh` (and `ssh-provisioner`, its old name); a kernelspec choo
         "known_hosts": "~/.ssh/known_hosts", "jump_hosts": ["me@bastion:22"],
         "python": "/opt/conda/bin/python", "kernel_cmd": [..., "{connection_file}"],
         "workdir": "~/work", "pre_command": "module load cuda", "env": {"A": "1"},
-        "port_range": "40000-40999"}}}
+        "port_range": "40000-40999", "sync": true, "sync_excludes": [".git", "*.tmp"],
+        "sync_max_file_mb": 100, "sync_max_total_mb": 2048, "sync_interval": 5}}}
 
 A launch: read the host's TCP tables and ephemeral port range (/proc, one short command: no
 Python needed there), choose the kernel's five ports from `port_range` (default: a range below
@@ -20,6 +21,9 @@ back. A kernel that exits with "Address already in use" is launched again on fre
 Then one local forward per channel over the host's shared connection (sshpool.py); the
 connection info points at the local ends. A reconnect re-forwards on the same local ports, so
 the gateway's ZMQ sockets simply reconnect.
+
+With `sync`, KERNEL_WORKING_DIR is mirrored to the host before each launch and the kernel starts
+in the mirror; sync.py keeps both sides in step while it runs.
 """
 
 from __future__ import annotations
