@@ -282,6 +282,27 @@ def _secret_file(path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
+async def test_a_host_check_never_asks_for_the_password(password_host, tmp_path):
+    """The status page's check of a host whose login needs a password or a one-time code:
+    its sshd answering is enough; the command (which may page a person or use up a code) is
+    not run, and no login is tried."""
+    h = password_host
+    ran = tmp_path / "ran"
+    right = _secret_file(tmp_path / "right", h.password)
+    for addr in (h.addr, h.kbdint_addr):
+        config = {
+            "host": addr,
+            "known_hosts": str(h.known_hosts),
+            "password_command": f"sh -c 'echo ran >> {ran}; cat {right}'",
+        }
+        assert await ssh_backend.SSHProvisioner.reachable(config) == [(addr, "")]
+    assert not ran.exists()
+    assert h.failures() == 0
+    down = {"host": f"{h.user}@127.0.0.1:{free_port()}", "password_command": f"cat {right}"}
+    [(_, why)] = await ssh_backend.SSHProvisioner.reachable(down)
+    assert "cannot reach" in why or "refused" in why.lower(), why
+
+
 async def test_password_from_a_command_or_a_file(gateway_factory, password_host, tmp_path):
     h = password_host
     specs, d = tmp_path / "specs", str(tmp_path / "specs")

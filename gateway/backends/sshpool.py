@@ -300,7 +300,10 @@ class SSHHost:
     def name(self) -> str:
         return str(self.target.hop)
 
-    async def _connect(self) -> asyncssh.SSHClientConnection:
+    async def _connect(self, *, ask: bool = True) -> asyncssh.SSHClientConnection:
+        """The connection through every hop. `ask` False: no password or code is asked for
+        (a check must not use up a one-time code or page a person), so a host that needs one
+        refuses the login."""
         mod = require_asyncssh()
         t = self.target
         opened: list[asyncssh.SSHClientConnection] = []
@@ -323,10 +326,12 @@ class SSHHost:
                     opts["username"] = hop.username
                 if keys is not None:
                     opts["client_keys"] = keys
-                if hop == t.hop and t.password_source:
+                if hop == t.hop and t.password_source and ask:
                     password = await secret(t)
                     if password is not None:
                         opts["client_factory"] = _secret_client(password)
+                elif hop == t.hop and t.password_source:
+                    opts.update(password_auth=False, kbdint_auth=False)
                 self.trying = hop
                 with ssh_errors(t, "connecting", hop):
                     conn = await asyncio.wait_for(
@@ -538,18 +543,22 @@ def live(target: Target) -> bool:
 async def reachable(target: Target) -> list[tuple[Hop, str]]:
     """Whether each hop to `target` answers, jump hosts first: (hop, '' or why not). A live
     shared connection answers for all of them; else a connection of its own is made, outside
-    the pool, and closed at once. Hops behind one that failed are not tried."""
+    the pool, and closed at once. Hops behind one that failed are not tried. A host whose
+    login needs a password or code is not asked for one: its sshd answering is enough."""
     hops = [*target.jumps, target.hop]
     if live(target):
         return [(hop, "") for hop in hops]
     probe = SSHHost(target)
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
-            probe._conn = await probe._connect()
+            probe._conn = await probe._connect(ask=False)
         return [(hop, "") for hop in hops]
     except TimeoutError:
         why = f"no answer within {PROBE_TIMEOUT:g} s"
     except KernelError as e:
+        refused = isinstance(e.__cause__, require_asyncssh().PermissionDenied)
+        if refused and target.password_source and probe.trying == target.hop:
+            return [(hop, "") for hop in hops]
         why = e.message
     finally:
         probe._drop_connection()
