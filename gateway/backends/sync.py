@@ -673,7 +673,8 @@ class Mirror:
             if self.ssh.lost or not self.ssh.up:
                 continue
             try:
-                await self.sync()
+                # shielded: stop() cancels the wait between passes, never a pass half done
+                await asyncio.shield(self.sync())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a dropped connection: the next pass tries again
@@ -681,7 +682,7 @@ class Mirror:
 
     async def stop(self, final: bool) -> None:
         """Called when the last kernel of this pair stops: one last pass (its files written
-        at the end come back), then no more."""
+        at the end come back), then no more. A pass under way finishes first (the lock)."""
         task, self._loop = self._loop, None
         if task is not None:
             task.cancel()
