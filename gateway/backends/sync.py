@@ -504,13 +504,7 @@ class Mirror:
 
     async def _tar_to_host(self, paths: list[str], pr: Progress) -> bool:
         archive, sent = await asyncio.to_thread(_tar, self.local, paths)
-        conn = await self.ssh.connection()
-        command = f"cd {shlex.quote(self.remote)} && tar -xof -"
-        async with self.ssh.sessions:
-            done = await conn.run(command, input=archive, encoding=None, check=False, timeout=300)
-        if done.exit_status != 0:
-            err = done.stderr.decode(errors="replace") if isinstance(done.stderr, bytes) else ""
-            self._warn_once("tar", f"{self.label}: tar on the host failed ({err.strip()[:200]})")
+        if await self._tar_on_host("-xof -", archive) is None:
             return False
         for path, st in sent.items():
             self.base[path] = (st, Stat(st.size, st.mtime))
@@ -540,20 +534,26 @@ class Mirror:
     async def _tar_from_host(self, paths: list[str], pr: Progress) -> list[str]:
         """Those of `paths` that did not come (a refused one fails again one by one, and
         says why)."""
-        conn = await self.ssh.connection()
-        command = f"cd {shlex.quote(self.remote)} && tar -cf - -T -"
-        names = "".join(f"{p}\n" for p in paths).encode()
-        async with self.ssh.sessions:
-            done = await conn.run(command, input=names, encoding=None, check=False, timeout=300)
-        if done.exit_status != 0 or not isinstance(done.stdout, bytes):
-            err = done.stderr.decode(errors="replace") if isinstance(done.stderr, bytes) else ""
-            self._warn_once("untar", f"{self.label}: tar on the host failed ({err.strip()[:200]})")
+        archive = await self._tar_on_host("-cf - -T -", "".join(f"{p}\n" for p in paths).encode())
+        if archive is None:
             return paths
-        landed = await asyncio.to_thread(self._untar, done.stdout, set(paths))
+        landed = await asyncio.to_thread(self._untar, archive, set(paths))
         for path, (st, there) in landed.items():
             self.base[path] = (st, there)
             pr.advance(st.size, 1)
         return [p for p in paths if p not in landed]
+
+    async def _tar_on_host(self, args: str, stdin: bytes) -> bytes | None:
+        """`tar ARGS` in the host's folder: its output, or None (said once) when it failed."""
+        conn = await self.ssh.connection()
+        command = f"cd {shlex.quote(self.remote)} && tar {args}"
+        async with self.ssh.sessions:
+            done = await conn.run(command, input=stdin, encoding=None, check=False, timeout=300)
+        if done.exit_status == 0 and isinstance(done.stdout, bytes):
+            return done.stdout
+        err = done.stderr.decode(errors="replace") if isinstance(done.stderr, bytes) else ""
+        self._warn_once(f"tar {args}", f"{self.label}: tar on the host failed: {err.strip()[:200]}")
+        return None
 
     def _untar(self, archive: bytes, wanted: set[str]) -> dict[str, tuple[Stat, Stat]]:
         """Land the wanted regular files of a tar from the host (in a thread)."""
