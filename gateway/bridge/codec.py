@@ -16,6 +16,7 @@ parse (and a re-serialisation).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import struct
 from collections.abc import Sequence
@@ -32,6 +33,11 @@ _MSG_KEYS = ("header", "parent_header", "metadata", "content")
 # -- v1 ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)  # by piece count: a handful in practice
+def _v1_offsets(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n + 1}Q")
+
+
 def v1_pieces(channel: bytes, parts: Sequence[Part]) -> list[Part]:
     """A v1 frame as the pieces that, joined, make it (writable without joining)."""
     pieces = [channel, *parts]
@@ -39,7 +45,7 @@ def v1_pieces(channel: bytes, parts: Sequence[Part]) -> list[Part]:
     offsets = [8 * (n + 1)]
     for piece in pieces:
         offsets.append(offsets[-1] + len(piece))
-    return [struct.pack(f"<{n + 1}Q", n, *offsets), *pieces]
+    return [_v1_offsets(n).pack(n, *offsets), *pieces]
 
 
 def v1_from_parts(channel: bytes, parts: Sequence[Part]) -> bytes:

@@ -136,6 +136,10 @@ class KernelWebSocket(websocket.WebSocketHandler):
             fut = self._write(pieces, size, binary)
         except (websocket.WebSocketClosedError, StreamClosedError):
             return
+        if fut.done():  # all in the kernel's socket buffer already: nothing to account for
+            if not fut.cancelled():
+                fut.exception()  # a closed socket: nothing to do, and nothing to log
+            return
         self._pending += size
         self.registry.budget.pending(self, size)  # may cut this very socket off
         fut.add_done_callback(lambda f: self._written(f, size))

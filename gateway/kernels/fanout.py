@@ -9,13 +9,11 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-import zmq
-import zmq.asyncio
-
 from .. import wire
 from ..errors import TooManySessions
 from .budget import MemoryBudget
-from .session import ClientSession, KernelLink, read_messages
+from .pump import Pump
+from .session import ClientSession, KernelLink
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +37,7 @@ class Fanout:
         self._budget = budget
         self._max_sessions = max_sessions
         self._on_iopub = on_iopub
-        self._iopub: zmq.asyncio.Socket | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._iopub: Pump | None = None
 
     @property
     def connections(self) -> int:
@@ -50,19 +47,12 @@ class Fanout:
 
     def open(self) -> None:
         """Subscribe to the kernel's iopub (again, after a restart)."""
-        sock = self.kernel.connect("iopub")
-        self._iopub = sock
         self.live = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(
-            read_messages(sock, self.kernel.id, "iopub", self._received)
-        )
+        self._iopub = Pump(self.kernel.connect("iopub"), self.kernel.id, "iopub", self._received)
 
     def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            self._task = None
         if self._iopub is not None:
-            self._iopub.close(linger=0)
+            self._iopub.close()
             self._iopub = None
 
     def _received(self, parts: list[wire.Part]) -> None:
