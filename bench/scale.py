@@ -35,6 +35,14 @@ with the first errors and not tried at larger N. At each N, with no client conne
              (execute_request -> execute_reply and iopub idle), against single's p99
   paced      the same clients, each sending one execute every 1/--paced-rate s (random
              phase): p50/p99 at an offered load below saturation
+  CPU        of each round: the gateway's, the clients', the kernels' (/proc, rusage), as %
+             of one core and in ms per execute
+
+--client node runs the three rounds in a Node process of its own (bench/scaleclient.js,
+Node's `ws`), which costs less per execute than the Python clients, so the busy round is
+bound by the gateway. The `direct` target runs them with no gateway at all
+(bench/scaledirect.py: one Python thread on ZMQ straight to as many stand-ins): what the
+clients and kernels cost by themselves.
 
 A closed loop of 100 clients is throughput-bound: by Little's law its round trip is
 100 / (executes/s), whatever the gateway's per-message latency, so `busy p99 / single p99`
@@ -43,6 +51,7 @@ mostly measures throughput; `paced` shows latency under load without that.
     .venv/bin/python bench/scale.py                      # 100, 300, 1000; ours and jkg: ~10 min
     .venv/bin/python bench/scale.py --quick              # 20 and 50 kernels, short windows: ~2 min
     .venv/bin/python bench/scale.py --targets ours --n 1000 --idle-seconds 30
+    .venv/bin/python bench/scale.py --targets ours,direct --n 100 --client node
 
 Everything listens on and talks to 127.0.0.1. Every process the run starts carries bench.py's
 marker variable (kernels inherit it), and is killed at the end of each target and of the run.
@@ -71,10 +80,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import scaledirect
+
 from bench import Reaper, Server, WsClient, WsKernel, http, log, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN_SRC = ROOT / "bench" / "standin" / "standin.c"
+NODE_CLIENT = ROOT / "bench" / "scaleclient.js"
 KERNEL_NAME = "standin"
 TINY = "pass"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -272,13 +284,18 @@ async def timed_get(server: Server, path: str) -> tuple[float, int, Any]:
     return ms, resp.code, body
 
 
+def ws_library(a: argparse.Namespace) -> str:
+    """The Python client of every phase but the clients rounds (with --client node, aiohttp)."""
+    return "aiohttp" if a.client == "node" else str(a.client)
+
+
 async def connect(server: Server, kernel_id: str, a: argparse.Namespace) -> WsKernel:
     """A websocket to an existing kernel, ready: its kernel_info answered on shell and iopub.
     No session_id: the session ends with the socket, so an idle window measured later holds
     no sessions kept for a reconnect (both gateways drop such a session at close)."""
     v1 = a.protocol == "v1"
     ws = await WsClient.connect(
-        a.client, f"{server.ws_url}api/kernels/{kernel_id}/channels", server.token, v1, False
+        ws_library(a), f"{server.ws_url}api/kernels/{kernel_id}/channels", server.token, v1, False
     )
     k = WsKernel(server, kernel_id, ws, v1)
     try:
@@ -396,7 +413,7 @@ async def list_latency(server: Server, a: argparse.Namespace) -> dict[str, Any]:
 async def start_latency(server: Server, a: argparse.Namespace) -> dict[str, Any]:
     times, posts = [], []
     for _ in range(a.starts):
-        k, t_post, elapsed = await WsKernel.start(server, a.protocol == "v1", False, a.client)
+        k, t_post, elapsed = await WsKernel.start(server, a.protocol == "v1", False, ws_library(a))
         times.append(elapsed)
         posts.append(t_post)
         await k.stop()
@@ -437,45 +454,141 @@ async def paced_loop(k: WsKernel, start: float, until: float, rate: float, out: 
     return late
 
 
-Usage = tuple[float, int, tuple[int, int], float]
-
-
-def cpu_now(server: Server) -> Usage:
-    """(this process's CPU seconds, the gateway's ticks, the machine's, monotonic time)."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return (
-        ru.ru_utime + ru.ru_stime,
-        cpu_ticks(server.proc.pid),
-        machine_ticks(),
-        time.monotonic(),
-    )
-
-
-def cpu_since(server: Server, before: Usage) -> dict[str, float]:
-    me, gw, machine, t = cpu_now(server)
-    wall = t - before[3]
-    busy, total = machine[0] - before[2][0], machine[1] - before[2][1]
-    return {
-        "gateway_cpu_pct": 100 * (gw - before[1]) / CLK_TCK / wall,
-        "client_cpu_pct": 100 * (me - before[0]) / wall,
-        "machine_cpu_pct": 100 * busy / max(1, total) * (os.cpu_count() or 1),
+def round_stats(
+    prefix: str, per_client: list[list[float]], wall: float, cpu: dict[str, float]
+) -> dict[str, Any]:
+    """A round's figures: executes/s, p50/p99 round trip, and the CPU of the gateway, the
+    clients and the kernels, as % of one core and as ms per execute."""
+    allrt = [x for lst in per_client for x in lst]
+    out: dict[str, Any] = {
+        f"{prefix}_executes_per_s": len(allrt) / wall,
+        f"{prefix}_p50_ms": pct(allrt, 0.5),
+        f"{prefix}_p99_ms": pct(allrt, 0.99),
     }
+    for who, seconds in cpu.items():  # gateway, client, kernels: CPU seconds
+        if who in ("machine", "span"):
+            continue
+        out[f"{prefix}_{who}_cpu_pct"] = 100 * seconds / wall
+        out[f"{prefix}_{who}_cpu_ms_per_execute"] = 1000 * seconds / max(1, len(allrt))
+    out[f"{prefix}_machine_cpu_pct"] = 100 * cpu["machine"] / cpu["span"]  # over its own span
+    return out
 
 
-async def clients_workload(server: Server, ids: list[str], a: argparse.Namespace) -> dict[str, Any]:
+class Clocks:
+    """CPU seconds of the gateway, this process, the kernels and the machine since start()."""
+
+    def __init__(self, server: Server | None, kernel_pids: list[int]) -> None:
+        self.server = server
+        self.kpids = kernel_pids
+
+    def _now(self) -> tuple[float, float, float, int, float]:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        gw = cpu_ticks(self.server.proc.pid) / CLK_TCK if self.server else 0.0
+        kernels = kernels_ticks(self.kpids) / CLK_TCK
+        return gw, ru.ru_utime + ru.ru_stime, kernels, machine_ticks()[0], time.monotonic()
+
+    def start(self) -> None:
+        self.t0 = self._now()
+
+    def since(self, client_cpu: float | None = None) -> dict[str, float]:
+        """`client_cpu`: the clients' own figure, when they are another process (node)."""
+        (g0, me0, k0, m0, t0), (g1, me1, k1, m1, t1) = self.t0, self._now()
+        out = {
+            "client": me1 - me0 if client_cpu is None else client_cpu,
+            "kernels": k1 - k0,
+            "machine": (m1 - m0) / CLK_TCK,  # busy jiffies of all cores: CPU seconds
+            "span": t1 - t0,
+        }
+        if self.server is not None:
+            out["gateway"] = g1 - g0
+        return out
+
+
+async def node_round(
+    server: Server,
+    ids: list[str],
+    a: argparse.Namespace,
+    seconds: float,
+    rate: float,
+    clocks: Clocks,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One round through bench/scaleclient.js: (its result, the CPU over the round)."""
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(NODE_CLIENT),
+        server.ws_url,
+        server.token,
+        a.protocol,
+        str(seconds),
+        str(rate),
+        limit=1 << 26,  # the result is one line of every round trip's time
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(ids).encode())
+    proc.stdin.close()
+    try:
+        line = await proc.stdout.readline()
+        if not line.startswith(b'{"round"'):
+            raise RuntimeError(f"bench/scaleclient.js: {line[:300]!r} (exit {await proc.wait()})")
+        clocks.start()
+        result = json.loads(await proc.stdout.readline())
+        cpu = clocks.since(result["cpu_s"])
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+    return result, cpu
+
+
+async def clients_workload_node(
+    server: Server, ids: list[str], a: argparse.Namespace, kpids: list[int]
+) -> dict[str, Any]:
+    """single, busy and paced with --client node: each round one Node process, its sockets
+    opened (and warmed up) before the round's clocks start."""
+    clocks = Clocks(server, kpids)
+    out: dict[str, Any] = {}
+    single, cpu = await node_round(server, ids[:1], a, a.single_seconds, 0, clocks)
+    out |= round_stats("single", single["times_ms"], single["wall_s"], cpu)
+    n = min(a.clients, len(ids))
+    out["clients"] = n
+    log(f"    {n} node clients busy for {a.busy_seconds:g} s ...")
+    busy, cpu = await node_round(server, ids[:n], a, a.busy_seconds, 0, clocks)
+    out |= round_stats("busy", busy["times_ms"], busy["wall_s"], cpu)
+    out["busy_fewest_per_client"] = min(len(x) for x in busy["times_ms"])
+    out["busy_most_per_client"] = max(len(x) for x in busy["times_ms"])
+    out["busy_p99_over_single_p99"] = out["busy_p99_ms"] / out["single_p99_ms"]
+    if a.paced_rate > 0:
+        log(f"    {n} node clients paced at {a.paced_rate:g}/s for {a.busy_seconds:g} s ...")
+        paced, cpu = await node_round(server, ids[:n], a, a.busy_seconds, a.paced_rate, clocks)
+        out |= round_stats("paced", paced["times_ms"], paced["wall_s"], cpu)
+        out["paced_offered_per_s"] = a.paced_rate * n
+        out["paced_late"] = paced["late"]
+        out["paced_p99_over_single_p99"] = out["paced_p99_ms"] / out["single_p99_ms"]
+    return out
+
+
+async def clients_workload(
+    server: Server, ids: list[str], a: argparse.Namespace, kpids: list[int]
+) -> dict[str, Any]:
     """single, then busy and paced over --clients websockets to as many kernels."""
+    if a.client == "node":
+        return await clients_workload_node(server, ids, a, kpids)
+    clocks = Clocks(server, kpids)
     out: dict[str, Any] = {}
     single = await connect(server, ids[0], a)
     try:
         for _ in range(20):  # warm-up
             await single.execute(TINY)
         times: list[float] = []
-        await execute_loop(single, time.perf_counter() + a.single_seconds, times)
+        clocks.start()
+        t0 = time.perf_counter()
+        await execute_loop(single, t0 + a.single_seconds, times)
+        out |= round_stats("single", [times], time.perf_counter() - t0, clocks.since())
     finally:
         await close_quietly(single)
-    out["single_executes_per_s"] = len(times) / a.single_seconds
-    out["single_p50_ms"] = pct(times, 0.5)
-    out["single_p99_ms"] = pct(times, 0.99)
 
     sem = asyncio.Semaphore(20)
 
@@ -497,44 +610,64 @@ async def clients_workload(server: Server, ids: list[str], a: argparse.Namespace
         await asyncio.gather(*(c.execute(TINY) for c in clients))  # warm-up, all at once
         per_client: list[list[float]] = [[] for _ in clients]
         log(f"    {n} clients busy for {a.busy_seconds:g} s ...")
-        before = cpu_now(server)
+        clocks.start()
         t0 = time.perf_counter()
         until = t0 + a.busy_seconds
         await asyncio.gather(
             *(execute_loop(c, until, per_client[i]) for i, c in enumerate(clients))
         )
-        wall = time.perf_counter() - t0
-        usage = cpu_since(server, before)
-        allrt = [x for lst in per_client for x in lst]
-        out["busy_executes_per_s"] = len(allrt) / wall
-        out["busy_p50_ms"] = pct(allrt, 0.5)
-        out["busy_p99_ms"] = pct(allrt, 0.99)
+        out |= round_stats("busy", per_client, time.perf_counter() - t0, clocks.since())
         out["busy_fewest_per_client"] = min(len(x) for x in per_client)
         out["busy_most_per_client"] = max(len(x) for x in per_client)
-        out["busy_gateway_cpu_pct"] = usage["gateway_cpu_pct"]
-        out["busy_client_cpu_pct"] = usage["client_cpu_pct"]
-        out["busy_machine_cpu_pct"] = usage["machine_cpu_pct"]
         out["busy_p99_over_single_p99"] = out["busy_p99_ms"] / out["single_p99_ms"]
         if a.paced_rate > 0:
             paced: list[float] = []
             log(f"    {n} clients paced at {a.paced_rate:g}/s for {a.busy_seconds:g} s ...")
-            before = cpu_now(server)
+            clocks.start()
             t0 = time.perf_counter()
             until = t0 + a.busy_seconds
             lates = await asyncio.gather(
                 *(paced_loop(c, t0, until, a.paced_rate, paced) for c in clients)
             )
-            usage = cpu_since(server, before)
+            out |= round_stats("paced", [paced], time.perf_counter() - t0, clocks.since())
             out["paced_offered_per_s"] = a.paced_rate * len(clients)
-            out["paced_executes_per_s"] = len(paced) / (time.perf_counter() - t0)
-            out["paced_p50_ms"] = pct(paced, 0.5)
-            out["paced_p99_ms"] = pct(paced, 0.99)
             out["paced_late"] = sum(lates)
-            out["paced_gateway_cpu_pct"] = usage["gateway_cpu_pct"]
-            out["paced_machine_cpu_pct"] = usage["machine_cpu_pct"]
             out["paced_p99_over_single_p99"] = out["paced_p99_ms"] / out["single_p99_ms"]
     finally:
         await asyncio.gather(*(close_quietly(c) for c in clients))
+    return out
+
+
+async def direct_target(a: argparse.Namespace, tmp: Path, exe: Path) -> dict[str, Any]:
+    """The `direct` reference (bench/scaledirect.py): the same rounds with no gateway."""
+    out: dict[str, Any] = {"by_n": {}}
+    for n in a.n:
+        rec: dict[str, Any] = {"kernels": n}
+        out["by_n"][n] = rec
+        procs, infos = scaledirect.launch(exe, tmp / f"direct-{n}", min(n, a.clients))
+        clocks = Clocks(None, [p.pid for p in procs])
+        try:
+            log(f"  direct: {len(infos)} stand-ins; single, busy, paced ...")
+            for prefix, count, seconds, rate in (
+                ("single", 1, a.single_seconds, 0.0),
+                ("busy", len(infos), a.busy_seconds, 0.0),
+                ("paced", len(infos), a.busy_seconds, a.paced_rate),
+            ):
+                if prefix == "paced" and rate <= 0:
+                    continue
+                r = await asyncio.to_thread(scaledirect.run, infos[:count], 0.0)  # warm-up
+                clocks.start()
+                r = await asyncio.to_thread(scaledirect.run, infos[:count], seconds, rate)
+                # the round's own CPU (run() measures after its sockets are ready)
+                cpu = clocks.since(r["cpu_s"])
+                rec |= round_stats(prefix, r["times_ms"], r["wall_s"], cpu)
+            rec["clients"] = len(infos)
+            if a.paced_rate > 0:
+                rec["paced_offered_per_s"] = a.paced_rate * len(infos)
+            rec["busy_p99_over_single_p99"] = rec["busy_p99_ms"] / rec["single_p99_ms"]
+            log(f"  direct: N={n} done: " + summary(rec))
+        finally:
+            scaledirect.stop(procs)
     return out
 
 
@@ -586,7 +719,7 @@ async def one_n(
         await server.wait_ready()
         # warm-up: first imports and kernelspec lookups, then RSS at 0 kernels
         k, _, _ = await asyncio.wait_for(
-            WsKernel.start(server, a.protocol == "v1", False, a.client), 120
+            WsKernel.start(server, a.protocol == "v1", False, ws_library(a)), 120
         )
         await k.execute(TINY)
         await k.stop()
@@ -620,7 +753,7 @@ async def one_n(
         await phase("start", start_latency(server, a), 60 + 60 * a.starts, rec, a)
         await phase(
             "clients",
-            clients_workload(server, ids, a),
+            clients_workload(server, ids, a, kernel_pids(runtime_dir)),
             120 + a.single_seconds + 2 * a.busy_seconds,
             rec,
             a,
@@ -690,12 +823,17 @@ ROWS: list[tuple[str, str, str]] = [
     ("busy_p99_over_single_p99", "  p99 / 1-client p99", ".1f"),
     ("busy_gateway_cpu_pct", "  gateway CPU %", ".0f"),
     ("busy_client_cpu_pct", "  bench client CPU %", ".0f"),
+    ("busy_kernels_cpu_pct", "  kernels' CPU %", ".0f"),
     ("busy_machine_cpu_pct", "  machine CPU % (all cores)", ".0f"),
+    ("busy_gateway_cpu_ms_per_execute", "  gateway CPU ms per execute", ".2f"),
+    ("busy_client_cpu_ms_per_execute", "  client CPU ms per execute", ".2f"),
+    ("busy_kernels_cpu_ms_per_execute", "  kernels' CPU ms per execute", ".2f"),
     ("paced_offered_per_s", "paced: offered executes/s", ".0f"),
     ("paced_p50_ms", "paced: p50 ms", ".1f"),
     ("paced_p99_ms", "paced: p99 ms", ".1f"),
     ("paced_p99_over_single_p99", "  p99 / 1-client p99", ".1f"),
     ("paced_gateway_cpu_pct", "  gateway CPU %", ".0f"),
+    ("paced_client_cpu_pct", "  bench client CPU %", ".0f"),
     ("paced_machine_cpu_pct", "  machine CPU % (all cores)", ".0f"),
     ("rss_after_clients_MB", "gateway RSS after clients MB", ".1f"),
     ("stop_s", "SIGTERM to exit, N kernels s", ".1f"),
@@ -722,8 +860,8 @@ def flat(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> str:
-    cols = [t for t in ("ours", "jkg") if t in results]
-    ratio = len(cols) == 2
+    cols = [t for t in ("ours", "jkg", "direct") if t in results]
+    ratio = "ours" in cols and "jkg" in cols
     w = 34
     head = "metric".ljust(w) + "".join(c.rjust(12) for c in cols) + ("ours/jkg".rjust(10) * ratio)
     lines = [head, "-" * len(head)]
@@ -850,7 +988,10 @@ async def run(a: argparse.Namespace, reaper: Reaper) -> dict[str, dict[str, Any]
             log(f"{name} ...")
             t0 = time.perf_counter()
             try:
-                results[name] = await bench_target(name, a, tmp, reaper)
+                if name == "direct":
+                    results[name] = await direct_target(a, tmp, exe)
+                else:
+                    results[name] = await bench_target(name, a, tmp, reaper)
             except Exception as e:
                 log(f"  {name}: failed: {type(e).__name__}: {e}")
                 if a.verbose:
@@ -867,7 +1008,11 @@ def main() -> int:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument("--quick", action="store_true", help="N=20,50, short windows: a smoke run")
-    p.add_argument("--targets", default="ours,jkg", help="comma-separated: ours, jkg")
+    p.add_argument(
+        "--targets",
+        default="ours,jkg",
+        help="comma-separated: ours, jkg, direct (no gateway: clients on ZMQ to the stand-ins)",
+    )
     p.add_argument("--n", help="comma-separated kernel counts, ascending (100,300,1000)")
     p.add_argument("--idle-seconds", type=float, help="idle CPU window (60; quick 10)")
     p.add_argument("--settle", type=float, default=5, help="seconds after the starts (5)")
@@ -883,9 +1028,10 @@ def main() -> int:
     p.add_argument("--protocol", choices=("v1", "legacy"), default="v1", help="websocket (v1)")
     p.add_argument(
         "--client",
-        choices=("aiohttp", "websockets"),
+        choices=("aiohttp", "websockets", "node"),
         default="aiohttp",
-        help="websocket client library (aiohttp: frames parsed in C, the lighter client)",
+        help="clients rounds' websocket client (aiohttp: frames parsed in C; node: Node's ws "
+        "in its own process, bench/scaleclient.js, the lightest)",
     )
     p.add_argument(
         "--zmq-max-sockets",
@@ -909,8 +1055,10 @@ def main() -> int:
     a.n = sorted({int(x) for x in str(a.n).split(",") if x.strip()})
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     for t in a.targets:
-        if t not in ("ours", "jkg"):
-            p.error(f"unknown target {t!r} (ours, jkg)")
+        if t not in ("ours", "jkg", "direct"):
+            p.error(f"unknown target {t!r} (ours, jkg, direct)")
+    if a.client == "node" and not shutil.which("node"):
+        p.error("--client node needs node on the PATH (and tests/js/node_modules: ./dev test)")
 
     nofile = raise_nofile()
     reaper = Reaper()
