@@ -11,6 +11,7 @@
 const path = require("path");
 const { randomUUID } = require("crypto");
 const WebSocket = require(path.join(__dirname, "..", "tests", "js", "node_modules", "ws"));
+const v1frame = require("./v1frame");
 
 const [url, token, proto, repeats] = process.argv.slice(2);
 const V1 = "v1.kernel.websocket.jupyter.org";
@@ -18,30 +19,18 @@ const v1 = proto === "v1";
 const serve = repeats === "serve";
 const code = serve ? "" : require("fs").readFileSync(0, "utf8");
 
-// v1: uint64 LE count n, n uint64 LE offsets, then channel, header, parent, metadata, content
 function encode(msg) {
   if (!v1) return JSON.stringify(msg);
   const parts = [msg.channel, ...[msg.header, msg.parent_header, msg.metadata, msg.content]
     .map((p) => JSON.stringify(p))].map((p) => Buffer.from(p));
-  const n = parts.length + 1;
-  const head = Buffer.alloc(8 * (n + 1));
-  head.writeBigUInt64LE(BigInt(n), 0);
-  let offset = 8 * (n + 1);
-  head.writeBigUInt64LE(BigInt(offset), 8);
-  parts.forEach((p, i) => {
-    offset += p.length;
-    head.writeBigUInt64LE(BigInt(offset), 8 * (i + 2));
-  });
-  return Buffer.concat([head, ...parts]);
+  return v1frame.encode(parts);
 }
 
 const text = new TextDecoder();
 function decode(data, isBinary) {
   if (!isBinary) return JSON.parse(data.toString());
   if (!v1) throw new Error("legacy binary frame: not expected in this workload");
-  const n = Number(data.readBigUInt64LE(0));
-  const offsets = [];
-  for (let i = 0; i < n; i++) offsets.push(Number(data.readBigUInt64LE(8 * (i + 1))));
+  const offsets = v1frame.offsets(data);
   const part = (i) => text.decode(data.subarray(offsets[i], offsets[i + 1]));
   return { header: JSON.parse(part(1)), parent_header: JSON.parse(part(2)),
            content: JSON.parse(part(4)) };

@@ -14,35 +14,24 @@
 const path = require("path");
 const { randomUUID } = require("crypto");
 const WebSocket = require(path.join(__dirname, "..", "tests", "js", "node_modules", "ws"));
+const v1frame = require("./v1frame");
 
 const [wsUrl, token, proto, seconds, rate] = process.argv.slice(2);
 const V1 = "v1.kernel.websocket.jupyter.org";
 const v1 = proto === "v1";
 const session = randomUUID();
 
-// v1: uint64 LE count n, n uint64 LE offsets, then channel, header, parent, metadata, content
 function encode(msg) {
   if (!v1) return JSON.stringify(msg);
   const parts = [msg.channel, JSON.stringify(msg.header), "{}", "{}", JSON.stringify(msg.content)]
     .map((p) => Buffer.from(p));
-  const n = parts.length + 1;
-  const head = Buffer.alloc(8 * (n + 1));
-  head.writeBigUInt64LE(BigInt(n), 0);
-  let offset = 8 * (n + 1);
-  head.writeBigUInt64LE(BigInt(offset), 8);
-  parts.forEach((p, i) => {
-    offset += p.length;
-    head.writeBigUInt64LE(BigInt(offset), 8 * (i + 2));
-  });
-  return Buffer.concat([head, ...parts]);
+  return v1frame.encode(parts);
 }
 
 // Only what a round trip needs: the header, the parent's msg_id, and the content.
 function decode(data, isBinary) {
   if (!isBinary) return JSON.parse(data.toString());
-  const n = Number(data.readBigUInt64LE(0));
-  const offsets = [];
-  for (let i = 0; i < n; i++) offsets.push(Number(data.readBigUInt64LE(8 * (i + 1))));
+  const offsets = v1frame.offsets(data);
   const part = (i) => JSON.parse(data.toString("utf8", offsets[i], offsets[i + 1]));
   return { header: part(1), parent_header: part(2), content: part(4) };
 }
