@@ -266,6 +266,11 @@ class Config:
     max_kernels_per_user: int = _option(
         0, "--max-kernels-per-user", "kernels per KERNEL_USERNAME (0: no limit)"
     )
+    malloc_keep_mb: int = _option(
+        64,
+        "--malloc-keep-mb",
+        "glibc keeps a freed block up to this size for reuse (0: glibc's 32 MiB mmap default)",
+    )
     ws_compress_max: int = _option(
         1024 * 1024,
         "--ws-compress-max",

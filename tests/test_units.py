@@ -14,6 +14,8 @@ import json
 import os
 import random
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -446,3 +448,20 @@ def test_container_network_reach():
     assert body["HostConfig"]["NetworkMode"] == "kernels"
     assert "PortBindings" not in body["HostConfig"]
     assert "KERNEL_ID=k1" in body["Env"] and not os.path.isabs(body["Cmd"][0])
+
+
+@pytest.mark.parametrize(("keep_mb", "kept"), [(64, True), (0, False)])
+def test_freed_large_blocks_are_kept_for_reuse(keep_mb, kept):
+    """--malloc-keep-mb: a freed 40 MiB block stays in the process (glibc reuses it for the
+    next large message) instead of being unmapped; 0 leaves glibc's default."""
+    code = (
+        "import ctypes, gateway.app as app\n"
+        f"app.keep_large_blocks({keep_mb})\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
+        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "before = rss(); p = libc.malloc(40 << 20); ctypes.memset(p, 1, 40 << 20)\n"
+        "libc.free(ctypes.c_void_p(p)); print(rss() - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown = int(out.stdout)
+    assert (grown > 30 << 20) == kept, grown
