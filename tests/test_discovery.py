@@ -20,6 +20,10 @@ from conftest import GatewayProcess, _cleanup, eventually, free_port, rkg
 from gwclient import KernelSocket, api, start_kernel
 
 INTERVAL = 2  # the template's discover_interval, seconds
+# its discover_timeout: a host that is down is given up after this (a read here takes well
+# under a second) instead of the default 10 s, which the tests below would otherwise wait out
+TIMEOUT = 4
+HIDDEN_WITHIN = TIMEOUT + INTERVAL + 3  # past the default 10 s: the option must be honoured
 IR = Path("/usr/share/jupyter/kernels/ir")
 PY_SPEC = Path(sys.prefix) / "share" / "jupyter" / "kernels" / "python3"
 
@@ -64,7 +68,7 @@ def gw(ssh_lab, remote, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
         spec = json.loads(path.read_text())
         config = spec["metadata"]["kernel_provisioner"]["config"]
         assert config["discover"] is True and config["discover_paths"] == [str(remote)]
-        config.update(ssh_lab.config(host), discover_interval=INTERVAL)
+        config.update(ssh_lab.config(host), discover_interval=INTERVAL, discover_timeout=TIMEOUT)
         path.write_text(json.dumps(spec))
     gw = GatewayProcess(
         port=free_port(),
@@ -162,7 +166,7 @@ async def test_a_host_that_is_down_has_its_kernels_hidden_and_the_list_stays_fas
         await eventually(
             lambda: _specs(gw),
             until=lambda specs: not any(n.startswith("pc-") for n in specs),
-            timeout=3 * INTERVAL + 20,
+            timeout=HIDDEN_WITHIN,
             interval=0.2,
             what="pc-* hidden while rhost1 is down",
         )
@@ -204,7 +208,7 @@ async def test_the_same_kernelspec_on_two_hosts_is_one_entry_preferring_the_firs
         specs = await eventually(
             lambda: _specs(gw),
             until=lambda specs: "pc-mypy" not in specs,
-            timeout=3 * INTERVAL + 20,
+            timeout=HIDDEN_WITHIN,
             interval=0.2,
             what="pc-mypy hidden while rhost1 is down",
         )

@@ -8,7 +8,8 @@ argv (run as the template's kernel_cmd, so {connection_file} is the SSH backend'
     SpecManager          the KernelSpecManager the gateway uses: local kernelspecs minus the
                          templates, plus what was found (a local name wins)
     Discovery.run()      owned by serve(): reads each template's host every `discover_interval`
-                         seconds (default 20) over the shared SSH connection, SFTP only
+                         seconds (default 20) over the shared SSH connection, SFTP only; a
+                         read that takes over `discover_timeout` seconds (default 10) fails
     Discovery.settled()  serve() waits (bounded) for the first reads before re-attaching
                          kernels and sizing warm pools
 
@@ -67,7 +68,14 @@ MAX_FILE = 1 << 20  # a kernel.json or logo larger than this is not read
 Found = dict[str, tuple[dict[str, Any], str]]  # name: (kernelspec, resource dir)
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 # the template's own keys, not passed on to the kernelspecs found
-_TEMPLATE_KEYS = ("discover", "discover_paths", "discover_interval", "kernel_cmd", "python")
+_TEMPLATE_KEYS = (
+    "discover",
+    "discover_paths",
+    "discover_interval",
+    "discover_timeout",
+    "kernel_cmd",
+    "python",
+)
 
 
 class SpecManager(KernelSpecManager):
@@ -200,6 +208,10 @@ class Source:
     @property
     def interval(self) -> float:
         return float(self.config.get("discover_interval") or INTERVAL)
+
+    @property
+    def attempt(self) -> float:
+        return float(self.config.get("discover_timeout") or ATTEMPT)
 
     def paths(self) -> list[str]:
         return [*(self.config.get("discover_paths") or []), *DEFAULT_PATHS]
@@ -361,7 +373,7 @@ class Discovery:
     async def _refresh_forever(self, source: Source) -> None:
         while True:
             try:
-                async with asyncio.timeout(ATTEMPT):
+                async with asyncio.timeout(source.attempt):
                     found = await source.read()
                 if source.up is not True:
                     log.info("discovery on %s: %d kernelspec(s)", source.name, len(found))
