@@ -46,7 +46,7 @@ class Deployed:
     url: str
     token: str
     container: str = ""
-    extra: list[subprocess.Popen] = field(default_factory=list)
+    building: dict[str, subprocess.Popen[str]] = field(default_factory=dict)  # by command
 
     @property
     def ws_url(self) -> str:
@@ -54,6 +54,28 @@ class Deployed:
 
     def compose(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return self.docker.run("docker-compose", *args, env=self.env, cwd=self.ctx, timeout=timeout)
+
+    def build_meanwhile(self, *args: str) -> None:
+        """`docker-compose ARGS` (a build) started in the background (see `built`)."""
+        self.building[" ".join(("docker-compose", *args))] = subprocess.Popen(
+            ["docker-compose", *args],
+            env={**self.docker.env, **self.env},
+            cwd=self.ctx,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def built(self, timeout: float = 900) -> None:
+        """Wait for the background builds; one that failed fails the test."""
+        while self.building:
+            command, proc = self.building.popitem()
+            try:
+                out, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            assert proc.returncode == 0, f"{command}:\n{out}"
 
     def kernel_pids(self) -> list[int]:
         """ipykernel processes inside the gateway's container."""
@@ -142,8 +164,15 @@ def compose_down(dep: Deployed, profile: str = "") -> None:
 @pytest.fixture(scope="module")
 def gateway(docker, base_image, build_context) -> Iterator[Deployed]:
     dep = compose_up(docker, build_context, base_image)
-    yield dep
-    compose_down(dep)
+    # The docker profile's own image (deploy/kernel-image: ~25 s of pip) is built by compose
+    # while the tests use this deployment, which mostly wait on kernels and leave a core idle;
+    # the profile's `up --build` (docker_profile) then finds every layer already built.
+    dep.build_meanwhile("--profile", "docker", "build", "kernel-image")
+    try:
+        yield dep
+    finally:
+        dep.built()
+        compose_down(dep)
 
 
 def test_image_runs_as_non_root_with_init_and_state_volume(gateway):
@@ -199,9 +228,10 @@ def test_js_clients_against_the_container(node, gateway, script, kernel):
 
 
 @pytest.fixture
-def docker_profile(docker, base_image, build_context) -> Iterator[Deployed]:
+def docker_profile(docker, base_image, build_context, gateway) -> Iterator[Deployed]:
     """Up and down around its one test: the profile's fixed-name network rkg-kernels is
     shared with the module's other project, which must not be torn down while in use."""
+    gateway.built()  # its kernel image, started by the module's deployment
     sock = docker.host.removeprefix("unix://")
     dep = compose_up(
         docker,
