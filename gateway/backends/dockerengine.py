@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from .. import aio
 from ..errors import BackendUnavailable, EngineError, KernelError, KernelStartError
 from . import sshpool
 from .sshpool import PROBE_TIMEOUT, Hop, Target, ssh_errors
@@ -298,17 +299,22 @@ CREATE_GRACE = 30.0  # seconds a cancelled start still waits for the engine's an
 async def creation(creating: asyncio.Future[T], record: Callable[[T], None]) -> T:
     """Await the engine's answer to a create call and `record` it (the id to remove later).
     If the caller is cancelled meanwhile (its launch timed out, its kernel was deleted, the
-    gateway stops), the answer is still awaited, up to CREATE_GRACE s, and recorded before
-    the cancellation goes on: the caller's clean-up then removes what the engine created,
-    which would otherwise run on with nobody knowing its id."""
+    gateway stops), the answer is still awaited, up to CREATE_GRACE s and through further
+    cancellations (the timeout's, then the delete's), and recorded before the cancellation
+    goes on: the caller's clean-up then removes what the engine created, which would
+    otherwise run on with nobody knowing its id."""
+
+    def answered(fut: asyncio.Future[T]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            record(fut.result())
+
+    # called before any waiter wakes, so recorded whoever is still waiting
+    creating.add_done_callback(answered)
     try:
-        result = await asyncio.shield(creating)
+        return await asyncio.shield(creating)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            record(await asyncio.wait_for(creating, CREATE_GRACE))
+        await aio.outlast(creating, CREATE_GRACE, cancelled=True)
         raise
-    record(result)
-    return result
 
 
 async def ignore_missing(coro: Awaitable[Any]) -> None:

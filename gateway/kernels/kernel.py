@@ -20,7 +20,7 @@ from typing import Any
 import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 
-from .. import logs, wire
+from .. import aio, logs, wire
 from ..backends.contract import GatewayKernelManager, backend_name, hooks
 from ..errors import ClientError, KernelError, KernelStartError, KernelTimeout
 from . import jc
@@ -30,6 +30,8 @@ from .readiness import Handshake
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
+
+UNDO_GRACE = 30.0  # seconds a failed start's undo may go on once it is cancelled
 
 
 class ManagedKernel:
@@ -208,7 +210,7 @@ class ManagedKernel:
                 await self._wait_ready()
                 jc.close_control(self.km)  # an idle kernel holds one ZMQ socket, iopub
         except asyncio.CancelledError:
-            await self._abandon()
+            await self._abandon(cancelled=True)
             raise
         except TimeoutError:
             await self._abandon()
@@ -264,14 +266,24 @@ class ManagedKernel:
         self.fanout.close_sessions(1001, "gateway restarting; the kernel keeps running")
         self.fanout.close()
 
-    async def _abandon(self) -> None:
+    async def _abandon(self, *, cancelled: bool = False) -> None:
+        """Undo a start that failed or was cancelled (`cancelled`). A cancellation that comes
+        meanwhile (the launch timed out, then a DELETE or the gateway's shutdown came) does not
+        cut the undo short: the backend's clean-up comes last, after the kill's wait, and
+        would be skipped, leaving the kernel's service or job behind."""
         self.fanout.close()
+        try:
+            stopping = asyncio.ensure_future(self._stop_now())
+            await aio.outlast(stopping, UNDO_GRACE, cancelled=cancelled)
+        finally:
+            self.state = "dead"
+
+    async def _stop_now(self) -> None:
         try:
             if self.km.has_kernel:
                 await self.km.shutdown_kernel(now=True)
         except Exception:
             log.exception("cleaning up kernel %s after a failed start", self.id)
-        self.state = "dead"
 
     async def _wait_ready(self) -> None:
         """Until the kernel answers a kernel_info_request through our iopub (readiness.py)."""
