@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from dockerinfra import running_dockerd
@@ -273,6 +274,13 @@ def swarm_gw(gateway_factory, tmp_path, swarm, kernel_image):
     docker_spec(d, "sw", **base, memory="256m", pids_limit=64)
     docker_spec(d, "sw-noimage", **base | {"image": "rkg-test-absent:nope"})
     docker_spec(d, "sw-nowhere", **base, constraints=["node.labels.rkg-test-nowhere==true"])
+    docker_spec(d, "sw-hang", **base, kernel_cmd=["sh", "-c", "sleep 600", "{connection_file}"])
+    # the same engine, some of its answers held back (HeldAnswers)
+    slow = base | {"docker_host": f"unix://{tmp_path / 'held.sock'}"}
+    docker_spec(d, "sw-slow", **slow)
+    docker_spec(
+        d, "sw-slow-hang", **slow, kernel_cmd=["sh", "-c", "sleep 600", "{connection_file}"]
+    )
     gw = gateway_factory(extra_args=["--kernelspec-dir", str(d)])
     yield gw
     gw.stop()
@@ -324,6 +332,127 @@ async def test_swarm_failed_starts_say_why(swarm_gw, swarm, spec, env, status, w
     for word in words:
         assert word in body["message"], body["message"]
     wait_none_left(swarm)
+
+
+class HeldAnswers:
+    """A Docker socket in front of the test dockerd that holds back the engine's answer to
+    each request whose path has `held` in it for `hold` seconds, as a busy engine would: a
+    service create done but its id not yet known to the gateway (as when a first creation
+    on a fresh data root takes a minute), a signal sent but not yet confirmed."""
+
+    def __init__(self, upstream: str, path: str, held: bytes, hold: float) -> None:
+        self.upstream, self.path = upstream.removeprefix("unix://"), path
+        self.held, self.hold = held, hold
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.serving: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> HeldAnswers:
+        self.server = await asyncio.start_unix_server(self._serve, self.path)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:  # the gateway's pooled connections: their pumps end
+            w.close()
+        await asyncio.gather(*self.serving, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.serving.add(cast(asyncio.Task[None], asyncio.current_task()))
+        up_r, up_w = await asyncio.open_unix_connection(self.upstream)
+        self.writers |= {client_w, up_w}
+        holding = False  # such a request went up on this connection (HTTP/1.1: the next answer)
+
+        async def up() -> None:
+            nonlocal holding
+            while data := await client_r.read(65536):
+                holding = holding or self.held in data.split(b"\r\n", 1)[0]
+                up_w.write(data)
+                await up_w.drain()
+            up_w.write_eof()
+
+        async def down() -> None:
+            nonlocal holding
+            while data := await up_r.read(65536):
+                if holding:
+                    holding = False
+                    await asyncio.sleep(self.hold)
+                client_w.write(data)
+                await client_w.drain()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+        for w in (client_w, up_w):
+            w.close()
+
+
+async def _stage_of(gw, kid: str) -> str:
+    code, model = await api(gw, "GET", f"api/kernels/{kid}")
+    return model["gateway"]["stage"] if code == 200 else f"gone ({code})"
+
+
+@pytest.mark.parametrize(
+    ("spec", "timeout", "moment", "held"),
+    [
+        # the engine made the service, its answer is still on the way
+        ("sw-slow", 60, "created", b"/services/create"),
+        ("sw-slow", 2, "created", b"/services/create"),  # and the launch timed out first
+        ("sw-nowhere", 60, "Swarm task pending", b""),
+        ("sw-hang", 60, "waiting for the kernel to answer", b""),
+        # the launch timed out, and its undo waits for the engine to signal the kernel
+        ("sw-slow-hang", 3, "waiting for the kernel to answer", b"/kill"),
+    ],
+)
+async def test_swarm_start_deleted_while_starting_leaves_nothing(
+    swarm_gw, swarm, tmp_path, spec, timeout, moment, held
+):
+    """DELETE of a Swarm kernel still starting, at each moment of its start, alone or
+    after the launch timed out (two cancellations of one start): its service goes."""
+    async with HeldAnswers(swarm.host, str(tmp_path / "held.sock"), held or b"\0", hold=5):
+        began = time.monotonic()
+        body = {"name": spec, "env": {"KERNEL_LAUNCH_TIMEOUT": str(timeout)}}
+        post = asyncio.create_task(api(swarm_gw, "POST", "api/kernels", body))
+        _, listed = await eventually(
+            lambda: api(swarm_gw, "GET", "api/kernels"),
+            until=lambda r: r[1],
+            timeout=30,
+            what="the kernel listed",
+        )
+        kid = listed[0]["id"]
+        if moment == "created":
+            await until(lambda: swarm.ours("service") == [f"kernel-{kid}"], timeout=30)
+        else:
+            await eventually(
+                lambda: _stage_of(swarm_gw, kid),
+                until=lambda stage: moment in stage,
+                timeout=30,
+                what=f"stage {moment!r}",
+            )
+        if timeout < 60:  # DELETE within the undo, which the held answers make last
+            await asyncio.sleep(max(0.0, began + timeout + 1.5 - time.monotonic()))
+        assert (await api(swarm_gw, "DELETE", f"api/kernels/{kid}"))[0] == 204  # still starting
+        status, answer = await asyncio.wait_for(post, 60)
+        assert status == 409 and "deleted while it was starting" in answer["message"], answer
+    wait_none_left(swarm)
+
+
+async def test_swarm_published_ports_are_the_ipv4_ones(swarm_gw, swarm, kernel_image):
+    """A dual-stack engine publishes each port on 0.0.0.0 and on :: from two allocators; once
+    they are out of step (here: one IPv4-only port first, in production: many starts at
+    once) the task lists two different ports per target port, and only the IPv4 one
+    reaches the kernel at the node's IPv4 address."""
+    name = f"rkg-test-v4only-{secrets.token_hex(4)}"
+    swarm.run(
+        "docker", "run", "-d", "--name", name, "-p", "127.0.0.1::9", kernel_image, "sleep", "120"
+    )
+    try:
+        model = await start_kernel(swarm_gw, "sw", env={"KERNEL_LAUNCH_TIMEOUT": "30"})
+        ks = await KernelSocket.open(swarm_gw, model["id"], v1=True)
+        assert (await ks.execute("print(6 * 7)"))[0] == "42\n"
+        await ks.close()
+        assert (await api(swarm_gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
+    finally:
+        swarm.run("docker", "rm", "-f", name, check=False)
 
 
 async def test_swarm_orphans_are_swept_at_start(swarm_gw, swarm):

@@ -384,8 +384,9 @@ async def test_pools_on_every_backend(name, request, gateway_factory):
     not taken for an orphan by the container backends' sweep), removed at shutdown."""
     b = request.getfixturevalue(f"backend_{name}")
     spec = b.kernel_name
-    # a pooled start that hangs (Swarm's, now and then, as its client starts do: the task
-    # runs, the kernel never answers) is given up after 20 s, and the pool tries again
+    # a pooled start that hangs is given up after 20 s, and the pool tries again (Swarm's
+    # used to, now and then: the gateway connected to a port the engine had published on ::
+    # for another target; SwarmProvisioner._published_ports)
     extra = ["--pool", f"{spec}=1", "--kernel-launch-timeout", "20"]
     gw = gateway_factory(extra_args=[*b.gateway.extra_args, *extra], env=b.gateway.env)
 

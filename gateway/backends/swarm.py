@@ -211,10 +211,7 @@ class SwarmProvisioner(DockerProvisioner):
     async def _locate_task(self, task: dict[str, Any]) -> None:
         conn: dict[str, Any] = dict(self.connection_info)
         if self.reach == "published":
-            ports = {
-                p["TargetPort"]: p["PublishedPort"]
-                for p in task["Status"].get("PortStatus", {}).get("Ports", [])
-            }
+            ports = await self._published_ports(task)
             missing = [p for p in CONTAINER_PORTS.values() if not ports.get(p)]
             if missing:
                 raise KernelStartError(
@@ -238,6 +235,35 @@ class SwarmProvisioner(DockerProvisioner):
             conn.update({f"{ch}_port": p for ch, p in CONTAINER_PORTS.items()}, ip=ip)
         conn["transport"] = "tcp"
         self.connection_info = cast(KernelConnectionInfo, conn)
+
+    async def _published_ports(self, task: dict[str, Any]) -> dict[int, int]:
+        """Target port -> the port published for it on IPv4. A dual-stack node publishes
+        each port twice, on 0.0.0.0 and on ::, and the two are picked apart: under many
+        concurrent starts they differ, and the task lists both with no address to tell
+        them by (one taken at random connected the gateway to some other port, and the
+        kernel never answered). The task's container, on the engine we talk to, says
+        which is which; a task on another node has its first listed."""
+        ports: dict[int, int] = {}
+        for p in task["Status"].get("PortStatus", {}).get("Ports", []):
+            ports.setdefault(p["TargetPort"], p["PublishedPort"])
+        cid = task["Status"].get("ContainerStatus", {}).get("ContainerID")
+        if not cid:
+            return ports
+        try:
+            info = await self.engine.call(
+                f"inspecting the task of service {self.container_name}",
+                lambda c: c.containers.container(cid).show(),
+            )
+        except EngineError as e:
+            if e.code != 404:
+                raise
+            return ports  # on another node
+        bound = info.get("NetworkSettings", {}).get("Ports") or {}
+        for target in CONTAINER_PORTS.values():
+            v4 = [b for b in bound.get(f"{target}/tcp") or [] if ":" not in b.get("HostIp", "")]
+            if v4:
+                ports[target] = int(v4[0]["HostPort"])
+        return ports
 
     async def _node_address(self, node_id: str) -> str:
         node = await self.engine.call(
