@@ -14,7 +14,7 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 
-from .backends.sync import DEFAULT_EXCLUDES
+from .backends import sync as fsync
 from .errors import BadRequest, Conflict, NotFound
 from .kernels import failover
 
@@ -596,18 +596,28 @@ def add_sync_arguments(ssh: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help=f"also never sync these names (repeatable; always: {' '.join(DEFAULT_EXCLUDES)})",
+        help="also never sync these names (repeatable; always: "
+        + " ".join(fsync.DEFAULT_EXCLUDES)
+        + ")",
     )
     ssh.add_argument(
-        "--sync-max-file-mb", type=float, default=None, help="larger files stay put (100)"
+        "--sync-max-file-mb",
+        type=float,
+        default=None,
+        help=f"larger files stay put ({fsync.MAX_FILE_MB[0]:g})",
     )
     ssh.add_argument(
         "--sync-max-total-mb",
         type=float,
         default=None,
-        help="a larger folder is not synced: its start fails (2048)",
+        help=f"a larger folder is not synced: its start fails ({fsync.MAX_TOTAL_MB[0]:g})",
     )
-    ssh.add_argument("--sync-interval", type=float, default=None, help="seconds between passes (5)")
+    ssh.add_argument(
+        "--sync-interval",
+        type=float,
+        default=None,
+        help=f"seconds between passes ({fsync.INTERVAL[0]:g})",
+    )
 
 
 def sync_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -622,11 +632,17 @@ def sync_config(args: argparse.Namespace) -> dict[str, Any]:
         if args.sync_exclude or any(v is not None for v in given.values()):
             raise BadRequest("the --sync-* options need --sync")
         return {}
-    for key, value in given.items():
-        low = 0.2 if key == "sync_interval" else 0
-        if value is not None and not low < value <= (3600 if low else 1e7):
-            raise BadRequest(f"--{key.replace('_', '-')} {value:g} is out of range")
-    config = {"sync": True, "sync_excludes": [*DEFAULT_EXCLUDES, *args.sync_exclude]}
+    excludes = [*fsync.DEFAULT_EXCLUDES, *args.sync_exclude]
+    defaults = (fsync.MAX_FILE_MB[0], fsync.MAX_TOTAL_MB[0], fsync.INTERVAL[0])
+    try:
+        fsync.options(
+            excludes,
+            *(d if v is None else v for v, d in zip(given.values(), defaults, strict=True)),
+        )
+    except fsync.OutOfRange as e:
+        name, wrong = e.args
+        raise BadRequest(f"--{name.replace('_', '-')} {wrong}") from None
+    config = {"sync": True, "sync_excludes": excludes}
     return config | {k: v for k, v in given.items() if v is not None}
 
 

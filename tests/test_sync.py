@@ -335,3 +335,13 @@ async def test_many_files_each_way_and_the_log(sync_gateway, ssh_lab, places):
     assert f"sync {nb} <-> " in log and ": 250 files, 0.0 MB to copy" in log, log[-2000:]
     assert ": 250 up, 0 down, 0 conflicts kept both" in log
     assert ": 0 up, 102 down, 0 conflicts kept both" in log  # out/*, suid2 and link/evil2
+
+
+def test_one_range_rule_for_the_cli_and_the_backend():
+    """fsync.options is what both `rkg spec add` and the SSH backend check."""
+    from gateway.backends import sync as fsync
+
+    assert fsync.options([], 1, 1, 0.5).max_file_bytes == 2**20
+    for bad in ((0, 1, 5), (1, -1, 5), (1, 1e8, 5), (1, 1, 0.2), (1, 1, 3601)):
+        with pytest.raises(fsync.OutOfRange):
+            fsync.options([], *bad)

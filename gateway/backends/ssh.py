@@ -191,9 +191,13 @@ class SSHProvisioner(RemoteProvisioner):
         config=True,
         help="names (or relative paths, with '/') never synced; fnmatch patterns",
     )
-    sync_max_file_mb = Float(100.0, config=True, help="larger files are not synced")
-    sync_max_total_mb = Float(2048.0, config=True, help="a larger folder is not synced")
-    sync_interval = Float(5.0, config=True, help="seconds between passes while the kernel runs")
+    sync_max_file_mb = Float(fsync.MAX_FILE_MB[0], config=True, help="larger files stay put")
+    sync_max_total_mb = Float(
+        fsync.MAX_TOTAL_MB[0], config=True, help="a larger folder is not synced"
+    )
+    sync_interval = Float(
+        fsync.INTERVAL[0], config=True, help="seconds between passes while the kernel runs"
+    )
 
     restored: ClassVar[dict[str, str]] = {
         "pid": "pid",
@@ -458,19 +462,18 @@ class SSHProvisioner(RemoteProvisioner):
     # -- files in sync ------------------------------------------------------------------
 
     def _sync_options(self) -> fsync.Options:
-        if not (self.sync_max_file_mb > 0 and self.sync_max_total_mb > 0) or not (
-            0.2 <= self.sync_interval <= 3600
-        ):
-            raise KernelStartError(
-                f"kernelspec {self.kernel_spec.display_name!r}: sync_max_file_mb and "
-                "sync_max_total_mb must be over 0, sync_interval 0.2 to 3600 s"
+        try:
+            return fsync.options(
+                self.sync_excludes,
+                self.sync_max_file_mb,
+                self.sync_max_total_mb,
+                self.sync_interval,
             )
-        return fsync.Options(
-            tuple(self.sync_excludes),
-            int(self.sync_max_file_mb * 2**20),
-            int(self.sync_max_total_mb * 2**20),
-            self.sync_interval,
-        )
+        except fsync.OutOfRange as e:
+            name, wrong = e.args
+            raise KernelStartError(
+                f"kernelspec {self.kernel_spec.display_name!r}: its {name} {wrong}"
+            ) from None
 
     async def _sync_first(self, env: dict[str, str]) -> None:
         """With `sync`, before each launch: one pass between KERNEL_WORKING_DIR (checked by

@@ -54,19 +54,47 @@ NEVER = (".ssh", ".gnupg", ".rkg-sync-*")  # credentials, and our own unfinished
 TEMP_PREFIX = ".rkg-sync-"
 TRANSFERS = 32  # files in flight at once: small files are bound by round trips, not bytes
 SMALL_FILE = 256 * 1024  # bytes: read and written in one piece, not by asyncssh's put/get
-BULK_FILES = 64  # this many new small files go to the host as tar streams (a first sync)
+BULK_FILES = 64  # this many small files new to one side go there as tar streams
 BULK_BYTES = 32 * 2**20  # per stream
 PROGRESS_EVERY = 2.0  # seconds between progress lines of a large pass
 LARGE_PASS = (200, 50 * 2**20)  # files, bytes: a pass that logs its progress
 MODE_BITS = 0o777  # no setuid, setgid or sticky bit crosses over
 
 
+# a kernelspec's settings (rkg spec add ssh --sync-*): default, and the range allowed
+MAX_FILE_MB = (100.0, 0.0, 1e7)  # larger files are left where they are, with a warning
+MAX_TOTAL_MB = (2048.0, 0.0, 1e7)  # a folder holding more is refused: not a whole home
+INTERVAL = (5.0, 0.2, 3600.0)  # seconds between passes while the kernel runs
+
+
 @dataclass(frozen=True)
 class Options:
     excludes: tuple[str, ...] = DEFAULT_EXCLUDES
-    max_file_bytes: int = 100 * 2**20  # larger files are left where they are, with a warning
-    max_total_bytes: int = 2 * 2**30  # a folder holding more is refused: not a whole home
-    interval: float = 5.0  # seconds between passes while the kernel runs
+    max_file_bytes: int = int(MAX_FILE_MB[0] * 2**20)
+    max_total_bytes: int = int(MAX_TOTAL_MB[0] * 2**20)
+    interval: float = INTERVAL[0]
+
+
+class OutOfRange(ValueError):
+    """A sync setting out of its range: args (the setting's name, what is wrong with it)."""
+
+
+def options(
+    excludes: Iterable[str], max_file_mb: float, max_total_mb: float, interval: float
+) -> Options:
+    """A kernelspec's settings as a pass uses them, each checked against its range (above
+    its low end, up to its high end): by `rkg spec add` as it writes them and by the SSH
+    backend at each start, which may read a kernel.json written by hand."""
+    for name, value, (_, low, high) in (
+        ("sync_max_file_mb", max_file_mb, MAX_FILE_MB),
+        ("sync_max_total_mb", max_total_mb, MAX_TOTAL_MB),
+        ("sync_interval", interval, INTERVAL),
+    ):
+        if not low < value <= high:
+            raise OutOfRange(name, f"{value:g} is out of range (over {low:g}, at most {high:g})")
+    return Options(
+        tuple(excludes), int(max_file_mb * 2**20), int(max_total_mb * 2**20), float(interval)
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +180,18 @@ class Listing:
     def total(self) -> int:
         return sum(s.size for s in self.files.values())
 
+    def add(self, rel: str, mode: int, size: int, mtime: float, max_file: int) -> bool:
+        """Take one entry (lstat's mode: a symlink is neither); True for a directory, to
+        be listed in turn."""
+        if stat.S_ISDIR(mode):
+            return True
+        if stat.S_ISREG(mode):
+            if size > max_file:
+                self.too_large.append((rel, size))
+            else:
+                self.files[rel] = Stat(size, int(mtime), mode & MODE_BITS)
+        return False
+
 
 def list_here(root: str, excludes: Excludes, max_file: int) -> Listing:
     """The folder's regular files, symlinks not followed (run in a thread)."""
@@ -172,13 +212,8 @@ def list_here(root: str, excludes: Excludes, max_file: int) -> Listing:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if stat.S_ISDIR(st.st_mode):
+            if out.add(rel, st.st_mode, st.st_size, st.st_mtime, max_file):
                 stack.append(rel)
-            elif stat.S_ISREG(st.st_mode):
-                if st.st_size > max_file:
-                    out.too_large.append((rel, st.st_size))
-                else:
-                    out.files[rel] = Stat(st.st_size, int(st.st_mtime), st.st_mode & MODE_BITS)
     return out
 
 
@@ -209,14 +244,9 @@ async def list_there(
                 mode = n.attrs.permissions
                 if excludes(rel, name) or mode is None:
                     continue
-                if stat.S_ISDIR(mode):
+                size, mtime = int(n.attrs.size or 0), int(n.attrs.mtime or 0)
+                if out.add(rel, mode, size, mtime, max_file):
                     nxt.append(rel)
-                elif stat.S_ISREG(mode):
-                    size, mtime = int(n.attrs.size or 0), int(n.attrs.mtime or 0)
-                    if size > max_file:
-                        out.too_large.append((rel, size))
-                    else:
-                        out.files[rel] = Stat(size, mtime, mode & MODE_BITS)
         level = nxt
     return out
 
@@ -328,8 +358,6 @@ class Mirror:
     async def _pass(self, first: bool, report: Callable[[str], None] | None) -> Plan:
         opts = self.options
         sftp = await self.ssh.sftp()
-        if first:
-            await sftp.makedirs(self.remote, exist_ok=True)
         here, there = await asyncio.gather(
             asyncio.to_thread(list_here, self.local, self.excludes, opts.max_file_bytes),
             list_there(sftp, self.remote, self.excludes, opts.max_file_bytes),
@@ -371,8 +399,12 @@ class Mirror:
                     h, t = here.files.get(path), there.files.get(path)
                     await self._guarded(path, copy(sftp, path, h, t, progress))
 
-            pushes = await self._push_new_in_bulk(todo.push, here.files, there.files, progress)
-            pulls = await self._pull_new_in_bulk(todo.pull, here.files, there.files, progress)
+            pushes = await self._in_bulk(
+                todo.push, here.files, there.files, lambda b: self._tar_to_host(b, progress)
+            )
+            pulls = await self._in_bulk(
+                todo.pull, there.files, here.files, lambda b: self._tar_from_host(b, progress)
+            )
             await asyncio.gather(
                 *(one(p, self._push) for p in pushes),
                 *(one(p, self._pull) for p in pulls),
@@ -473,67 +505,51 @@ class Mirror:
         # while it was copied is newer than the baseline and moves again next pass
         self.base[rel] = (h, Stat(written, h.mtime))
 
-    async def _push_new_in_bulk(
+    async def _in_bulk(
         self,
         paths: list[str],
-        here: dict[str, Stat],
-        there: dict[str, Stat],
-        pr: Progress,
+        source: dict[str, Stat],
+        dest: dict[str, Stat],
+        move: Callable[[list[str]], Awaitable[list[str]]],
     ) -> list[str]:
-        """Many small files new to the host (a first sync) go as tar streams into `tar -x`
-        there: one exec channel per BULK_BYTES instead of five SFTP requests per file. The
-        host has no such file yet, so nobody there can see one half written; modes and owners
-        are this side's choice (no setuid bits, no owner restored). The paths left to send
-        one by one: the others, and all when the host has no working tar."""
-        new = [p for p in paths if p not in there and here[p].size <= SMALL_FILE]
-        if len(new) < BULK_FILES:
-            return paths
-        rest = [p for p in paths if p in there or here[p].size > SMALL_FILE]
-        batches: list[list[str]] = [[]]
-        size = 0
-        for path in new:
-            if size >= BULK_BYTES:
-                batches.append([])
-                size = 0
-            batches[-1].append(path)
-            size += here[path].size + 1024  # and its tar header
-        for batch in batches:
-            if not await self._tar_to_host(batch, pr):
-                rest += batch
-        return rest
-
-    async def _tar_to_host(self, paths: list[str], pr: Progress) -> bool:
-        archive, sent = await asyncio.to_thread(_tar, self.local, paths)
-        if await self._tar_on_host("-xof -", archive) is None:
-            return False
-        for path, st in sent.items():
-            self.base[path] = (st, Stat(st.size, st.mtime))
-            pr.advance(st.size, 1)
-        return True
-
-    async def _pull_new_in_bulk(
-        self,
-        paths: list[str],
-        here: dict[str, Stat],
-        there: dict[str, Stat],
-        pr: Progress,
-    ) -> list[str]:
-        """Many small files new here (a kernel's output) come as tar streams from `tar -c`
-        on the host, names given on its stdin. The stream is the host's word: only the
-        names asked for, only regular files, each put in place as a pulled file is. The
-        paths left to fetch one by one."""
-        new = [p for p in paths if p not in here and there[p].size <= SMALL_FILE and _plain(p)]
+        """Many small files new to one side (a first sync, a kernel's output) go as tar
+        streams over one exec channel per BULK_BYTES instead of five SFTP requests per file:
+        the other side has no such file yet, so nobody there can see one half written.
+        `move` sends a batch (_tar_to_host, _tar_from_host) and gives back what did not go.
+        The paths left to copy one by one."""
+        new = [p for p in paths if p not in dest and source[p].size <= SMALL_FILE and _plain(p)]
         if len(new) < BULK_FILES:
             return paths
         taken = set(new)
         rest = [p for p in paths if p not in taken]
-        for i in range(0, len(new), BULK_BYTES // SMALL_FILE):
-            rest += await self._tar_from_host(new[i : i + BULK_BYTES // SMALL_FILE], pr)
+        batch: list[str] = []
+        size = 0
+        for path in new:
+            batch.append(path)
+            size += source[path].size + 1024  # and its tar header
+            if size >= BULK_BYTES:
+                rest += await move(batch)
+                batch, size = [], 0
+        if batch:
+            rest += await move(batch)
         return rest
 
+    async def _tar_to_host(self, paths: list[str], pr: Progress) -> list[str]:
+        """Into `tar -x` on the host: modes and owners are this side's choice (no setuid
+        bits, no owner restored). All of `paths` back when the host has no working tar."""
+        archive, sent = await asyncio.to_thread(_tar, self.local, paths)
+        if await self._tar_on_host("-xof -", archive) is None:
+            return paths
+        for path, st in sent.items():
+            self.base[path] = (st, Stat(st.size, st.mtime))
+            pr.advance(st.size, 1)
+        return []
+
     async def _tar_from_host(self, paths: list[str], pr: Progress) -> list[str]:
-        """Those of `paths` that did not come (a refused one fails again one by one, and
-        says why)."""
+        """Out of `tar -c` on the host, the names on its stdin. The stream is the host's
+        word: only the names asked for, only regular files, each put in place as a pulled
+        file is. Those of `paths` that did not come (a refused one fails again one by one,
+        and says why)."""
         archive = await self._tar_on_host("-cf - -T -", "".join(f"{p}\n" for p in paths).encode())
         if archive is None:
             return paths
@@ -720,7 +736,8 @@ def _tar(root: str, paths: list[str]) -> tuple[bytes, dict[str, Stat]]:
 
 
 def _plain(rel: str) -> bool:
-    """A name `tar -T` reads as it is: no option lookalike, no line break."""
+    """A name tar takes as it is (`-T` reads names one a line): no option lookalike, no
+    line break."""
     return not any(part.startswith("-") for part in rel.split("/")) and "\n" not in rel
 
 
