@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import secrets
 import shutil
 import socket
 import subprocess
@@ -21,9 +20,7 @@ import pytest
 
 from conftest import (
     GatewayProcess,
-    _cleanup,
     eventually,
-    free_port,
     processes_matching,
     rkg,
     serving,
@@ -133,16 +130,9 @@ def slurm_gw(slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
         for suffix, extra in (("", []), ("-range", ["--port-range", f"{RANGE[0]}-{RANGE[1]}"])):
             args = ["--partition", "debug", "--cpus", "1", "--kernel-cmd", *cmd, "--language", lang]
             _cli_spec(specs, "slurm", f"slurm-{kernel}{suffix}", *args, *extra)
-    gw = GatewayProcess(
-        port=free_port(),
-        token=secrets.token_hex(16),
-        env=slurm.env,
-        extra_args=["--kernelspec-dir", str(specs)],
-        workdir=tmp_path_factory.mktemp("gateway-any-slurm"),
-    )
-    gw.start()
-    yield gw
-    _cleanup(gw)
+    workdir = tmp_path_factory.mktemp("gateway-any-slurm")
+    for gw in serving(workdir, "--kernelspec-dir", str(specs), env=slurm.env):
+        yield gw  # serving() stops it when the loop goes on
     assert not slurm.wait_no_jobs(), f"jobs left behind: {slurm.jobs()}"
     assert not slurm.leftovers(gw), f"kernels left behind: {slurm.leftovers(gw)}"
 
