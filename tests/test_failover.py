@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -210,23 +210,39 @@ async def test_restart_moves_only_when_its_host_is_gone(fo_gateway, ssh_lab):
     await _delete(fo_gateway, ssh_lab, model["id"])
 
 
-async def test_reattach_after_gateway_restart_goes_to_the_chosen_host(
-    gateway_factory, ssh_lab, specs
-):
+async def _kept_across_a_restart(
+    gateway_factory, specs: Path, name: str, between: Callable[[], None] = lambda: None
+) -> tuple[GatewayProcess, dict, dict]:
+    """A kernel of `name` started by a --keep-kernels gateway, a variable set in it, the
+    gateway stopped (then `between`) and started again without --keep-kernels (so that it
+    stops its kernels at the end): the gateway, the kernel's model before and after, once
+    the variable has been read back from the kernel."""
     gw = gateway_factory(extra_args=["--kernelspec-dir", str(specs), "--keep-kernels"])
-    model = await start_kernel(gw, "fo-refused")
+    model = await start_kernel(gw, name)
     ks = await KernelSocket.open(gw, model["id"], v1=True)
     await ks.execute("x = 'kept'")
     await ks.close()
     assert gw.stop() == 0
-    assert len(ssh_lab.hosts["rhost1"].kernels()) == 1
-    gw.extra_args = ["--kernelspec-dir", str(specs)]  # the next one stops its kernels
+    between()
+    gw.extra_args = ["--kernelspec-dir", str(specs)]
     gw.start()
     again = await _model(gw, model["id"])
-    assert again["gateway"]["host"] == f"root@{ssh_lab.hosts['rhost1'].addr}:22", again
     ks = await KernelSocket.open(gw, model["id"], v1=True)
     assert (await ks.execute("print(x)"))[0] == "kept\n"
     await ks.close()
+    return gw, model, again
+
+
+async def test_reattach_after_gateway_restart_goes_to_the_chosen_host(
+    gateway_factory, ssh_lab, specs
+):
+    def one_kernel_on_rhost1() -> None:
+        assert len(ssh_lab.hosts["rhost1"].kernels()) == 1
+
+    gw, model, again = await _kept_across_a_restart(
+        gateway_factory, specs, "fo-refused", one_kernel_on_rhost1
+    )
+    assert again["gateway"]["host"] == f"root@{ssh_lab.hosts['rhost1'].addr}:22", again
     await _delete(gw, ssh_lab, model["id"])
     assert gw.stop() == 0
 
@@ -289,19 +305,8 @@ async def test_failover_spec_with_no_member_starting_names_each(fo_gateway, ssh_
 
 
 async def test_failover_spec_reattaches_as_its_member(gateway_factory, ssh_lab, specs):
-    gw = gateway_factory(extra_args=["--kernelspec-dir", str(specs), "--keep-kernels"])
-    model = await start_kernel(gw, "pc-else-local")
-    ks = await KernelSocket.open(gw, model["id"], v1=True)
-    await ks.execute("x = 'kept'")
-    await ks.close()
-    assert gw.stop() == 0
-    gw.extra_args = ["--kernelspec-dir", str(specs)]
-    gw.start()
-    again = await _model(gw, model["id"])
+    gw, model, again = await _kept_across_a_restart(gateway_factory, specs, "pc-else-local")
     assert again["name"] == "pc-else-local" and again["gateway"]["spec"] == "python3", again
-    ks = await KernelSocket.open(gw, model["id"], v1=True)
-    assert (await ks.execute("print(x)"))[0] == "kept\n"
-    await ks.close()
     assert (await api(gw, "DELETE", f"api/kernels/{model['id']}"))[0] == 204
     assert gw.stop() == 0
 
